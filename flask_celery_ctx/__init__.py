@@ -1,0 +1,4 @@
+from .extension import FlaskCelery as FlaskCelery
+from .task import ContextTask as ContextTask
+
+__all__ = ["ContextTask", "FlaskCelery"]

@@ -1,0 +1,147 @@
+"""The :class:`FlaskCelery` extension."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+from contextvars import ContextVar
+
+from celery import Celery
+from celery import signals
+from celery import Task
+from flask import Flask
+
+from .cli import celery_command
+from .config import celery_settings
+from .context import in_app_context
+from .context import TaskContext
+from .task import ContextTask
+
+# Contexts pushed by ``task_prerun``, popped by ``task_postrun``: an entry
+# per traced task, with the request it was pushed for, so that the two
+# signals pair up even when tasks are applied inline from other tasks.
+_pushed: ContextVar[tuple[tuple[object, TaskContext | None], ...]] = ContextVar(
+    "flask_celery_ctx_pushed", default=()
+)
+
+
+class FlaskCelery:
+    """Celery for a Flask application.
+
+    ``ext.celery`` exists from construction, so tasks can be declared with
+    ``@ext.celery.task`` at import time. :meth:`init_app` configures it from
+    the app's config and binds it to the app.
+
+    .. code-block:: python
+
+        ext = FlaskCelery()
+
+        @ext.celery.task
+        def add(x, y):
+            return x + y
+
+        def create_app():
+            app = Flask(__name__)
+            app.config["CELERY_BROKER_URL"] = "redis://localhost"
+            ext.init_app(app)
+            return app
+
+    :param app: Call :meth:`init_app` on this Flask app.
+    :param extra_settings: Names of settings that Celery does not know but a
+        Celery plugin reads from ``app.conf``, spelled as the plugin reads
+        them. Any other unknown ``CELERY_`` key is an error.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, extra_settings: t.Iterable[str] = ()
+    ) -> None:
+        #: The Celery application. Tasks declared on it get
+        #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
+        #: they name another with ``base=``.
+        self.celery: Celery = Celery(task_cls=ContextTask)
+        self.celery.flask_celery = self  # type: ignore[attr-defined]
+        self._extra_settings = tuple(extra_settings)
+        self._app: Flask | None = None
+        signals.task_prerun.connect(self._on_task_prerun)
+        signals.task_postrun.connect(self._on_task_postrun)
+
+        if app is not None:
+            self.init_app(app)
+
+    @property
+    def app(self) -> Flask:
+        """The Flask application that tasks run in: the one most recently
+        passed to :meth:`init_app`.
+
+        :raises RuntimeError: :meth:`init_app` was not called yet.
+        """
+        if self._app is None:
+            raise RuntimeError(
+                "FlaskCelery is not bound to a Flask app yet. Call"
+                " 'ext.init_app(app)' in your app factory (or create it with"
+                " 'FlaskCelery(app)') before tasks are sent or run."
+            )
+        return self._app
+
+    def init_app(self, app: Flask) -> None:
+        """Configure :attr:`celery` from the app's config, bind it to the app
+        and add the ``flask celery`` command.
+
+        Calling it with another app rebinds: the last app wins, for the
+        configuration and for the context tasks run in.
+
+        :param app: The Flask application.
+        :raises ValueError: The config has a key meant for Celery that Celery
+            would not read, or a setting given twice.
+        :raises RuntimeError: This app already has a ``FlaskCelery``.
+        """
+        if "celery" in app.extensions:
+            raise RuntimeError(
+                "A 'FlaskCelery' instance has already been registered on this"
+                " Flask app. Import and use that instance instead."
+            )
+        settings = celery_settings(app.config, self._extra_settings)
+        app.extensions["celery"] = self
+        app.cli.add_command(celery_command)
+        self._configure(settings, app.import_name)
+        self._app = app
+
+    def _configure(self, settings: dict[str, t.Any], main: str) -> None:
+        # Typed as Any: this reaches into Celery's caches, which its type
+        # stubs do not describe.
+        celery: t.Any = self.celery
+        reconfigure = celery.configured
+        celery.main = main
+        celery.config_from_object(settings, force=True)
+        if reconfigure:
+            # Drop what was built from the previous app's settings: broker
+            # connections, the producer pool, queues, the result backend.
+            if celery._pool is not None:
+                celery._pool.force_close_all()
+                celery._pool = None
+            for name in ("amqp", "control", "events"):
+                celery.__dict__.pop(name, None)
+            celery._local = threading.local()
+
+    def _on_task_prerun(self, sender: Task[t.Any, t.Any], **kwargs: t.Any) -> None:
+        if sender.app is not self.celery:
+            return
+        request = sender.request
+        app = self.app
+        # In a worker every task gets a fresh context; inline execution in a
+        # context of the same app shares it.
+        ctx = None if request.is_eager and in_app_context(app) else TaskContext(app)
+        _pushed.set((*_pushed.get(), (request, ctx)))
+
+    def _on_task_postrun(
+        self, sender: Task[t.Any, t.Any], retval: t.Any = None, **kwargs: t.Any
+    ) -> None:
+        if sender.app is not self.celery:
+            return
+        pushed = _pushed.get()
+        if not pushed or pushed[-1][0] is not sender.request:
+            return
+        _pushed.set(pushed[:-1])
+        ctx = pushed[-1][1]
+        if ctx is not None:
+            ctx.pop(retval if isinstance(retval, BaseException) else None)

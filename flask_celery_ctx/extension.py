@@ -16,6 +16,7 @@ from .config import celery_settings
 from .context import in_app_context
 from .context import TaskContext
 from .task import ContextTask
+from .worker import install as install_worker_signals
 
 # Contexts pushed by ``task_prerun``, popped by ``task_postrun``: an entry
 # per traced task, with the request it was pushed for, so that the two
@@ -64,6 +65,7 @@ class FlaskCelery:
         self._app: Flask | None = None
         signals.task_prerun.connect(self._on_task_prerun)
         signals.task_postrun.connect(self._on_task_postrun)
+        install_worker_signals(self.celery)
 
         if app is not None:
             self.init_app(app)
@@ -116,9 +118,9 @@ class FlaskCelery:
         if reconfigure:
             # Drop what was built from the previous app's settings: broker
             # connections, the producer pool, queues, the result backend.
-            if celery._pool is not None:
-                celery._pool.force_close_all()
-                celery._pool = None
+            # Nothing is closed: kombu shares producer pools between
+            # connections to the same broker.
+            celery._pool = None
             for name in ("amqp", "control", "events"):
                 celery.__dict__.pop(name, None)
             celery._local = threading.local()

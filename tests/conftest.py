@@ -1,0 +1,285 @@
+"""Shared fixtures: the services, an isolated database, and real workers.
+
+Services are found at the URLs below, which environment variables override.
+A test that needs a missing service is skipped, naming it; under ``CI=true``
+it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing as t
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+import taskapp
+
+TESTS = Path(__file__).parent
+FLASK = str(Path(sys.executable).with_name("flask"))
+CI = os.environ.get("CI", "").lower() == "true"
+RUN = uuid.uuid4().hex[:8]
+
+POSTGRES_URL = os.environ.get(
+    "FCC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("FCC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get(
+    "FCC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//"
+)
+
+
+_apps: list[Flask] = []
+
+
+def make_app(config: dict[str, t.Any]) -> Flask:
+    """A ``taskapp`` app whose engines are disposed after the test."""
+    app = taskapp.create_app(config)
+    _apps.append(app)
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> t.Iterator[None]:
+    yield
+    while _apps:
+        with _apps.pop().app_context():
+            for engine in taskapp.db.engines.values():
+                engine.dispose()
+
+
+def reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require(name: str, url: str, default_port: int) -> None:
+    """Skip, or under ``CI=true`` fail, when a service is not reachable."""
+    if reachable(url, default_port):
+        return
+    message = f"{name} is not reachable at {url}"
+    if CI:
+        pytest.fail(f"{message} (CI=true: every service must run)")
+    pytest.skip(f"needs {name}: {message}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> t.Iterator[str]:
+    """A PostgreSQL database of this run's own, dropped at the end."""
+    require("PostgreSQL", POSTGRES_URL, 5432)
+    name = f"fcc_{RUN}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = str(admin.url.set(database=name).render_as_string(hide_password=False))
+    engine = create_engine(url)
+    with Flask(__name__).app_context():
+        taskapp.db.metadata.create_all(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_admin(postgres_url: str) -> t.Iterator[Engine]:
+    """An autocommit engine on this run's database, for looking at it."""
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def idle_in_transaction(engine: Engine, application_name: str) -> int:
+    """Connections of the workers that are idle inside a transaction."""
+    with engine.connect() as conn:
+        return conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                " current_database() AND application_name = :name"
+                " AND state LIKE 'idle in transaction%'"
+            ),
+            {"name": application_name},
+        )
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("sqlite") / "app.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    taskapp.db.metadata.create_all(engine)
+    engine.dispose()
+    return f"sqlite:///{path}"
+
+
+class Worker:
+    """A worker process started as users start it: ``flask celery worker``."""
+
+    def __init__(
+        self,
+        config: dict[str, t.Any],
+        pool: str = "solo",
+        concurrency: int = 1,
+        command: t.Sequence[str] = (FLASK, "--app", "taskapp:create_app", "celery"),
+    ) -> None:
+        self.config = config
+        self.name = f"w{uuid.uuid4().hex[:8]}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fcc-{self.name}.log"
+        self.application_name = f"fcc-{self.name}"
+        worker_config = {
+            **config,
+            "SQLALCHEMY_ENGINE_OPTIONS": {
+                **config.get("SQLALCHEMY_ENGINE_OPTIONS", {}),
+                **self._connect_args(config),
+            },
+        }
+        self.args = [
+            *command, "worker",
+            "--pool", pool, "--concurrency", str(concurrency),
+            "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        env = {**os.environ, "FCC_CONFIG": json.dumps(worker_config)}
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.args, cwd=TESTS, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def _connect_args(self, config: dict[str, t.Any]) -> dict[str, t.Any]:
+        if not config.get("SQLALCHEMY_DATABASE_URI", "").startswith("postgresql"):
+            return {}
+        return {"connect_args": {"application_name": self.application_name}}
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        """Wait until the worker's log says ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"the worker exited with {self.process.returncode}:\n{self.log}")
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"the worker did not log {text!r} in {timeout}s:\n{self.log}")
+
+    def wait_ready(self) -> None:
+        self.wait_for(" ready.")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def client(self, **config: t.Any) -> Flask:
+        """An app in this process bound to the same broker and backend."""
+        return make_app({**self.config, **config})
+
+
+def broker_config(broker: str, tmp: Path) -> dict[str, t.Any]:
+    """The broker and result backend settings for one kind of broker."""
+    queue = {"CELERY_TASK_DEFAULT_QUEUE": f"fcc-{RUN}-{uuid.uuid4().hex[:6]}"}
+    if broker == "redis":
+        require("Redis", REDIS_URL, 6379)
+        return {**queue, "CELERY_BROKER_URL": REDIS_URL, "CELERY_RESULT_BACKEND": REDIS_URL}
+    if broker == "rabbitmq":
+        require("RabbitMQ", RABBITMQ_URL, 5672)
+        return {**queue, "CELERY_BROKER_URL": RABBITMQ_URL, "CELERY_RESULT_BACKEND": "rpc://"}
+    if broker == "sqlite":
+        return {
+            **queue,
+            "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite'}",
+            "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp / 'results.sqlite'}",
+        }
+    raise ValueError(broker)
+
+
+class WorkerFactory:
+    """Starts workers on demand and keeps them for the session: starting one
+    takes seconds, and many tests can share it."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, request: pytest.FixtureRequest) -> None:
+        self._tmp = tmp
+        self._request = request
+        self._workers: dict[str, Worker] = {}
+
+    def __call__(
+        self,
+        broker: str = "redis",
+        pool: str = "solo",
+        concurrency: int = 1,
+        database: str = "postgres",
+        **config: t.Any,
+    ) -> Worker:
+        """A ready worker of ``taskapp`` with these settings, started once."""
+        key = json.dumps([broker, pool, concurrency, database, config], sort_keys=True)
+        if key not in self._workers:
+            worker = self.start(broker, database, config, pool=pool, concurrency=concurrency)
+            worker.wait_ready()
+            self._workers[key] = worker
+        return self._workers[key]
+
+    def config(self, broker: str = "redis", database: str = "postgres") -> dict[str, t.Any]:
+        """The config of an app on this broker and database."""
+        return {
+            **broker_config(broker, self._tmp.mktemp("broker")),
+            "SQLALCHEMY_DATABASE_URI": self._request.getfixturevalue(f"{database}_url"),
+            "SECRET_KEY": "do-not-leak",
+        }
+
+    def start(
+        self, broker: str, database: str, config: dict[str, t.Any], **options: t.Any
+    ) -> Worker:
+        """Start a worker that the caller waits for; it is stopped with the
+        session, or earlier by the caller."""
+        worker = Worker({**self.config(broker, database), **config}, **options)
+        self._workers[worker.name] = worker
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self._workers.values():
+            worker.stop()
+
+
+@pytest.fixture(scope="session")
+def workers(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> t.Iterator[WorkerFactory]:
+    factory = WorkerFactory(tmp_path_factory, request)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def app(sqlite_url: str) -> Flask:
+    """An app with no broker, whose tasks run inline."""
+    return make_app(
+        {"SQLALCHEMY_DATABASE_URI": sqlite_url, "CELERY_TASK_ALWAYS_EAGER": True,
+         "CELERY_TASK_EAGER_PROPAGATES": True}
+    )  # fmt: skip

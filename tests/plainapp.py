@@ -1,0 +1,28 @@
+"""An application without Flask-SQLAlchemy."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flask import Flask
+from flask import current_app
+from flask import g
+
+from flask_celery_ctx import FlaskCelery
+
+ext = FlaskCelery()
+
+
+@ext.celery.task
+def app_name() -> tuple[str, str | None]:
+    seen = g.get("seen")
+    g.seen = "yes"
+    return current_app.name, seen
+
+
+def create_app() -> Flask:
+    app = Flask("plainapp")
+    app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
+    ext.init_app(app)
+    return app

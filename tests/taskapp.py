@@ -1,0 +1,182 @@
+"""The application the tests run workers of, with ``flask celery worker``.
+
+Its config comes as JSON in the ``FCC_CONFIG`` environment variable, so the
+worker and the test that talks to it share one config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import typing as t
+
+from celery import Task
+from celery import current_task
+from celery.exceptions import Ignore
+from celery.exceptions import Reject
+from flask import Flask
+from flask import g
+from flask import has_request_context
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import orm
+from sqlalchemy import select
+from sqlalchemy import text
+
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx import FlaskCelery
+
+db = SQLAlchemy()
+ext = FlaskCelery()
+
+
+class Item(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
+class Record(db.Model):  # type: ignore[name-defined,misc]
+    """What a task's hooks saw, written on a connection of its own."""
+
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    task_id: orm.Mapped[str]
+    hook: orm.Mapped[str]
+    g_token: orm.Mapped[str | None]
+    session_token: orm.Mapped[str | None]
+
+
+def create_app(config: dict[str, t.Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
+    app.config.update(config or {})
+    db.init_app(app)
+    ext.init_app(app)
+
+    @app.teardown_appcontext
+    def failing_teardown(exc: BaseException | None) -> None:
+        if g.get("fail_teardown"):
+            raise RuntimeError("a teardown function failed")
+
+    if app.config.get("FCC_CREATE_ALL"):
+        # Touch the database in the factory, as many apps do.
+        with app.app_context():
+            db.create_all()
+    return app
+
+
+def record(hook: str) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(
+            insert(Record).values(
+                task_id=current_task.request.id,
+                hook=hook,
+                g_token=g.get("token"),
+                session_token=db.session.info.get("token"),
+            )
+        )
+
+
+class RecordingHooks:
+    """Hooks that record the ``g`` and session they see."""
+
+    def before_start(self, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+        g.token = task_id
+        db.session.info["token"] = task_id
+        record("before_start")
+
+    def on_success(self, retval: t.Any, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+        record("on_success")
+
+    def on_failure(self, exc: t.Any, task_id: str, *args: t.Any, **kwargs: t.Any) -> None:
+        record("on_failure")
+
+    def on_retry(self, exc: t.Any, task_id: str, *args: t.Any, **kwargs: t.Any) -> None:
+        record("on_retry")
+
+    def after_return(self, status: str, *args: t.Any, **kwargs: t.Any) -> None:
+        record("after_return")
+
+
+class HookedTask(RecordingHooks, ContextTask):
+    pass
+
+
+class ForeignTask(RecordingHooks, Task):  # type: ignore[type-arg]
+    """A base class from a library that knows nothing of Flask."""
+
+
+@ext.celery.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@ext.celery.task
+def context_state(marker: str) -> dict[str, t.Any]:
+    """Report what the context held when the task started, then mark it."""
+    state = {
+        "g": g.get("marker"),
+        "session": db.session.info.get("marker"),
+        "request": has_request_context(),
+        "pid": os.getpid(),
+    }
+    g.marker = marker
+    db.session.info["marker"] = marker
+    db.session.execute(select(1))
+    return state
+
+
+@ext.celery.task(base=HookedTask)
+def hooked(fail: bool) -> str:
+    record("body")
+    if fail:
+        raise ValueError("hooked task failed")
+    return "done"
+
+
+@ext.celery.task(base=HookedTask, bind=True, max_retries=1, default_retry_delay=0)
+def hooked_retry(self: Task) -> str:  # type: ignore[type-arg]
+    if not self.request.retries:
+        raise self.retry()
+    return "retried"
+
+
+@ext.celery.task(base=ForeignTask)
+def foreign(fail: bool) -> str:
+    record("body")
+    if fail:
+        raise ValueError("foreign task failed")
+    return "done"
+
+
+@ext.celery.task(bind=True, max_retries=1, default_retry_delay=0)
+def write_then(self: Task, how: str, name: str) -> str:  # type: ignore[type-arg]
+    """Write a row, flush it, and then end the way ``how`` says."""
+    db.session.add(Item(name=name))
+    db.session.flush()
+    if how == "commit":
+        db.session.commit()
+    elif how == "raise":
+        raise ValueError("failed after a flush")
+    elif how == "retry" and not self.request.retries:
+        raise self.retry()
+    elif how == "reject":
+        raise Reject("rejected after a flush", requeue=False)
+    elif how == "ignore":
+        raise Ignore()
+    elif how == "teardown_raise":
+        g.fail_teardown = True
+    elif how == "sleep":
+        time.sleep(10)
+    return how
+
+
+@ext.celery.task
+def count_items(name: str) -> int:
+    return db.session.scalar(select(func.count()).where(Item.name == name)) or 0
+
+
+@ext.celery.task
+def backend_pid() -> tuple[int, int]:
+    return os.getpid(), db.session.scalar(text("select pg_backend_pid()"))

@@ -1,0 +1,86 @@
+"""Every task in a worker runs in a fresh context of the bound app, which
+spans its hooks, whatever its base class."""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+import pytest
+from celery.result import AsyncResult
+from sqlalchemy import select
+
+import taskapp
+from conftest import FLASK
+from conftest import WorkerFactory
+
+POOLS = [("solo", 1), ("prefork", 2), ("threads", 4)]
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), POOLS)
+def test_fresh_context_per_task(workers: WorkerFactory, pool: str, concurrency: int) -> None:
+    workers(pool=pool, concurrency=concurrency).client()
+    results = [taskapp.context_state.delay(f"m{i}") for i in range(12)]
+    states = [result.get(timeout=20) for result in results]
+    assert [state["g"] for state in states] == [None] * 12
+    assert [state["session"] for state in states] == [None] * 12
+    assert not any(state["request"] for state in states)
+
+
+def test_testing_runs_in_a_request_context(workers: WorkerFactory) -> None:
+    workers(TESTING=True).client()
+    state = taskapp.context_state.delay("m").get(timeout=20)
+    assert state["request"] is True
+    assert state["g"] is None
+
+
+def test_context_pushed_at_worker_start_is_not_reused(workers: WorkerFactory) -> None:
+    """``celery -A module worker``, from a module that leaves a context
+    pushed, as tutorials do: the solo pool runs tasks in that very thread."""
+    worker = workers.start(
+        "redis", "postgres", {}, command=(FLASK.replace("flask", "celery"), "-A", "pushed_context")
+    )
+    worker.wait_ready()
+    worker.client()
+    states = [taskapp.context_state.delay(f"m{i}").get(timeout=20) for i in range(3)]
+    assert [state["g"] for state in states] == [None] * 3
+    assert [state["session"] for state in states] == [None] * 3
+
+
+def hooks_seen(app: t.Any, task_id: str) -> dict[str, tuple[str | None, str | None]]:
+    """What each hook of a task saw, once ``after_return`` (which runs after
+    the result is stored) has run."""
+    deadline = time.monotonic() + 20
+    while True:
+        with app.app_context():
+            records = taskapp.db.session.scalars(
+                select(taskapp.Record).where(taskapp.Record.task_id == task_id)
+            ).all()
+        seen = {r.hook: (r.g_token, r.session_token) for r in records}
+        if "after_return" in seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("task", [taskapp.hooked, taskapp.foreign], ids=["ContextTask", "foreign"])
+@pytest.mark.parametrize("fail", [False, True], ids=["success", "failure"])
+@pytest.mark.parametrize(("pool", "concurrency"), POOLS)
+def test_hooks_share_the_body_context(
+    workers: WorkerFactory, task: t.Any, fail: bool, pool: str, concurrency: int
+) -> None:
+    app = workers(pool=pool, concurrency=concurrency).client()
+    result: AsyncResult[t.Any] = task.delay(fail)
+    result.get(timeout=20, propagate=False)
+    assert result.failed() is fail
+    seen = hooks_seen(app, result.id)
+    outcome = "on_failure" if fail else "on_success"
+    assert set(seen) == {"before_start", "body", outcome, "after_return"}
+    # before_start set both tokens; every later hook saw the same g and session.
+    assert set(seen.values()) == {(result.id, result.id)}
+
+
+def test_retry_hook_shares_the_body_context(workers: WorkerFactory) -> None:
+    app = workers().client()
+    result = taskapp.hooked_retry.delay()
+    assert result.get(timeout=20) == "retried"
+    assert hooks_seen(app, result.id)["on_retry"] == (result.id, result.id)

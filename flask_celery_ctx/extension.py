@@ -123,6 +123,10 @@ class FlaskCelery:
             celery._pool = None
             for name in ("amqp", "control", "events"):
                 celery.__dict__.pop(name, None)
+            backend = getattr(celery._local, "backend", None)
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None:
+                consumer.stop()  # it holds a connection of its own
             celery._local = threading.local()
 
     def _on_task_prerun(self, sender: Task[t.Any, t.Any], **kwargs: t.Any) -> None:

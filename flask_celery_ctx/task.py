@@ -11,6 +11,7 @@ from .context import inline_context
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
+    from celery.result import EagerResult
 
     from .extension import FlaskCelery
 
@@ -54,6 +55,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
             return self.run(*args, **kwargs)
         with inline_context(extension_of(self).app):
             return super().__call__(*args, **kwargs)
+
+    def apply(
+        self, args: t.Any = None, kwargs: t.Any = None, *arguments: t.Any, **options: t.Any
+    ) -> EagerResult[t.Any]:
+        extension_of(self).app  # noqa: B018 (raises when not bound yet)
+        return super().apply(args, kwargs, *arguments, **options)
 
     def apply_async(
         self,

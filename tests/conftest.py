@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from kombu import pools
 from flask import Flask
 from sqlalchemy import create_engine
 from sqlalchemy import text
@@ -274,6 +275,7 @@ def workers(
     factory = WorkerFactory(tmp_path_factory, request)
     yield factory
     factory.stop_all()
+    pools.reset()  # close this process's broker connections
 
 
 @pytest.fixture

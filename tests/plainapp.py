@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing as t
 
 from flask import Flask
 from flask import current_app
@@ -21,8 +22,9 @@ def app_name() -> tuple[str, str | None]:
     return current_app.name, seen
 
 
-def create_app() -> Flask:
+def create_app(config: dict[str, t.Any] | None = None) -> Flask:
     app = Flask("plainapp")
     app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
+    app.config.update(config or {})
     ext.init_app(app)
     return app

@@ -1,0 +1,117 @@
+"""``flask celery`` is Celery's whole command line, bound to the app."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+from flask import Flask
+
+import taskapp
+from conftest import FLASK
+from conftest import TESTS
+from conftest import WorkerFactory
+
+COMMANDS = [
+    "worker", "beat", "inspect", "control", "status", "purge",
+    "call", "result", "events", "report", "shell",
+]  # fmt: skip
+
+
+def flask_celery(config: dict[str, object], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLASK, "--app", "taskapp:create_app", "celery", *args],
+        cwd=TESTS,
+        env={**os.environ, "FCC_CONFIG": json.dumps(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_help_lists_celery_commands(app: Flask) -> None:
+    result = app.test_cli_runner().invoke(args=["celery", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "celery [OPTIONS] COMMAND" in result.output or "celery [OPTIONS] [COMMAND]" in result.output
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("worker", "--concurrency"), ("beat", "--schedule"), ("inspect", "--destination"),
+     ("control", "--destination"), ("status", "--timeout"), ("purge", "--queues"),
+     ("call", "--countdown"), ("result", "--traceback"), ("events", "--dump"),
+     ("report", "--help"), ("shell", "--ipython")],
+)  # fmt: skip
+# Celery's own ``events`` command declares -d twice; Click warns about it.
+@pytest.mark.filterwarnings("ignore:The parameter -d is used more than once")
+def test_each_command_has_celerys_options(app: Flask, command: str, option: str) -> None:
+    result = app.test_cli_runner().invoke(args=["celery", command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"celery {command} [OPTIONS]" in result.output
+    assert option in result.output
+
+
+def test_report_keeps_secrets(workers: WorkerFactory) -> None:
+    config = workers.config()
+    result = flask_celery(config, "report")
+    assert result.returncode == 0, result.stderr
+    assert "broker_url" in result.stdout
+    assert "do-not-leak" not in result.stdout
+    assert "SQLALCHEMY" not in result.stdout
+    assert config["SQLALCHEMY_DATABASE_URI"].split("@")[-1] not in result.stdout
+
+
+def test_commands_against_a_live_worker(workers: WorkerFactory) -> None:
+    worker = workers()
+    config = worker.config
+    ping = flask_celery(config, "inspect", "ping", "-d", f"{worker.name}@{os.uname().nodename}")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert "pong" in ping.stdout
+
+    registered = flask_celery(config, "inspect", "registered")
+    assert "taskapp.add" in registered.stdout
+
+    call = flask_celery(config, "call", "taskapp.add", "--args", "[2, 3]")
+    assert call.returncode == 0, call.stderr
+    task_id = call.stdout.strip()
+    worker.client()
+    assert taskapp.add.AsyncResult(task_id).get(timeout=20) == 5
+
+    result = flask_celery(config, "result", task_id)
+    assert result.stdout.strip() == "5"
+
+
+def test_purge(workers: WorkerFactory) -> None:
+    config = workers.config()  # no worker consumes this queue
+    taskapp.create_app(config)
+    taskapp.add.delay(1, 1)
+    purge = flask_celery(config, "purge", "-f")
+    assert purge.returncode == 0, purge.stderr
+    assert "Purged 1 message" in purge.stdout
+
+
+def test_beat_sends_scheduled_tasks(workers: WorkerFactory, tmp_path: object) -> None:
+    name = f"beat-{uuid.uuid4().hex[:6]}"
+    schedule = {"tick": {"task": "taskapp.write_then", "schedule": 0.5, "args": ["commit", name]}}
+    worker = workers(CELERY_BEAT_SCHEDULE=schedule)
+    beat = subprocess.Popen(
+        [FLASK, "--app", "taskapp:create_app", "celery", "beat",
+         "--schedule", f"{tmp_path}/schedule", "--loglevel", "INFO"],
+        cwd=TESTS, env={**os.environ, "FCC_CONFIG": json.dumps(worker.config)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        worker.client()
+        deadline = time.monotonic() + 30
+        while taskapp.count_items.delay(name).get(timeout=20) < 2:
+            assert time.monotonic() < deadline, "beat sent nothing"
+            time.sleep(0.5)
+    finally:
+        beat.terminate()
+        beat.wait(20)

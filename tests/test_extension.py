@@ -1,0 +1,120 @@
+"""The extension object: construction, binding, and the errors users hit."""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+from celery import Task
+from flask import Flask
+from flask import current_app
+from kombu.exceptions import EncodeError
+
+from conftest import FLASK
+from conftest import WorkerFactory
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx import FlaskCelery
+
+
+class LibraryTask(Task):  # type: ignore[type-arg]
+    pass
+
+
+def test_tasks_can_be_declared_before_init_app() -> None:
+    ext = FlaskCelery()
+
+    @ext.celery.task
+    def plain() -> str:
+        return current_app.name
+
+    @ext.celery.task(base=LibraryTask)
+    def based() -> None: ...
+
+    assert isinstance(plain, ContextTask)
+    assert isinstance(based, LibraryTask)
+    assert not isinstance(based, ContextTask)
+    app = Flask("bound")
+    ext.init_app(app)
+    assert plain() == "bound"
+    assert app.extensions["celery"] is ext
+
+
+def test_app_given_to_the_constructor() -> None:
+    app = Flask("given")
+    ext = FlaskCelery(app)
+    assert ext.app is app
+
+
+def test_registering_twice_on_one_app() -> None:
+    app = Flask(__name__)
+    FlaskCelery(app)
+    with pytest.raises(RuntimeError, match="already been registered"):
+        FlaskCelery(app)
+
+
+def broker_host(ext: FlaskCelery) -> str:
+    """The broker host of a connection from the producer pool."""
+    with ext.celery.producer_or_acquire() as producer:
+        return producer.connection.hostname  # type: ignore[no-any-return]
+
+
+def test_last_app_wins() -> None:
+    ext = FlaskCelery()
+
+    @ext.celery.task
+    def which() -> tuple[str, bool]:
+        return current_app.name, current_app.config["TESTING"]
+
+    first = Flask("first")
+    first.config.update(CELERY_BROKER_URL="memory://first", CELERY_TASK_ALWAYS_EAGER=True)
+    ext.init_app(first)
+    assert which.delay().get() == ("first", False)
+    assert broker_host(ext) == "first"
+
+    second = Flask("second")
+    second.config.update(CELERY_BROKER_URL="memory://second", TESTING=True)
+    ext.init_app(second)
+    assert ext.app is second
+    assert ext.celery.conf.task_always_eager is False
+    assert broker_host(ext) == "second"
+    assert which.apply().get() == ("second", True)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda task: task.delay(), lambda task: task.apply(), lambda task: task()],
+    ids=["delay", "apply", "direct"],
+)
+def test_not_bound_yet(call: t.Callable[[t.Any], t.Any]) -> None:
+    ext = FlaskCelery()
+
+    @ext.celery.task
+    def early() -> None: ...
+
+    with pytest.raises(RuntimeError, match=r"not bound to a Flask app yet.*ext.init_app\(app\)"):
+        call(early).get()
+
+
+def test_unserializable_arguments() -> None:
+    app = Flask(__name__)
+    app.config["CELERY_BROKER_URL"] = "memory://"
+    ext = FlaskCelery(app)
+
+    @ext.celery.task
+    def takes(value: object) -> None: ...
+
+    with pytest.raises(EncodeError, match=r"task '.*takes' cannot be serialized with 'json'.*ids"):
+        takes.delay(object())
+
+
+def test_without_flask_sqlalchemy(workers: WorkerFactory) -> None:
+    """An app without Flask-SQLAlchemy runs its tasks in fresh contexts."""
+    import plainapp
+
+    worker = workers.start(
+        "redis", "postgres", {}, command=(FLASK, "--app", "plainapp:create_app", "celery")
+    )
+    worker.wait_ready()
+    plainapp.create_app(worker.config)
+    results = [plainapp.app_name.delay().get(timeout=20) for _ in range(3)]
+    assert results == [["plainapp", None]] * 3

@@ -57,8 +57,18 @@ class ContextTask(Task):  # type: ignore[type-arg]
             return super().__call__(*args, **kwargs)
 
     def apply(
-        self, args: t.Any = None, kwargs: t.Any = None, *arguments: t.Any, **options: t.Any
+        self,
+        args: t.Any = None,
+        kwargs: t.Any = None,
+        *arguments: t.Any,
+        **options: t.Any,
     ) -> EagerResult[t.Any]:
+        """Run the task inline, as :meth:`celery.app.task.Task.apply` does, in
+        the caller's context of the bound app or in one pushed for it.
+
+        :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
+            was not called yet.
+        """
         extension_of(self).app  # noqa: B018 (raises when not bound yet)
         return super().apply(args, kwargs, *arguments, **options)
 
@@ -69,6 +79,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         *arguments: t.Any,
         **options: t.Any,
     ) -> AsyncResult[t.Any]:
+        """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
+
+        :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
+            was not called yet.
+        :raises kombu.exceptions.EncodeError: The serializer refuses the
+            arguments; the message names the task and what to pass instead.
+        """
         extension_of(self).app  # noqa: B018 (raises when not bound yet)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)

@@ -20,11 +20,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from kombu import pools
 from flask import Flask
+from kombu import pools
+from sqlalchemy.engine import Engine
+
 from sqlalchemy import create_engine
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
 import taskapp
 
@@ -112,7 +113,7 @@ def pg_admin(postgres_url: str) -> t.Iterator[Engine]:
 def idle_in_transaction(engine: Engine, application_name: str) -> int:
     """Connections of the workers that are idle inside a transaction."""
     with engine.connect() as conn:
-        return conn.scalar(
+        return conn.scalar(  # type: ignore[no-any-return]
             text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname ="
                 " current_database() AND application_name = :name"
@@ -180,7 +181,9 @@ class Worker:
             if text in self.log:
                 return
             if self.process.poll() is not None:
-                pytest.fail(f"the worker exited with {self.process.returncode}:\n{self.log}")
+                pytest.fail(
+                    f"the worker exited with {self.process.returncode}:\n{self.log}"
+                )
             time.sleep(0.1)
         self.stop()
         pytest.fail(f"the worker did not log {text!r} in {timeout}s:\n{self.log}")
@@ -208,10 +211,18 @@ def broker_config(broker: str, tmp: Path) -> dict[str, t.Any]:
     queue = {"CELERY_TASK_DEFAULT_QUEUE": f"fcc-{RUN}-{uuid.uuid4().hex[:6]}"}
     if broker == "redis":
         require("Redis", REDIS_URL, 6379)
-        return {**queue, "CELERY_BROKER_URL": REDIS_URL, "CELERY_RESULT_BACKEND": REDIS_URL}
+        return {
+            **queue,
+            "CELERY_BROKER_URL": REDIS_URL,
+            "CELERY_RESULT_BACKEND": REDIS_URL,
+        }
     if broker == "rabbitmq":
         require("RabbitMQ", RABBITMQ_URL, 5672)
-        return {**queue, "CELERY_BROKER_URL": RABBITMQ_URL, "CELERY_RESULT_BACKEND": "rpc://"}
+        return {
+            **queue,
+            "CELERY_BROKER_URL": RABBITMQ_URL,
+            "CELERY_RESULT_BACKEND": "rpc://",
+        }
     if broker == "sqlite":
         return {
             **queue,
@@ -225,7 +236,9 @@ class WorkerFactory:
     """Starts workers on demand and keeps them for the session: starting one
     takes seconds, and many tests can share it."""
 
-    def __init__(self, tmp: pytest.TempPathFactory, request: pytest.FixtureRequest) -> None:
+    def __init__(
+        self, tmp: pytest.TempPathFactory, request: pytest.FixtureRequest
+    ) -> None:
         self._tmp = tmp
         self._request = request
         self._workers: dict[str, Worker] = {}
@@ -241,12 +254,16 @@ class WorkerFactory:
         """A ready worker of ``taskapp`` with these settings, started once."""
         key = json.dumps([broker, pool, concurrency, database, config], sort_keys=True)
         if key not in self._workers:
-            worker = self.start(broker, database, config, pool=pool, concurrency=concurrency)
+            worker = self.start(
+                broker, database, config, pool=pool, concurrency=concurrency
+            )
             worker.wait_ready()
             self._workers[key] = worker
         return self._workers[key]
 
-    def config(self, broker: str = "redis", database: str = "postgres") -> dict[str, t.Any]:
+    def config(
+        self, broker: str = "redis", database: str = "postgres"
+    ) -> dict[str, t.Any]:
         """The config of an app on this broker and database."""
         return {
             **broker_config(broker, self._tmp.mktemp("broker")),

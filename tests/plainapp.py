@@ -6,8 +6,8 @@ import json
 import os
 import typing as t
 
-from flask import Flask
 from flask import current_app
+from flask import Flask
 from flask import g
 
 from flask_celery_ctx import FlaskCelery

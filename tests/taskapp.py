@@ -11,22 +11,22 @@ import os
 import time
 import typing as t
 
-from celery import Task
 from celery import current_task
+from celery import Task
 from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from flask import Flask
 from flask import g
 from flask import has_request_context
 from flask_sqlalchemy import SQLAlchemy
+
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx import FlaskCelery
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy import text
-
-from flask_celery_ctx import ContextTask
-from flask_celery_ctx import FlaskCelery
 
 db = SQLAlchemy()
 ext = FlaskCelery()
@@ -86,10 +86,14 @@ class RecordingHooks:
         db.session.info["token"] = task_id
         record("before_start")
 
-    def on_success(self, retval: t.Any, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+    def on_success(
+        self, retval: t.Any, task_id: str, args: t.Any, kwargs: t.Any
+    ) -> None:
         record("on_success")
 
-    def on_failure(self, exc: t.Any, task_id: str, *args: t.Any, **kwargs: t.Any) -> None:
+    def on_failure(
+        self, exc: t.Any, task_id: str, *args: t.Any, **kwargs: t.Any
+    ) -> None:
         record("on_failure")
 
     def on_retry(self, exc: t.Any, task_id: str, *args: t.Any, **kwargs: t.Any) -> None:

@@ -22,7 +22,9 @@ COMMANDS = [
 ]  # fmt: skip
 
 
-def flask_celery(config: dict[str, object], *args: str) -> subprocess.CompletedProcess[str]:
+def flask_celery(
+    config: dict[str, object], *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FLASK, "--app", "taskapp:create_app", "celery", *args],
         cwd=TESTS,
@@ -36,7 +38,10 @@ def flask_celery(config: dict[str, object], *args: str) -> subprocess.CompletedP
 def test_help_lists_celery_commands(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["celery", "--help"])
     assert result.exit_code == 0, result.output
-    assert "celery [OPTIONS] COMMAND" in result.output or "celery [OPTIONS] [COMMAND]" in result.output
+    assert (
+        "celery [OPTIONS] COMMAND" in result.output
+        or "celery [OPTIONS] [COMMAND]" in result.output
+    )
     for command in COMMANDS:
         assert command in result.output
 
@@ -50,7 +55,9 @@ def test_help_lists_celery_commands(app: Flask) -> None:
 )  # fmt: skip
 # Celery's own ``events`` command declares -d twice; Click warns about it.
 @pytest.mark.filterwarnings("ignore:The parameter -d is used more than once")
-def test_each_command_has_celerys_options(app: Flask, command: str, option: str) -> None:
+def test_each_command_has_celerys_options(
+    app: Flask, command: str, option: str
+) -> None:
     result = app.test_cli_runner().invoke(args=["celery", command, "--help"])
     assert result.exit_code == 0, result.output
     assert f"celery {command} [OPTIONS]" in result.output
@@ -70,7 +77,9 @@ def test_report_keeps_secrets(workers: WorkerFactory) -> None:
 def test_commands_against_a_live_worker(workers: WorkerFactory) -> None:
     worker = workers()
     config = worker.config
-    ping = flask_celery(config, "inspect", "ping", "-d", f"{worker.name}@{os.uname().nodename}")
+    ping = flask_celery(
+        config, "inspect", "ping", "-d", f"{worker.name}@{os.uname().nodename}"
+    )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert "pong" in ping.stdout
 
@@ -98,7 +107,13 @@ def test_purge(workers: WorkerFactory) -> None:
 
 def test_beat_sends_scheduled_tasks(workers: WorkerFactory, tmp_path: object) -> None:
     name = f"beat-{uuid.uuid4().hex[:6]}"
-    schedule = {"tick": {"task": "taskapp.write_then", "schedule": 0.5, "args": ["commit", name]}}
+    schedule = {
+        "tick": {
+            "task": "taskapp.write_then",
+            "schedule": 0.5,
+            "args": ["commit", name],
+        }
+    }
     worker = workers(CELERY_BEAT_SCHEDULE=schedule)
     beat = subprocess.Popen(
         [FLASK, "--app", "taskapp:create_app", "celery", "beat",

@@ -18,24 +18,35 @@ def configured(config: dict[str, t.Any], **options: t.Any) -> t.Any:
 
 
 def test_prefixed_keys() -> None:
-    conf = configured({"CELERY_BROKER_URL": "redis://h/1", "CELERY_TASK_ALWAYS_EAGER": True})
+    conf = configured(
+        {"CELERY_BROKER_URL": "redis://h/1", "CELERY_TASK_ALWAYS_EAGER": True}
+    )
     assert conf.broker_url == "redis://h/1"
     assert conf.task_always_eager is True
 
 
 def test_celery_dict() -> None:
-    conf = configured({"CELERY": {"broker_url": "redis://h/2", "task_ignore_result": True}})
+    conf = configured(
+        {"CELERY": {"broker_url": "redis://h/2", "task_ignore_result": True}}
+    )
     assert conf.broker_url == "redis://h/2"
     assert conf.task_ignore_result is True
 
 
 def test_both_forms_mixed() -> None:
-    conf = configured({"CELERY": {"broker_url": "redis://h/3"}, "CELERY_RESULT_BACKEND": "redis://h/4"})
+    conf = configured(
+        {
+            "CELERY": {"broker_url": "redis://h/3"},
+            "CELERY_RESULT_BACKEND": "redis://h/4",
+        }
+    )
     assert (conf.broker_url, conf.result_backend) == ("redis://h/3", "redis://h/4")
 
 
 def test_one_setting_both_ways_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"'broker_url' is given twice.*CELERY_BROKER_URL"):
+    with pytest.raises(
+        ValueError, match=r"'broker_url' is given twice.*CELERY_BROKER_URL"
+    ):
         configured({"CELERY": {"broker_url": "a"}, "CELERY_BROKER_URL": "b"})
 
 
@@ -64,11 +75,15 @@ def test_unknown_prefixed_key(key: str, message: str) -> None:
     ],
 )
 def test_unknown_name_in_celery_dict(name: str, message: str) -> None:
-    with pytest.raises(ValueError, match=rf"CELERY\['{name}'\] is not a Celery setting.*{message}"):
+    with pytest.raises(
+        ValueError, match=rf"CELERY\['{name}'\] is not a Celery setting.*{message}"
+    ):
         configured({"CELERY": {name: True}})
 
 
-@pytest.mark.parametrize("key", ["CELERY_RESULT_BACKEND", "CELERY_TASK_SERIALIZER", "CELERY_TIMEZONE"])
+@pytest.mark.parametrize(
+    "key", ["CELERY_RESULT_BACKEND", "CELERY_TASK_SERIALIZER", "CELERY_TIMEZONE"]
+)
 def test_celery3_names_that_are_also_prefixed_names(key: str) -> None:
     """Some Celery 3 names read the same as a prefixed new name."""
     conf = configured({key: "json" if "SERIALIZER" in key else "UTC"})

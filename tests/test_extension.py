@@ -6,14 +6,15 @@ import typing as t
 
 import pytest
 from celery import Task
-from flask import Flask
 from flask import current_app
+from flask import Flask
 from kombu.exceptions import EncodeError
+
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx import FlaskCelery
 
 from conftest import FLASK
 from conftest import WorkerFactory
-from flask_celery_ctx import ContextTask
-from flask_celery_ctx import FlaskCelery
 
 
 class LibraryTask(Task):  # type: ignore[type-arg]
@@ -66,7 +67,9 @@ def test_last_app_wins() -> None:
         return current_app.name, current_app.config["TESTING"]
 
     first = Flask("first")
-    first.config.update(CELERY_BROKER_URL="memory://first", CELERY_TASK_ALWAYS_EAGER=True)
+    first.config.update(
+        CELERY_BROKER_URL="memory://first", CELERY_TASK_ALWAYS_EAGER=True
+    )
     ext.init_app(first)
     assert which.delay().get() == ("first", False)
     assert broker_host(ext) == "first"
@@ -91,7 +94,9 @@ def test_not_bound_yet(call: t.Callable[[t.Any], t.Any]) -> None:
     @ext.celery.task
     def early() -> None: ...
 
-    with pytest.raises(RuntimeError, match=r"not bound to a Flask app yet.*ext.init_app\(app\)"):
+    with pytest.raises(
+        RuntimeError, match=r"not bound to a Flask app yet.*ext.init_app\(app\)"
+    ):
         call(early).get()
 
 
@@ -103,7 +108,9 @@ def test_unserializable_arguments() -> None:
     @ext.celery.task
     def takes(value: object) -> None: ...
 
-    with pytest.raises(EncodeError, match=r"task '.*takes' cannot be serialized with 'json'.*ids"):
+    with pytest.raises(
+        EncodeError, match=r"task '.*takes' cannot be serialized with 'json'.*ids"
+    ):
         takes.delay(object())
 
 
@@ -112,7 +119,10 @@ def test_without_flask_sqlalchemy(workers: WorkerFactory) -> None:
     import plainapp
 
     worker = workers.start(
-        "redis", "postgres", {}, command=(FLASK, "--app", "plainapp:create_app", "celery")
+        "redis",
+        "postgres",
+        {},
+        command=(FLASK, "--app", "plainapp:create_app", "celery"),
     )
     worker.wait_ready()
     plainapp.create_app(worker.config)

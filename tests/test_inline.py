@@ -8,14 +8,15 @@ import typing as t
 import pytest
 from flask import Flask
 from flask import g
+
 from sqlalchemy import func
 from sqlalchemy import select
 
 import taskapp
 from conftest import make_app
-from taskapp import Item
 from taskapp import db
 from taskapp import ext
+from taskapp import Item
 
 CALLS: dict[str, t.Callable[[t.Any, str], t.Any]] = {
     "delay": lambda task, arg: task.delay(arg).get(),
@@ -89,4 +90,7 @@ def test_eager_failure_still_tears_down(inline_app: Flask) -> None:
         taskapp.write_then.delay("raise", "eager-fail")
     with inline_app.app_context():
         assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-        assert db.session.scalar(select(func.count()).where(Item.name == "eager-fail")) == 0
+        assert (
+            db.session.scalar(select(func.count()).where(Item.name == "eager-fail"))
+            == 0
+        )

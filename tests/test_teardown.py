@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy.engine import Engine
 
 import taskapp
+from conftest import idle_in_transaction
 from conftest import Worker
 from conftest import WorkerFactory
-from conftest import idle_in_transaction
 
 OUTCOMES = ["raise", "retry", "reject", "ignore", "teardown_raise", "success"]
 
@@ -34,7 +34,9 @@ def run(how: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("how", OUTCOMES)
-@pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("prefork", 1), ("threads", 2)])
+@pytest.mark.parametrize(
+    ("pool", "concurrency"), [("solo", 1), ("prefork", 1), ("threads", 2)]
+)
 def test_session_removed_after_each_outcome(
     workers: WorkerFactory, pg_admin: Engine, how: str, pool: str, concurrency: int
 ) -> None:

@@ -8,6 +8,7 @@ import typing as t
 
 import pytest
 from celery.result import AsyncResult
+
 from sqlalchemy import select
 
 import taskapp
@@ -18,7 +19,9 @@ POOLS = [("solo", 1), ("prefork", 2), ("threads", 4)]
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), POOLS)
-def test_fresh_context_per_task(workers: WorkerFactory, pool: str, concurrency: int) -> None:
+def test_fresh_context_per_task(
+    workers: WorkerFactory, pool: str, concurrency: int
+) -> None:
     workers(pool=pool, concurrency=concurrency).client()
     results = [taskapp.context_state.delay(f"m{i}") for i in range(12)]
     states = [result.get(timeout=20) for result in results]
@@ -38,7 +41,10 @@ def test_context_pushed_at_worker_start_is_not_reused(workers: WorkerFactory) ->
     """``celery -A module worker``, from a module that leaves a context
     pushed, as tutorials do: the solo pool runs tasks in that very thread."""
     worker = workers.start(
-        "redis", "postgres", {}, command=(FLASK.replace("flask", "celery"), "-A", "pushed_context")
+        "redis",
+        "postgres",
+        {},
+        command=(FLASK.replace("flask", "celery"), "-A", "pushed_context"),
     )
     worker.wait_ready()
     worker.client()
@@ -62,7 +68,9 @@ def hooks_seen(app: t.Any, task_id: str) -> dict[str, tuple[str | None, str | No
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("task", [taskapp.hooked, taskapp.foreign], ids=["ContextTask", "foreign"])
+@pytest.mark.parametrize(
+    "task", [taskapp.hooked, taskapp.foreign], ids=["ContextTask", "foreign"]
+)
 @pytest.mark.parametrize("fail", [False, True], ids=["success", "failure"])
 @pytest.mark.parametrize(("pool", "concurrency"), POOLS)
 def test_hooks_share_the_body_context(

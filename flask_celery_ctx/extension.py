@@ -65,7 +65,7 @@ class FlaskCelery:
         self._app: Flask | None = None
         signals.task_prerun.connect(self._on_task_prerun)
         signals.task_postrun.connect(self._on_task_postrun)
-        install_worker_signals(self.celery)
+        install_worker_signals(self)
 
         if app is not None:
             self.init_app(app)

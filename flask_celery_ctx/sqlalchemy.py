@@ -13,6 +13,7 @@ from flask.ctx import AppContext
 
 if t.TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
+    from sqlalchemy.engine import Engine
 
 
 def get_db(app: Flask) -> SQLAlchemy | None:
@@ -45,3 +46,45 @@ def discard_session(app: Flask, app_ctx: AppContext) -> None:
         session = registry.pop(id(app_ctx), None)
         if session is not None:
             session.close()
+
+
+def get_engines(app: Flask) -> dict[str | None, Engine]:
+    """Return the app's Flask-SQLAlchemy engines by bind key, binds included.
+
+    :param app: The Flask application.
+    """
+    db = get_db(app)
+    if db is None:
+        return {}
+    with app.app_context():
+        return dict(db.engines)
+
+
+def dispose_inherited_connections(app: Flask) -> None:
+    """Make a forked process open connections of its own.
+
+    An app factory that touches the database leaves pooled connections in the
+    worker's parent process. A forked child must never use them: two
+    processes on one connection corrupt its protocol stream. Disposing with
+    ``close=False`` forgets them without closing them, so the parent's stay
+    valid; a plain ``dispose()`` in the child would close the parent's
+    connections under it.
+
+    :param app: The Flask application.
+    """
+    for engine in get_engines(app).values():
+        engine.dispose(close=False)
+
+
+def pool_capacity(engine: Engine) -> int | None:
+    """The most connections an engine's pool hands out at once: its
+    ``pool_size`` plus its ``max_overflow``, or ``None`` for no limit.
+
+    :param engine: A SQLAlchemy engine.
+    """
+    pool = engine.pool
+    size = getattr(pool, "size", None)
+    overflow = getattr(pool, "_max_overflow", None)
+    if not callable(size) or not isinstance(overflow, int) or overflow < 0:
+        return None
+    return int(size()) + overflow

@@ -1,5 +1,5 @@
 """What happens when a worker of a :class:`~flask_celery_ctx.FlaskCelery`
-app starts."""
+app starts, and when it forks its pool processes."""
 
 from __future__ import annotations
 
@@ -7,22 +7,131 @@ import logging
 import typing as t
 
 from celery import Celery
+from celery import current_app as current_celery
 from celery import signals
+
+from .sqlalchemy import dispose_inherited_connections
+from .sqlalchemy import get_engines
+from .sqlalchemy import pool_capacity
+
+if t.TYPE_CHECKING:
+    from .extension import FlaskCelery
 
 logger = logging.getLogger("flask_celery_ctx")
 
+#: Pools whose tasks share the worker process, and so its engines.
+SHARED_ENGINE_POOLS = ("threads", "gevent", "eventlet")
 
-def install(celery: Celery) -> None:
-    """Connect the worker signal handlers for one Celery app.
 
-    :param celery: The Celery app.
+def install(ext: FlaskCelery) -> None:
+    """Connect the worker signal handlers for one extension.
+
+    :param ext: The extension.
     """
+    celery = ext.celery
 
     def on_worker_init(sender: t.Any = None, **kwargs: t.Any) -> None:
-        if getattr(sender, "app", None) is celery:
-            check_broker(celery)
+        if getattr(sender, "app", None) is not celery:
+            return
+        pool = pool_name(sender.pool_cls)
+        check_pool(pool)
+        check_broker(celery)
+        if pool in SHARED_ENGINE_POOLS:
+            check_engine_pools(ext, pool, sender.concurrency)
+
+    def on_worker_process_init(**kwargs: t.Any) -> None:
+        # Sent in each prefork child, whose app is the current one.
+        if current_celery._get_current_object() is celery:  # type: ignore[attr-defined]
+            dispose_inherited_connections(ext.app)
 
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_init.connect(on_worker_process_init, weak=False)
+
+
+def pool_name(pool_cls: t.Any) -> str:
+    """The name of a worker's pool, as given to ``--pool``.
+
+    :param pool_cls: The worker's pool class, or its name.
+    """
+    if isinstance(pool_cls, str):
+        return pool_cls.rsplit(":", 1)[0].rsplit(".", 1)[-1]
+    module = str(getattr(pool_cls, "__module__", ""))
+    name = module.rsplit(".", 1)[-1]
+    return "threads" if name == "thread" else name
+
+
+def greenlets_patched(pool: str) -> bool:
+    """Whether the process was monkey-patched for a greenlet pool.
+
+    :param pool: ``"gevent"`` or ``"eventlet"``.
+    """
+    if pool != "gevent":
+        return False
+    try:
+        from gevent import monkey  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))
+
+
+def check_pool(pool: str) -> None:
+    """Refuse, at start, a pool that would run half-supported.
+
+    :param pool: The pool's name.
+    :raises SystemExit: The pool is eventlet, or gevent without its monkey
+        patches, with a message that says what to do.
+    """
+    if pool == "eventlet":
+        message = (
+            "The eventlet pool is not supported by Flask-Celery-Ctx: eventlet is"
+            " deprecated by its maintainers. Use '--pool gevent' for many"
+            " concurrent I/O-bound tasks, or '--pool threads'."
+        )
+    elif pool == "gevent" and not greenlets_patched(pool):
+        message = (
+            "The gevent pool needs gevent's monkey patches, applied before the"
+            " app is imported. Start the worker with '--pool gevent' on the"
+            " command line ('flask celery worker --pool gevent' or 'celery -A"
+            " module worker --pool gevent'), which applies them first."
+        )
+    else:
+        return
+    logger.critical(message)
+    raise SystemExit(message)
+
+
+def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
+    """Warn when more tasks can run at once than an engine has connections.
+
+    :param ext: The extension.
+    :param pool: The pool's name.
+    :param concurrency: How many tasks the pool runs at once.
+    """
+    for key, engine in get_engines(ext.app).items():
+        capacity = pool_capacity(engine)
+        if capacity is None or concurrency <= capacity:
+            continue
+        name = "the default engine" if key is None else f"the engine of bind {key!r}"
+        setting = (
+            "SQLALCHEMY_ENGINE_OPTIONS"
+            if key is None
+            else f"SQLALCHEMY_BINDS[{key!r}] (as a dict with 'url')"
+        )
+        logger.warning(
+            "The %s pool runs up to %d tasks at once, but %s has pool_size %d +"
+            " max_overflow %d = %d connections: tasks will wait for a connection"
+            " and fail with 'QueuePool limit reached'. Raise 'pool_size' or"
+            " 'max_overflow' in %s to at least %d in total, or lower the"
+            " worker's --concurrency.",
+            pool,
+            concurrency,
+            name,
+            engine.pool.size(),  # type: ignore[attr-defined]
+            capacity - engine.pool.size(),  # type: ignore[attr-defined]
+            capacity,
+            setting,
+            concurrency,
+        )
 
 
 def check_broker(celery: Celery) -> bool:

@@ -29,6 +29,9 @@ from sqlalchemy import text
 
 import taskapp
 
+# The plugin for users' tests, tested here as users enable it.
+pytest_plugins = ["flask_celery_ctx.testing", "pytester"]
+
 TESTS = Path(__file__).parent
 FLASK = str(Path(sys.executable).with_name("flask"))
 CI = os.environ.get("CI", "").lower() == "true"

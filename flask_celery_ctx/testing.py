@@ -1,0 +1,300 @@
+"""A pytest plugin for testing the tasks of a Flask application.
+
+Enable it in the ``conftest.py`` at the top of your tests; it is never loaded
+on its own::
+
+    pytest_plugins = ["flask_celery_ctx.testing"]
+
+Its fixtures use the ``app`` fixture that your tests define, the Flask app on
+which :meth:`~flask_celery_ctx.FlaskCelery.init_app` was called:
+
+- :func:`celery_eager`: tasks run inline, in the test's context, and their
+  exceptions propagate;
+- :func:`celery_worker`: a real worker runs the app's tasks in a thread of the
+  test process, each task in a fresh context of the app.
+
+It takes the place of ``celery.contrib.pytest``, whose fixtures make a Celery
+app of their own; do not enable both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import typing as t
+from contextlib import contextmanager
+from contextlib import suppress
+
+import pytest
+from celery.contrib.testing.worker import TestWorkController
+from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
+from celery.utils.nodenames import anon_nodename
+from celery.worker import state as celery_worker_state
+from flask import Flask
+from kombu.utils.url import maybe_sanitize_url
+
+from .sqlalchemy import get_db
+
+# Typed as Any: Celery's stubs type its shutdown flags as always None.
+_worker_state: t.Any = celery_worker_state
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+    from celery.worker import WorkController
+
+    from .extension import FlaskCelery
+
+__all__ = [
+    "celery_eager",
+    "celery_worker",
+    "celery_worker_parameters",
+    "celery_worker_pool",
+    "start_worker",
+]
+
+
+def extension_of(app: Flask) -> FlaskCelery:
+    """Return the :class:`~flask_celery_ctx.FlaskCelery` of ``app``, checking
+    that it is bound to ``app``.
+
+    :param app: The Flask application.
+    :raises RuntimeError: ``init_app`` was not called on ``app``, or was
+        called on another app since.
+
+    :meta private:
+    """
+    ext: FlaskCelery | None = app.extensions.get("celery")
+    if ext is None:
+        raise RuntimeError(
+            f"The Flask app {app.name!r} of the 'app' fixture has no FlaskCelery."
+            " Call 'ext.init_app(app)' in the app factory that the fixture uses."
+        )
+    if ext.app is not app:
+        raise RuntimeError(
+            f"The FlaskCelery of the 'app' fixture is bound to another app,"
+            f" {ext.app.name!r}, created after it: the last app passed to"
+            " 'init_app' wins. Create the app of the 'app' fixture last, or"
+            " create no other app with the same FlaskCelery during the test."
+        )
+    return ext
+
+
+@pytest.fixture
+def celery_eager(app: Flask) -> t.Iterator[Celery]:
+    """Run the tasks of ``app`` inline for one test, and yield its Celery app.
+
+    ``delay()`` and ``apply_async()`` run the task at once, in the caller's
+    context of the app (the test's, or the view's under the test client), and
+    an exception the task raises propagates to the caller: Celery's
+    ``task_eager_propagates``, off by default, is on. The settings are restored
+    when the test ends.
+
+    Retries run at once, inside the failing call: a task that retries with a
+    countdown does not wait.
+    """
+    celery = extension_of(app).celery
+    conf = celery.conf
+    saved = (conf.task_always_eager, conf.task_eager_propagates)
+    conf.task_always_eager = True
+    conf.task_eager_propagates = True
+    try:
+        yield celery
+    finally:
+        conf.task_always_eager, conf.task_eager_propagates = saved
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    """The pool of the :func:`celery_worker` fixture: ``"solo"``, one task at
+    a time in the worker's thread. Override it to return ``"threads"``."""
+    return "solo"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, t.Any]:
+    """More arguments of :func:`start_worker` for the :func:`celery_worker`
+    fixture, such as ``{"concurrency": 4, "queues": ["reports"]}``. Override
+    it to change them."""
+    return {}
+
+
+@pytest.fixture
+def celery_worker(
+    app: Flask, celery_worker_pool: str, celery_worker_parameters: dict[str, t.Any]
+) -> t.Iterator[WorkController]:
+    """Start a worker of ``app`` in a thread for one test, and stop it after.
+
+    It is ready when the test starts, consumes from the app's broker and runs
+    each task in a fresh context of ``app``, as a worker process would. See
+    :func:`start_worker` for what it needs and refuses.
+    """
+    with start_worker(app, pool=celery_worker_pool, **celery_worker_parameters) as w:
+        yield w
+
+
+@contextmanager
+def start_worker(
+    app: Flask,
+    *,
+    pool: str = "solo",
+    concurrency: int = 1,
+    ready_timeout: float = 10,
+    shutdown_timeout: float = 10,
+    loglevel: str = "WARNING",
+    **parameters: t.Any,
+) -> t.Iterator[WorkController]:
+    """Run a worker of ``app`` in a thread while the block runs.
+
+    This is what the :func:`celery_worker` fixture uses; call it in tests that
+    do not use pytest fixtures. The worker consumes from the broker that the
+    app's config names: ``memory://`` works within the test process, with
+    ``cache+memory://`` for results.
+
+    :param app: The Flask application, bound to its
+        :class:`~flask_celery_ctx.FlaskCelery`.
+    :param pool: ``"solo"`` or ``"threads"``.
+    :param concurrency: How many tasks run at once with the threads pool.
+    :param ready_timeout: How many seconds to wait for the worker to be ready.
+    :param shutdown_timeout: How many seconds a running task has to finish when
+        the block ends.
+    :param loglevel: The worker's log level.
+    :param parameters: Passed to :class:`celery.worker.WorkController`, such
+        as ``queues``.
+    :raises RuntimeError: The app uses an in-memory SQLite database, the
+        broker cannot be reached, or the worker did not start or stop in time.
+    """
+    ext = extension_of(app)
+    check_database(app)
+    celery = ext.celery
+    check_broker(celery)
+    # The worker's thread resolves tasks through Celery's default app.
+    celery.set_current()
+    celery.set_default()
+    conf = celery.conf
+    saved_options = conf.broker_transport_options
+    if celery.connection_for_read().transport.driver_type == "memory":
+        # The memory broker is polled once a second unless told otherwise:
+        # too slow for a test.
+        conf.broker_transport_options = {"polling_interval": 0.01, **saved_options}
+    worker: WorkController = TestWorkController(
+        app=celery,
+        pool=pool,
+        concurrency=concurrency,
+        loglevel=loglevel,
+        hostname=parameters.pop("hostname", anon_nodename()),
+        ready_callback=None,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        **parameters,
+    )
+    thread = threading.Thread(target=worker.start, name="celery-worker", daemon=True)
+    try:
+        thread.start()
+        _wait_ready(worker, thread, app.name, ready_timeout)
+        # A worker marks its process as one where joining a result blocks;
+        # the test runs in the same process and waits for results.
+        _set_task_join_will_block(False)
+        yield worker
+    except BaseException:
+        # The error that ended the block matters more than a slow stop.
+        with suppress(RuntimeError):
+            _stop(worker, thread, shutdown_timeout)
+        raise
+    else:
+        _stop(worker, thread, shutdown_timeout)
+    finally:
+        conf.broker_transport_options = saved_options
+
+
+def _wait_ready(
+    worker: t.Any, thread: threading.Thread, name: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not worker._on_started.wait(0.05):
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"The worker of {name!r} did not get ready in {timeout}s (see"
+                " its log). Check the broker and the queues it consumes from."
+            )
+
+
+def _stop(worker: t.Any, thread: threading.Thread, timeout: float) -> None:
+    # As Celery's own embedded worker stops: the worker's loop checks this
+    # flag each time it wakes up.
+    _worker_state.should_terminate = 0
+    deadline = time.monotonic() + timeout
+    try:
+        thread.join(0.05)
+        while thread.is_alive() and time.monotonic() < deadline:
+            # Its loop may wait for the broker for seconds, or for ever: wake
+            # it with a message to the worker alone.
+            with suppress(Exception):
+                worker.app.control.broadcast(
+                    "ping", destination=[worker.hostname], reply=False
+                )
+            thread.join(0.25)
+    finally:
+        _worker_state.should_terminate = None
+    if thread.is_alive():
+        raise RuntimeError(
+            f"The worker thread did not stop within {timeout}s: a task is still"
+            " running. Pass a larger 'shutdown_timeout' or make the task end."
+        )
+
+
+def check_database(app: Flask) -> None:
+    """Refuse an in-memory SQLite database for a worker thread.
+
+    :param app: The Flask application.
+    :raises RuntimeError: An engine of the app's Flask-SQLAlchemy is an
+        in-memory SQLite database.
+
+    :meta private:
+    """
+    db = get_db(app)
+    if db is None:
+        return
+    with app.app_context():
+        engines = dict(db.engines)
+    for key, engine in engines.items():
+        url = engine.url
+        if url.get_backend_name() != "sqlite":
+            continue
+        database = url.database or ""
+        if database in ("", ":memory:") or "mode=memory" in str(url):
+            bind = "SQLALCHEMY_DATABASE_URI" if key is None else f"bind {key!r}"
+            raise RuntimeError(
+                f"The database of {bind} is an in-memory SQLite database"
+                f" ({url}). A worker thread cannot use it: Flask-SQLAlchemy"
+                " gives it a single connection shared by every thread, so the"
+                " worker's sessions and the test's share one transaction, and"
+                " the rollback that ends each task wipes the test's uncommitted"
+                " rows. Use a file database, such as"
+                " f\"sqlite:///{tmp_path / 'test.db'}\", or use the"
+                " 'celery_eager' fixture, which runs tasks in the test's thread."
+            )
+
+
+def check_broker(celery: Celery) -> None:
+    """Raise an error that says what to do when the broker cannot be reached.
+
+    :param celery: The Celery app.
+    :raises RuntimeError: The broker cannot be reached.
+
+    :meta private:
+    """
+    conn = celery.connection_for_read()
+    try:
+        conn.connect()
+    except Exception as exc:
+        url = maybe_sanitize_url(conn.as_uri(include_password=True))
+        raise RuntimeError(
+            f"The worker cannot reach the broker at {url}"
+            f" ({str(exc).rstrip('.')}). Start that broker, or set"
+            " CELERY_BROKER_URL (or CELERY['broker_url']) in the test config:"
+            " 'memory://' needs no server, with CELERY_RESULT_BACKEND ="
+            " 'cache+memory://'."
+        ) from exc
+    finally:
+        conn.release()

@@ -1,0 +1,161 @@
+"""The pytest plugin for users' tests, ``flask_celery_ctx.testing``: the eager
+and worker-thread fixtures, bound to the ``app`` fixture, and the errors that
+explain its traps."""
+
+from __future__ import annotations
+
+import threading
+import time
+import typing as t
+import uuid
+
+import pytest
+from celery.worker import WorkController
+from flask import Flask
+from flask import g
+
+from flask_celery_ctx.testing import start_worker
+from sqlalchemy import func
+from sqlalchemy import select
+
+import taskapp
+from conftest import make_app
+from conftest import REDIS_URL
+from conftest import require
+from taskapp import db
+from taskapp import ext
+from taskapp import Item
+
+#: The broker, result backend and database of each kind of ``app``.
+SETUPS = {
+    "memory-sqlite": ("memory://", "cache+memory://", "sqlite"),
+    "redis-postgres": (REDIS_URL, REDIS_URL, "postgres"),
+}
+
+
+@ext.celery.task
+def where(marker: str) -> dict[str, t.Any]:
+    """Where the task ran, and what its context held."""
+    seen = {
+        "thread": threading.current_thread().name,
+        "g": g.get("marker"),
+        "session": db.session.info.get("marker"),
+    }
+    g.marker = marker
+    db.session.info["marker"] = marker
+    return seen
+
+
+@pytest.fixture(params=list(SETUPS))
+def app(request: pytest.FixtureRequest) -> Flask:
+    """The user's ``app`` fixture: a file database and a broker, no eager."""
+    broker, backend, database = SETUPS[request.param]
+    if broker.startswith("redis"):
+        require("Redis", broker, 6379)
+    return make_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": request.getfixturevalue(f"{database}_url"),
+            "CELERY_BROKER_URL": broker,
+            "CELERY_RESULT_BACKEND": backend,
+            "CELERY_TASK_DEFAULT_QUEUE": f"fcc-testing-{uuid.uuid4().hex[:8]}",
+        }
+    )
+
+
+def test_worker_runs_each_task_in_a_fresh_context(
+    app: Flask, celery_worker: WorkController
+) -> None:
+    with app.app_context():
+        g.marker = "test"
+        db.session.info["marker"] = "test"
+        seen = [where.delay(f"m{i}").get(timeout=10) for i in range(3)]
+    assert seen == [{"thread": "celery-worker", "g": None, "session": None}] * 3
+    # TESTING is on: the worker's tasks run in test request contexts.
+    assert taskapp.context_state.delay("m").get(timeout=10)["request"] is True
+
+
+def test_worker_and_test_see_each_others_commits(
+    app: Flask, celery_worker: WorkController
+) -> None:
+    name = f"commits-{uuid.uuid4().hex[:6]}"
+    with app.app_context():
+        db.session.add(Item(name=name))
+        db.session.commit()
+        assert taskapp.count_items.delay(name).get(timeout=10) == 1
+        assert taskapp.write_then.delay("commit", name).get(timeout=10) == "commit"
+        count = select(func.count()).where(Item.name == name)
+        assert db.session.scalar(count) == 2
+
+
+def test_worker_failure_reaches_the_test(
+    app: Flask, celery_worker: WorkController
+) -> None:
+    result = taskapp.write_then.delay("raise", "worker-fail")
+    with pytest.raises(ValueError, match="failed after a flush"):
+        result.get(timeout=10)
+
+
+def test_worker_stops_when_the_block_ends(app: Flask) -> None:
+    for _ in range(2):
+        with start_worker(app):
+            assert taskapp.add.delay(1, 2).get(timeout=10, interval=0.05) == 3
+            stopping = time.monotonic()
+        # Quickly, though the worker's loop waits for messages for seconds.
+        assert time.monotonic() - stopping < 1.5
+        assert "celery-worker" not in [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused(url: str) -> None:
+    app = make_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": url,
+            "CELERY_BROKER_URL": "memory://",
+            "CELERY_RESULT_BACKEND": "cache+memory://",
+        }
+    )
+    with (
+        pytest.raises(RuntimeError, match="is an in-memory SQLite database") as info,
+        start_worker(app),
+    ):
+        pass  # pragma: no cover
+    assert "Use a file database" in str(info.value)
+    assert "celery-worker" not in [t.name for t in threading.enumerate()]
+
+
+def test_unreachable_broker_is_named() -> None:
+    app = make_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": "sqlite:///unused.db",
+            "CELERY_BROKER_URL": "redis://127.0.0.1:9/0",
+        }
+    )
+    started = time.monotonic()
+    with (
+        pytest.raises(RuntimeError, match="cannot reach the broker") as info,
+        start_worker(app),
+    ):
+        pass  # pragma: no cover
+    assert "at redis://127.0.0.1:9/0 (" in str(info.value)
+    assert "set CELERY_BROKER_URL" in str(info.value)
+    assert time.monotonic() - started < 10
+
+
+def test_app_no_longer_bound_is_refused(app: Flask) -> None:
+    other = make_app({"SQLALCHEMY_DATABASE_URI": "sqlite:///unused.db"})
+    with pytest.raises(RuntimeError, match="bound to another app") as info:
+        start_worker(app).__enter__()
+    assert repr(other.name) in str(info.value)
+
+
+def test_eager_runs_inline_in_the_tests_context(
+    app: Flask, celery_eager: t.Any
+) -> None:
+    with app.app_context():
+        g.marker = "test"
+        db.session.info["marker"] = "test"
+        seen = where.delay("eager").get(timeout=5)
+        assert seen == {"thread": "MainThread", "g": "test", "session": "test"}
+    with pytest.raises(ValueError, match="failed after a flush"):
+        taskapp.write_then.delay("raise", "eager-fail")

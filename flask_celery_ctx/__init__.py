@@ -1,4 +1,5 @@
 from .extension import FlaskCelery as FlaskCelery
+from .models import MissingInstanceError as MissingInstanceError
 from .task import ContextTask as ContextTask
 
-__all__ = ["ContextTask", "FlaskCelery"]
+__all__ = ["ContextTask", "FlaskCelery", "MissingInstanceError"]

@@ -138,6 +138,8 @@ class FlaskCelery:
         # context of the same app shares it.
         ctx = None if request.is_eager and in_app_context(app) else TaskContext(app)
         _pushed.set((*_pushed.get(), (request, ctx)))
+        if isinstance(sender, ContextTask):
+            sender.load_instances(kwargs.get("args"), kwargs.get("kwargs"))
 
     def _on_task_postrun(
         self, sender: Task[t.Any, t.Any], retval: t.Any = None, **kwargs: t.Any

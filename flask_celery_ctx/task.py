@@ -5,15 +5,26 @@ from __future__ import annotations
 import typing as t
 
 from celery import Task
+from celery.utils.saferepr import saferepr
+from kombu import serialization
 from kombu.exceptions import EncodeError
 
+from . import models
+from . import oncommit
 from .context import inline_context
+from .sqlalchemy import get_db
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
     from celery.result import EagerResult
+    from sqlalchemy.orm import Session
 
     from .extension import FlaskCelery
+
+# Where a failure to load a task's model instances waits for its
+# ``__call__``: Celery logs the exceptions of ``task_prerun`` receivers
+# instead of raising them.
+_LOAD_ERROR = "_flask_celery_ctx_load_error"
 
 
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
@@ -45,13 +56,26 @@ class ContextTask(Task):  # type: ignore[type-arg]
       or in one pushed for the call when none is active;
     - sending a task before :meth:`~flask_celery_ctx.FlaskCelery.init_app`,
       or with arguments the serializer refuses, raises an error that says
-      what to do.
+      what to do;
+    - :meth:`delay_on_commit` and :meth:`apply_async_on_commit` send after
+      the commit of the session's transaction (see :doc:`/on-commit`);
+    - model instances in the arguments travel as references and arrive
+      loaded in the task's session (see :doc:`/models`).
     """
+
+    #: What an argument that refers to a deleted row becomes: when false, the
+    #: task fails with :exc:`~flask_celery_ctx.MissingInstanceError`; when
+    #: true, the argument is ``None``. Set it with
+    #: ``@ext.celery.task(allow_missing_instances=True)``.
+    allow_missing_instances: bool = False
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         request = self.request_stack.top
         if request is not None and not request.called_directly:
             # Traced by Celery: the task signals handle the context.
+            error = getattr(request, _LOAD_ERROR, None)
+            if error is not None:
+                raise error
             return self.run(*args, **kwargs)
         with inline_context(extension_of(self).app):
             return super().__call__(*args, **kwargs)
@@ -80,19 +104,152 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> AsyncResult[t.Any]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
+        Model instances of the app's ``db.Model`` in the arguments are sent
+        as references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet.
+        :raises ValueError: An instance in the arguments has no primary key
+            yet.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
-        extension_of(self).app  # noqa: B018 (raises when not bound yet)
+        db = get_db(extension_of(self).app)
+        if db is not None:
+            args, kwargs = self._dump_instances(db.Model, args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
-            serializer = options.get("serializer") or self.serializer or "json"
-            raise EncodeError(
-                f"The arguments of task {self.name!r} cannot be serialized with"
-                f" {serializer!r}: {exc}. Pass values the serializer accepts:"
-                " for JSON, ids, strings, numbers, lists and dicts."
-            ) from exc
+            raise self._encode_error(exc, options) from exc
+
+    def delay_on_commit(self, *args: t.Any, **kwargs: t.Any) -> AsyncResult[t.Any]:
+        """Send the task once the current transaction commits, as
+        :meth:`apply_async_on_commit` does.
+
+        :param args: Positional arguments of the task.
+        :param kwargs: Keyword arguments of the task.
+        :return: The task's result, whose id is known at once.
+        """
+        return self.apply_async_on_commit(args, kwargs)
+
+    def apply_async_on_commit(
+        self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
+    ) -> AsyncResult[t.Any]:
+        """Send the task after the outermost transaction of the current app
+        context's ``db.session`` commits; at once when no transaction is in
+        progress. A rollback drops it. See :doc:`/on-commit` for the rules.
+
+        :param args: Positional arguments of the task.
+        :param kwargs: Keyword arguments of the task.
+        :param options: Options of :meth:`apply_async`.
+        :return: The task's result, whose id is known at once.
+        :raises TypeError: The arguments do not fit the task's signature.
+        :raises ValueError: An instance in the arguments is not saved and is
+            not pending in the session.
+        :raises kombu.exceptions.EncodeError: The serializer refuses the
+            arguments.
+        """
+        return oncommit.send_on_commit(self, args, kwargs, options)
+
+    def check_sendable(
+        self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], session: Session
+    ) -> None:
+        """Check, when a send is queued for the commit, what would otherwise
+        fail only after it: the signature, the instances, the serializer.
+
+        :param args: Positional arguments of the task.
+        :param kwargs: Keyword arguments of the task.
+        :param options: Options of :meth:`apply_async`.
+        :param session: The session whose commit the send waits for.
+        :meta private:
+        """
+        args, kwargs = list(args or ()), dict(kwargs or {})
+        check_arguments = getattr(self, "__header__", None)
+        if self.typing and check_arguments is not None:
+            check_arguments(*args, **kwargs)
+        db = get_db(extension_of(self).app)
+        if db is not None:
+            models.check_pending(self.name, db.Model, [args, kwargs], session)
+            placeholder = {models.MODEL: "", models.KEY: []}
+            args, kwargs = (
+                [_without_instances(v, db.Model, placeholder) for v in args],
+                {
+                    k: _without_instances(v, db.Model, placeholder)
+                    for k, v in kwargs.items()
+                },
+            )
+        serializer = options.get("serializer") or self.serializer or "json"
+        try:
+            serialization.dumps((args, kwargs), serializer)
+        except EncodeError as exc:
+            raise self._encode_error(exc, options) from exc
+
+    def load_instances(self, args: t.Any, kwargs: t.Any) -> None:
+        """Replace the references in the arguments of the running task by
+        instances loaded in its session; called on ``task_prerun``, in the
+        task's context, so that the hooks see the instances too.
+
+        The request keeps the references, for retries and stored results.
+        A failure is raised when the task's body is called.
+
+        :param args: The positional arguments, replaced in place.
+        :param kwargs: The keyword arguments, replaced in place.
+        :meta private:
+        """
+        if not models.has_references(args, kwargs):
+            return
+        db = get_db(extension_of(self).app)
+        if db is None:
+            return
+        request = self.request
+        request.args, request.kwargs = list(args), dict(kwargs)
+        try:
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise TypeError(
+                    f"Task {self.name!r} got its arguments as"
+                    f" {type(args).__name__}, which cannot be replaced in place."
+                )
+            models.load(self, db.Model, db.session(), args, kwargs)
+        except Exception as exc:
+            setattr(request, _LOAD_ERROR, exc)
+
+    def _dump_instances(
+        self, base: type[t.Any], args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+    ) -> tuple[t.Any, t.Any]:
+        sent_args, shown_args, in_args = models.dump(self.name, base, list(args or ()))
+        sent_kwargs, shown_kwargs, in_kwargs = models.dump(
+            self.name, base, dict(kwargs or {})
+        )
+        if not (in_args or in_kwargs):
+            return args, kwargs
+        amqp = self.app.amqp
+        maxlevels = self.app.conf.task_repr_maxlevels
+        if type(args) is tuple:
+            shown_args = tuple(shown_args)
+        options.setdefault(
+            "argsrepr", saferepr(shown_args, amqp.argsrepr_maxsize, maxlevels=maxlevels)
+        )
+        options.setdefault(
+            "kwargsrepr",
+            saferepr(shown_kwargs, amqp.kwargsrepr_maxsize, maxlevels=maxlevels),
+        )
+        return sent_args, sent_kwargs
+
+    def _encode_error(self, exc: EncodeError, options: dict[str, t.Any]) -> EncodeError:
+        serializer = options.get("serializer") or self.serializer or "json"
+        return EncodeError(
+            f"The arguments of task {self.name!r} cannot be serialized with"
+            f" {serializer!r}: {exc}. Pass values the serializer accepts:"
+            " for JSON, ids, strings, numbers, lists and dicts, and instances"
+            " of the app's models."
+        )
+
+
+def _without_instances(value: t.Any, base: type[t.Any], placeholder: t.Any) -> t.Any:
+    if isinstance(value, base):
+        return placeholder
+    if type(value) is dict:
+        return {k: _without_instances(v, base, placeholder) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return [_without_instances(v, base, placeholder) for v in value]
+    return value

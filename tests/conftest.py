@@ -305,3 +305,16 @@ def app(sqlite_url: str) -> Flask:
         {"SQLALCHEMY_DATABASE_URI": sqlite_url, "CELERY_TASK_ALWAYS_EAGER": True,
          "CELERY_TASK_EAGER_PROPAGATES": True}
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def other_postgres_url(postgres_url: str) -> t.Iterator[str]:
+    """A second, empty PostgreSQL database of this run's own, for binds."""
+    name = f"fcc_{RUN}_other"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield str(admin.url.set(database=name).render_as_string(hide_password=False))
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()

@@ -1,0 +1,268 @@
+"""Model instances as task arguments.
+
+An instance of a model of the app's ``db.Model`` is sent as a reference, a
+dict that names the model and the primary key::
+
+    {"__model__": "myapp.models.User", "__key__": [42]}
+
+and arrives as an instance loaded in the task's own session. References are
+made only when a message is serialized (sent to a broker, or run eagerly
+through ``delay``), inside lists, tuples and dicts of the arguments too. They
+are loaded on ``task_prerun``, in the task's context, one query per model.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from sqlalchemy.orm import Session
+
+import sqlalchemy as sa
+
+if t.TYPE_CHECKING:
+    from celery import Task
+
+MODEL = "__model__"
+KEY = "__key__"
+
+
+class MissingInstanceError(LookupError):
+    """A task argument refers to a row that no longer exists.
+
+    The task fails with it, unless it is declared with
+    ``allow_missing_instances=True``: then the argument is ``None``.
+    """
+
+
+class _Shown:
+    """How a reference looks in ``argsrepr``: ``User(42)``."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def model_name(cls: type[t.Any]) -> str:
+    """The name of a model in a reference: its module and qualified name.
+
+    :param cls: A mapped class.
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def shown(cls: type[t.Any], key: t.Sequence[t.Any]) -> str:
+    """How a reference is shown in logs and errors: ``User(42)``.
+
+    :param cls: A mapped class.
+    :param key: The primary key values.
+    """
+    return f"{cls.__name__}({', '.join(map(repr, key))})"
+
+
+def _is_container(value: t.Any) -> bool:
+    return type(value) in (list, tuple, dict)
+
+
+def instances(value: t.Any, base: type[t.Any]) -> t.Iterator[t.Any]:
+    """Yield the instances of ``base`` in a value, its lists, tuples and
+    dicts.
+
+    :param value: Arguments, or one of them.
+    :param base: The app's ``db.Model``.
+    """
+    if isinstance(value, base):
+        yield value
+    elif type(value) is dict:
+        for item in value.values():
+            yield from instances(item, base)
+    elif _is_container(value):
+        for item in value:
+            yield from instances(item, base)
+
+
+def check_pending(
+    task_name: str, base: type[t.Any], values: t.Iterable[t.Any], session: Session
+) -> None:
+    """Check, before a send is queued for the commit, that every instance in
+    ``values`` will have a primary key by then: it has one, or it is pending
+    in ``session``, whose commit flushes it.
+
+    :param task_name: The task, for the error message.
+    :param base: The app's ``db.Model``.
+    :param values: The positional and keyword argument values.
+    :param session: The session whose commit the send waits for.
+    :raises ValueError: An instance is not saved and would not be.
+    """
+    for value in values:
+        for instance in instances(value, base):
+            state = sa.inspect(instance)
+            if state.key is None and not (state.pending and state.session is session):
+                raise ValueError(
+                    f"Task {task_name!r} got an instance of {type(instance).__name__}"
+                    f" that has no primary key and is not pending in db.session:"
+                    f" {instance!r}. Add it to db.session before the commit, or"
+                    " pass a saved instance."
+                )
+
+
+def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any, bool]:
+    """Replace the instances of ``base`` in a value by references.
+
+    :param task_name: The task, for the error message.
+    :param base: The app's ``db.Model``.
+    :param value: Arguments, or one of them.
+    :return: The value to send, the value to show in ``argsrepr``, and
+        whether any instance was replaced. Containers without instances are
+        returned as they are.
+    :raises ValueError: An instance has no primary key yet.
+    """
+    if isinstance(value, base):
+        state = sa.inspect(value)
+        if state.key is None:
+            what = "pending (added, not flushed)" if state.pending else "not saved"
+            raise ValueError(
+                f"Task {task_name!r} got an instance of {type(value).__name__} that is"
+                f" {what}, so it has no primary key to send: {value!r}. Call"
+                " db.session.flush() or commit() before sending it, or send it"
+                " with delay_on_commit(), which sends after the commit."
+            )
+        cls = type(value)
+        key = list(state.key[1])
+        return {MODEL: model_name(cls), KEY: key}, _Shown(shown(cls, key)), True
+    if not _is_container(value):
+        return value, value, False
+    if type(value) is dict:
+        pairs = [(k, dump(task_name, base, v)) for k, v in value.items()]
+        if not any(found for _, (_, _, found) in pairs):
+            return value, value, False
+        return (
+            {k: sent for k, (sent, _, _) in pairs},
+            {k: seen for k, (_, seen, _) in pairs},
+            True,
+        )
+    items = [dump(task_name, base, v) for v in value]
+    if not any(found for _, _, found in items):
+        return value, value, False
+    kind = type(value)
+    return (
+        kind(sent for sent, _, _ in items),
+        kind(seen for _, seen, _ in items),
+        True,
+    )
+
+
+def _is_reference(value: t.Any) -> bool:
+    return type(value) is dict and value.keys() == {MODEL, KEY}
+
+
+def _references(value: t.Any) -> t.Iterator[dict[str, t.Any]]:
+    if _is_reference(value):
+        yield value
+    elif _is_container(value):
+        for item in value.values() if type(value) is dict else value:
+            yield from _references(item)
+
+
+def _replace(value: t.Any, loaded: t.Callable[[dict[str, t.Any]], t.Any]) -> t.Any:
+    if _is_reference(value):
+        return loaded(value)
+    if type(value) is dict:
+        return {k: _replace(v, loaded) for k, v in value.items()}
+    if _is_container(value):
+        return type(value)(_replace(v, loaded) for v in value)
+    return value
+
+
+def load(
+    task: Task[t.Any, t.Any],
+    base: type[t.Any],
+    session: Session,
+    args: list[t.Any],
+    kwargs: dict[str, t.Any],
+) -> None:
+    """Replace the references in a task's arguments, in place, by instances
+    loaded in ``session``: those already in its identity map as they are,
+    the others with one query per model.
+
+    :param task: The task, whose ``allow_missing_instances`` says what a
+        reference to a missing row becomes.
+    :param base: The app's ``db.Model``.
+    :param session: The task's session.
+    :param args: The positional arguments, replaced in place.
+    :param kwargs: The keyword arguments, replaced in place.
+    :raises MissingInstanceError: A row is missing and the task does not
+        allow it.
+    :raises LookupError: A reference names a model the app does not have.
+    """
+    wanted: dict[type[t.Any], set[tuple[t.Any, ...]]] = {}
+    models: dict[str, type[t.Any]] | None = None
+    for ref in _references([args, kwargs]):
+        if models is None:
+            models = {model_name(m.class_): m.class_ for m in base.registry.mappers}
+        cls = models.get(ref[MODEL])
+        if cls is None:
+            raise LookupError(
+                f"Task {task.name!r} got a reference to the model {ref[MODEL]!r},"
+                " which is not a model of the app's db. Run the same code in the"
+                " worker as in the sender."
+            )
+        wanted.setdefault(cls, set()).add(tuple(ref[KEY]))
+    if not wanted:
+        return
+
+    found: dict[tuple[type[t.Any], tuple[t.Any, ...]], t.Any] = {}
+    rows: list[t.Any] = []  # holds what the query loaded: the map is weak
+    missing: list[str] = []
+    for cls, keys in wanted.items():
+        mapper = sa.inspect(cls)
+        todo = []
+        for key in keys:
+            instance = session.identity_map.get(
+                mapper.identity_key_from_primary_key(key)
+            )
+            if instance is None:
+                todo.append(key)
+            else:
+                found[cls, key] = instance
+        if todo:
+            columns = mapper.primary_key
+            if len(columns) == 1:
+                where = columns[0].in_([key[0] for key in todo])
+            else:
+                where = sa.tuple_(*columns).in_(todo)
+            rows.extend(session.scalars(sa.select(cls).where(where)))
+            for key in todo:
+                instance = session.identity_map.get(
+                    mapper.identity_key_from_primary_key(key)
+                )
+                if instance is None:
+                    missing.append(shown(cls, key))
+                found[cls, key] = instance
+
+    if missing and not getattr(task, "allow_missing_instances", False):
+        raise MissingInstanceError(
+            f"Task {task.name!r} got references to rows that do not exist (any"
+            f" more): {', '.join(missing)}. They were deleted after the task was"
+            " sent, or never committed. Declare the task with"
+            " allow_missing_instances=True to receive None for them instead."
+        )
+
+    def loaded(ref: dict[str, t.Any]) -> t.Any:
+        assert models is not None
+        return found[models[ref[MODEL]], tuple(ref[KEY])]
+
+    args[:] = [_replace(value, loaded) for value in args]
+    kwargs.update({k: _replace(v, loaded) for k, v in kwargs.items()})
+
+
+def has_references(args: t.Any, kwargs: t.Any) -> bool:
+    """Whether a task's arguments hold references.
+
+    :param args: The positional arguments.
+    :param kwargs: The keyword arguments.
+    """
+    return next(_references([args, kwargs]), None) is not None

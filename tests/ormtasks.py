@@ -1,0 +1,159 @@
+"""Models and tasks of the on-commit and model-argument tests.
+
+Workers load this module through ``CELERY_IMPORTS``. ``Remote`` lives in the
+bind ``other``, which only the apps of these tests configure.
+"""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+from celery import current_task
+from celery import Task
+from flask import g
+from flask import has_app_context
+from sqlalchemy.engine import Engine
+
+from flask_celery_ctx import ContextTask
+from sqlalchemy import create_engine
+from sqlalchemy import event
+from sqlalchemy import orm
+from sqlalchemy import select
+
+from taskapp import db
+from taskapp import ext
+from taskapp import Item
+
+
+def config(other_url: str) -> dict[str, t.Any]:
+    """The config of the workers and apps of these tests, with the bind
+    ``other`` at ``other_url``, whose tables it creates."""
+    engine = create_engine(other_url)
+    db.metadatas["other"].create_all(engine)
+    engine.dispose()
+    return {"CELERY_IMPORTS": ["ormtasks"], "SQLALCHEMY_BINDS": {"other": other_url}}
+
+
+class Pair(db.Model):  # type: ignore[name-defined,misc]
+    """A model with a composite primary key."""
+
+    a: orm.Mapped[int] = orm.mapped_column(primary_key=True, autoincrement=False)
+    b: orm.Mapped[str] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
+class Remote(db.Model):  # type: ignore[name-defined,misc]
+    """A model in another database."""
+
+    __bind_key__ = "other"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
+class Job(db.Model):  # type: ignore[name-defined,misc]
+    """A row that stores the id of the task sent for it."""
+
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+    task_id: orm.Mapped[str | None]
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _count_statements(*args: t.Any) -> None:
+    # The statements of a task that counts them, its loading included.
+    if has_app_context() and getattr(current_task, "count_statements", False):
+        g.setdefault("statements", []).append(args[2])
+
+
+def typed(task: t.Any) -> ContextTask:
+    """Type a task as what it is: celery-types types ``@ext.celery.task``
+    as a plain ``Task``."""
+    assert isinstance(task, ContextTask)
+    return task
+
+
+def describe_value(value: t.Any) -> t.Any:
+    """What the task sees of an argument, in JSON."""
+    if isinstance(value, db.Model):
+        state = orm.object_session(value)
+        return {
+            "model": type(value).__name__,
+            "name": value.name,  # type: ignore[attr-defined]
+            "attached": state is db.session(),
+        }
+    if isinstance(value, dict):
+        return {k: describe_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [describe_value(v) for v in value]}
+    return value
+
+
+def _describe(task: Task, args: t.Any, kwargs: t.Any) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    return {
+        "args": describe_value(list(args)),
+        "kwargs": describe_value(kwargs),
+        "statements": list(g.get("statements", [])),
+        "argsrepr": task.request.get("argsrepr"),
+        "kwargsrepr": task.request.get("kwargsrepr"),
+        "request_args": task.request.args,
+    }
+
+
+@typed
+@ext.celery.task(bind=True, count_statements=True)
+def describe(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    return _describe(self, args, kwargs)
+
+
+@typed
+@ext.celery.task(bind=True, allow_missing_instances=True)
+def describe_or_none(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    return _describe(self, args, kwargs)
+
+
+@typed
+@ext.celery.task
+def same(*args: t.Any) -> list[t.Any]:
+    """Return the arguments themselves: inline, the caller compares them."""
+    return list(args)
+
+
+@typed
+@ext.celery.task
+def seen_item(item_id: int) -> dict[str, t.Any]:
+    """When the task ran, and the committed name of the item then, read on a
+    connection of its own."""
+    with db.engine.connect() as conn:
+        name = conn.scalar(select(Item.name).where(Item.id == item_id))
+    return {"at": time.time(), "name": name}
+
+
+@typed
+@ext.celery.task
+def seen_remote(remote_id: int) -> str | None:
+    remote = db.session.get(Remote, remote_id)
+    return remote.name if remote else None
+
+
+@typed
+@ext.celery.task(bind=True)
+def job_task(self: Task, job: Job) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    """Whether the job row stores this task's id."""
+    return {"name": job.name, "mine": job.task_id == self.request.id}
+
+
+@typed
+@ext.celery.task
+def add_item(name: str) -> int:
+    """Add an item and commit."""
+    item = Item(name=name)
+    db.session.add(item)
+    db.session.commit()
+    return item.id
+
+
+@typed
+@ext.celery.task
+def count_named(name: str) -> int:
+    return len(db.session.scalars(select(Item).where(Item.name == name)).all())

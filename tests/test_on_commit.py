@@ -1,0 +1,333 @@
+"""``delay_on_commit`` and ``apply_async_on_commit`` send after the commit of
+the outermost transaction of the app context's ``db.session``, and never for
+a transaction that did not commit.
+
+The worker runs one task at a time, in the order sent: once a task sent later
+(:func:`barrier`) has run, any message sent before it has run too. So a task
+still ``PENDING`` after the barrier was not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as t
+import uuid
+
+import pytest
+from celery import signals
+from celery.result import AsyncResult
+from flask import Flask
+from kombu.exceptions import OperationalError
+from sqlalchemy.engine import Engine
+
+import ormtasks
+from ormtasks import Job
+from ormtasks import Remote
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import select
+
+import taskapp
+from conftest import make_app
+from conftest import Worker
+from conftest import WorkerFactory
+from taskapp import db
+from taskapp import Item
+
+
+@pytest.fixture
+def worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
+    return workers(**ormtasks.config(other_postgres_url))
+
+
+@pytest.fixture
+def client(worker: Worker) -> Flask:
+    return worker.client()
+
+
+def barrier() -> None:
+    """Wait until the worker ran everything sent so far."""
+    assert taskapp.add.delay(1, 1).get(timeout=20) == 2
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def count(engine: Engine, name: str) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(select(func.count()).where(Item.name == name)) or 0
+
+
+def test_worker_runs_after_the_commit(client: Flask) -> None:
+    name = unique("after")
+    with client.app_context():
+        item = Item(name=name)
+        db.session.add(item)
+        db.session.flush()
+        result = ormtasks.seen_item.delay_on_commit(item.id)
+        # What delay() does instead: the worker runs before the commit.
+        assert ormtasks.seen_item.delay(item.id).get(timeout=20)["name"] is None
+        barrier()
+        assert result.state == "PENDING"
+        committed_at = time.time()
+        db.session.commit()
+    seen = result.get(timeout=20)
+    assert seen["name"] == name
+    assert seen["at"] >= committed_at
+
+
+def test_id_is_known_before_sending_and_stored_with_the_row(client: Flask) -> None:
+    with client.app_context():
+        job = Job(name=unique("job"))
+        db.session.add(job)
+        db.session.flush()
+        result = ormtasks.job_task.apply_async_on_commit([job], countdown=0)
+        job.task_id = result.id
+        db.session.commit()
+        assert isinstance(result, AsyncResult)
+        assert result.get(timeout=20) == {"name": job.name, "mine": True}
+        given = ormtasks.job_task.apply_async_on_commit([job], task_id="chosen-id")
+        assert given.id == "chosen-id"
+        db.session.commit()
+        assert given.get(timeout=20)["name"] == job.name
+
+
+def test_savepoint_release_is_no_commit(client: Flask) -> None:
+    name = unique("savepoint")
+    with client.app_context():
+        db.session.add(Item(name="outer"))
+        with db.session.begin_nested():
+            result = ormtasks.add_item.delay_on_commit(name)
+        barrier()
+        assert result.state == "PENDING"
+        db.session.commit()
+    assert isinstance(result.get(timeout=20), int)
+
+
+def test_rollback_to_savepoint_drops_what_it_queued(
+    client: Flask, pg_admin: Engine
+) -> None:
+    names = {k: unique(k) for k in ("outer", "middle", "inner", "after")}
+    with client.app_context():
+        db.session.add(Item(name="outer"))
+        outer = ormtasks.add_item.delay_on_commit(names["outer"])
+        middle = db.session.begin_nested()
+        dropped = ormtasks.add_item.delay_on_commit(names["middle"])
+        with db.session.begin_nested():
+            released = ormtasks.add_item.delay_on_commit(names["inner"])
+        middle.rollback()
+        after = ormtasks.add_item.delay_on_commit(names["after"])
+        db.session.commit()
+    outer.get(timeout=20)
+    after.get(timeout=20)
+    barrier()
+    assert dropped.state == released.state == "PENDING"
+    assert [count(pg_admin, names[k]) for k in names] == [1, 0, 0, 1]
+
+
+def test_rollback_drops_and_a_later_commit_does_not_send(
+    client: Flask, pg_admin: Engine
+) -> None:
+    first, second = unique("rolled-back"), unique("later")
+    with client.app_context():
+        db.session.add(Item(name="x"))
+        dropped = ormtasks.add_item.delay_on_commit(first)
+        db.session.rollback()
+        db.session.add(Item(name="y"))
+        sent = ormtasks.add_item.delay_on_commit(second)
+        db.session.commit()
+    sent.get(timeout=20)
+    barrier()
+    assert dropped.state == "PENDING"
+    assert count(pg_admin, first) == 0
+
+
+def test_context_torn_down_without_commit_drops(
+    client: Flask, pg_admin: Engine
+) -> None:
+    name = unique("torn-down")
+    with client.app_context():
+        db.session.add(Item(name="x"))
+        dropped = ormtasks.add_item.delay_on_commit(name)
+    with client.app_context():
+        db.session.add(Item(name="y"))
+        db.session.commit()
+    barrier()
+    assert dropped.state == "PENDING"
+    assert count(pg_admin, name) == 0
+
+
+def test_without_a_transaction_sends_at_once(client: Flask) -> None:
+    outside = ormtasks.add_item.delay_on_commit(unique("no-context"))
+    assert isinstance(outside.get(timeout=20), int)
+    with client.app_context():
+        db.session.commit()  # nothing in progress
+        inside = ormtasks.add_item.delay_on_commit(unique("no-transaction"))
+        assert isinstance(inside.get(timeout=20), int)
+
+
+def test_binds_wait_for_the_session_commit(client: Flask) -> None:
+    # One session, one transaction over both databases: the messages wait for
+    # its commit, whichever database was written to. A connection of your own
+    # is another transaction, not watched.
+    with client.app_context():
+        remote = Remote(name=unique("remote"))
+        db.session.add(remote)
+        db.session.flush()
+        result = ormtasks.seen_remote.delay_on_commit(remote.id)
+        with db.engines["other"].begin() as conn:
+            conn.execute(insert(Remote).values(name="own connection"))
+        barrier()
+        assert result.state == "PENDING"
+        db.session.commit()
+        assert result.get(timeout=20) == remote.name
+
+
+def test_pending_instance_is_sent_with_its_key(client: Flask) -> None:
+    with client.app_context():
+        item = Item(name=unique("pending"))
+        db.session.add(item)
+        result = ormtasks.describe.delay_on_commit(item)
+        db.session.commit()
+        described = result.get(timeout=20)
+        assert described["args"] == {
+            "list": [{"model": "Item", "name": item.name, "attached": True}]
+        }
+        assert described["argsrepr"] == f"(Item({item.id}),)"
+
+
+def test_errors_are_raised_when_queued(client: Flask) -> None:
+    with client.app_context():
+        db.session.add(Item(name="x"))
+        with pytest.raises(ValueError, match=r"not pending in db\.session"):
+            ormtasks.describe.delay_on_commit(Item(name="transient"))
+        with pytest.raises(TypeError):
+            ormtasks.seen_item.delay_on_commit(1, 2)
+        with pytest.raises(Exception, match="cannot be serialized with 'json'"):
+            ormtasks.seen_item.delay_on_commit(object())
+        db.session.rollback()
+
+
+def test_send_failure_is_logged_and_raised_after_the_commit(
+    worker: Worker, pg_admin: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(
+        {
+            **worker.config,
+            "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+            "CELERY_TASK_PUBLISH_RETRY": False,
+            "CELERY_BROKER_TRANSPORT_OPTIONS": {"max_retries": 0},
+        }
+    )
+    name = unique("kept")
+    with app.app_context():
+        db.session.add(Item(name=name))
+        first = ormtasks.add_item.delay_on_commit("a")
+        second = ormtasks.add_item.delay_on_commit("b")
+        with (
+            caplog.at_level(logging.ERROR, "flask_celery_ctx"),
+            pytest.raises(OperationalError) as info,
+        ):
+            db.session.commit()
+        notes = getattr(info.value, "__notes__", ["the transaction is committed"])
+        assert "the transaction is committed" in "".join(notes)
+        # The session goes on.
+        assert db.session.scalar(select(func.count()).where(Item.name == name)) == 1
+    assert count(pg_admin, name) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    for result in (first, second):
+        assert any(
+            f"ormtasks.add_item[{result.id}] could not be sent" in m for m in messages
+        )
+
+
+def test_a_failed_send_does_not_stop_the_others(
+    client: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    with client.app_context():
+        lost = Item(name="expunged")
+        db.session.add(lost)
+        failing = ormtasks.describe.delay_on_commit(lost)
+        sent = ormtasks.add_item.delay_on_commit(unique("sent"))
+        db.session.expunge(lost)
+        with pytest.raises(ValueError, match="no primary key"):
+            db.session.commit()
+    assert isinstance(sent.get(timeout=20), int)
+    assert f"[{failing.id}] could not be sent" in caplog.text
+
+
+def test_rabbitmq(workers: WorkerFactory, other_postgres_url: str) -> None:
+    worker = workers("rabbitmq", **ormtasks.config(other_postgres_url))
+    client = worker.client()
+    with client.app_context():
+        item = Item(name=unique("rabbit"))
+        db.session.add(item)
+        result = ormtasks.describe.delay_on_commit(item)
+        barrier()
+        assert result.state == "PENDING"
+        db.session.commit()
+        assert result.get(timeout=20)["args"]["list"][0]["name"] == item.name
+
+
+# Eager mode: the task runs inline, after the commit.
+
+
+@pytest.fixture
+def returned(app: Flask) -> t.Iterator[list[t.Any]]:
+    """What the eager tasks returned, in the order they ran."""
+    values: list[t.Any] = []
+
+    def on_success(result: t.Any, **kwargs: t.Any) -> None:
+        values.append(result)
+
+    signals.task_success.connect(on_success, weak=False)
+    yield values
+    signals.task_success.disconnect(on_success)
+
+
+def names(*wanted: str) -> list[str]:
+    return sorted(db.session.scalars(select(Item.name).where(Item.name.in_(wanted))))
+
+
+def test_eager_runs_after_the_commit(app: Flask, returned: list[t.Any]) -> None:
+    name, inner = unique("eager"), unique("inner")
+    with app.app_context():
+        item = Item(name=name)
+        db.session.add(item)
+        db.session.flush()
+        assert ormtasks.seen_item.delay(item.id).get()["name"] is None
+        result = ormtasks.seen_item.delay_on_commit(item.id)
+        ormtasks.add_item.delay_on_commit(inner)
+        assert len(returned) == 1
+        committed_at = time.time()
+        db.session.commit()
+        # Both ran after the commit; the second one committed a row itself,
+        # in the caller's session, which goes on.
+        assert returned[1]["name"] == name
+        assert returned[1]["at"] >= committed_at
+        assert names(name, inner) == sorted([name, inner])
+        assert db.session.get(Item, item.id) is item
+    assert isinstance(result, AsyncResult)
+
+
+def test_eager_follows_the_same_rules(app: Flask) -> None:
+    n = {k: unique(k) for k in ("released", "rolled-back", "dropped", "torn-down")}
+    with app.app_context():
+        with db.session.begin_nested():
+            ormtasks.add_item.delay_on_commit(n["released"])
+        savepoint = db.session.begin_nested()
+        ormtasks.add_item.delay_on_commit(n["rolled-back"])
+        savepoint.rollback()
+        assert names(*n.values()) == []
+        db.session.commit()
+        assert names(*n.values()) == [n["released"]]
+        ormtasks.add_item.delay_on_commit(n["dropped"])
+        db.session.rollback()
+    with app.app_context():
+        db.session.add(Item(name="x"))
+        ormtasks.add_item.delay_on_commit(n["torn-down"])
+    with app.app_context():
+        db.session.commit()
+        assert names(*n.values()) == [n["released"]]

@@ -97,7 +97,7 @@ def check_pool(pool: str) -> None:
     else:
         return
     logger.critical(message)
-    raise SystemExit(message)
+    raise SystemExit(1)
 
 
 def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:

@@ -141,24 +141,22 @@ class Worker:
     def __init__(
         self,
         config: dict[str, t.Any],
-        pool: str = "solo",
+        pool: str | None = "solo",
         concurrency: int = 1,
         command: t.Sequence[str] = (FLASK, "--app", "taskapp:create_app", "celery"),
     ) -> None:
+        """:param pool: The ``--pool`` option; ``None`` leaves it out, so that
+        the config's ``worker_pool`` decides."""
         self.config = config
         self.name = f"w{uuid.uuid4().hex[:8]}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fcc-{self.name}.log"
         self.application_name = f"fcc-{self.name}"
-        worker_config = {
-            **config,
-            "SQLALCHEMY_ENGINE_OPTIONS": {
-                **config.get("SQLALCHEMY_ENGINE_OPTIONS", {}),
-                **self._connect_args(config),
-            },
-        }
+        worker_config = {**config, "SQLALCHEMY_ENGINE_OPTIONS": self._engine_options()}
+        pool_options = (
+            [] if pool is None else ["--pool", pool, "--concurrency", str(concurrency)]
+        )
         self.args = [
-            *command, "worker",
-            "--pool", pool, "--concurrency", str(concurrency),
+            *command, "worker", *pool_options,
             "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
@@ -168,10 +166,15 @@ class Worker:
             self.args, cwd=TESTS, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
-    def _connect_args(self, config: dict[str, t.Any]) -> dict[str, t.Any]:
-        if not config.get("SQLALCHEMY_DATABASE_URI", "").startswith("postgresql"):
-            return {}
-        return {"connect_args": {"application_name": self.application_name}}
+    def _engine_options(self) -> dict[str, t.Any]:
+        """The engine options, with the connections of this worker named."""
+        options = dict(self.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}))
+        if self.config.get("SQLALCHEMY_DATABASE_URI", "").startswith("postgresql"):
+            options["connect_args"] = {
+                **options.get("connect_args", {}),
+                "application_name": self.application_name,
+            }
+        return options
 
     @property
     def log(self) -> str:

@@ -186,3 +186,44 @@ def count_items(name: str) -> int:
 @ext.celery.task
 def backend_pid() -> tuple[int, int]:
     return os.getpid(), db.session.scalar(text("select pg_backend_pid()"))
+
+
+@ext.celery.task
+def poison(item_id: int) -> str:
+    """Fail a flush and swallow the error, leaving the session unusable."""
+    from sqlalchemy.exc import IntegrityError
+
+    db.session.add(Item(id=item_id, name="first"))
+    db.session.add(Item(id=item_id, name="duplicate"))
+    try:
+        db.session.flush()
+    except IntegrityError:
+        return "swallowed"
+    return "flushed"  # pragma: no cover
+
+
+@ext.celery.task
+def sleep_query(seconds: float) -> None:
+    """Block in the database, where a soft time limit may not reach."""
+    db.session.execute(text("select pg_sleep(:s)"), {"s": seconds})
+
+
+@ext.celery.task(bind=True)
+def attempt_then_commit(self: Task, name: str, sleep: float) -> int:  # type: ignore[type-arg]
+    """Write a row, note the attempt on a connection of its own, and on the
+    first attempt sleep inside the open transaction."""
+    db.session.add(Item(name=name))
+    db.session.flush()
+    with db.engine.begin() as conn:
+        attempts = conn.scalar(
+            select(func.count()).where(Record.task_id == self.request.id)
+        )
+        conn.execute(
+            insert(Record).values(
+                task_id=self.request.id, hook=f"attempt:{os.getpid()}"
+            )
+        )
+    if not attempts:
+        time.sleep(sleep)
+    db.session.commit()
+    return os.getpid()

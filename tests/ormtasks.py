@@ -112,6 +112,22 @@ def describe_or_none(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.A
     return _describe(self, args, kwargs)
 
 
+SEEN_BY_HOOKS: list[t.Any] = []
+
+
+class SeeingTask(ContextTask):
+    """Records what ``before_start`` gets, in this process."""
+
+    def before_start(self, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+        SEEN_BY_HOOKS.append((list(args), dict(kwargs)))
+
+
+@typed
+@ext.celery.task(base=SeeingTask)
+def seen_by_hooks(*args: t.Any, **kwargs: t.Any) -> None:
+    pass
+
+
 @typed
 @ext.celery.task
 def same(*args: t.Any) -> list[t.Any]:

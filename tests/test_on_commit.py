@@ -88,8 +88,10 @@ def test_id_is_known_before_sending_and_stored_with_the_row(client: Flask) -> No
         db.session.commit()
         assert isinstance(result, AsyncResult)
         assert result.get(timeout=20) == {"name": job.name, "mine": True}
-        given = ormtasks.job_task.apply_async_on_commit([job], task_id="chosen-id")
-        assert given.id == "chosen-id"
+        chosen = unique("chosen-id")
+        db.session.add(Item(name="x"))
+        given = ormtasks.job_task.apply_async_on_commit([job], task_id=chosen)
+        assert given.id == chosen
         db.session.commit()
         assert given.get(timeout=20)["name"] == job.name
 

@@ -1,0 +1,215 @@
+"""Model instances as task arguments travel as references and arrive loaded
+in the task's own session, fresh and attached; inline, the caller's very
+instances pass."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import typing as t
+import uuid
+
+import pytest
+from flask import Flask
+from sqlalchemy.engine import Engine
+
+import ormtasks
+from flask_celery_ctx import MissingInstanceError
+from ormtasks import Pair
+from ormtasks import Remote
+from sqlalchemy import delete
+from sqlalchemy import update
+
+from conftest import Worker
+from conftest import WorkerFactory
+from taskapp import db
+from taskapp import Item
+
+
+@pytest.fixture
+def worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
+    return workers(**ormtasks.config(other_postgres_url))
+
+
+@pytest.fixture
+def client(worker: Worker) -> Flask:
+    return worker.client()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def saved(*instances: db.Model) -> None:  # type: ignore[name-defined]
+    db.session.add_all(instances)
+    db.session.commit()
+
+
+def seen(name: str) -> dict[str, object]:
+    return {"model": "Item", "name": name, "attached": True}
+
+
+def test_instance_arrives_fresh_and_attached(client: Flask, pg_admin: Engine) -> None:
+    with client.app_context():
+        item = Item(name="before")
+        saved(item)
+        assert item.name == "before"
+        with pg_admin.connect() as conn:
+            conn.execute(update(Item).where(Item.id == item.id).values(name="after"))
+        # The caller's copy is stale; the task loads the row as it is now.
+        described = ormtasks.describe.delay(item).get(timeout=20)
+        assert item.name == "before"
+    assert described["args"] == {"list": [seen("after")]}
+    # The request keeps the references, as sent.
+    assert described["request_args"] == [
+        {"__model__": "taskapp.Item", "__key__": [item.id]}
+    ]
+
+
+def test_containers_composite_keys_binds_one_query_per_model(client: Flask) -> None:
+    with client.app_context():
+        items = [Item(name=unique("item")) for _ in range(3)]
+        a = int(time.time() * 1000) % 1_000_000_000
+        pairs = [Pair(a=a, b="x", name="px"), Pair(a=a, b="y", name="py")]
+        remotes = [Remote(name="r1"), Remote(name="r2")]
+        saved(*items, *pairs, *remotes)
+        i1, i2, i3 = items
+        p1, p2 = pairs
+        r1, r2 = remotes
+        result = ormtasks.describe.apply_async(
+            args=[i1, [i2, i3, i1], (p1,)],
+            kwargs={"k": {"x": p2, "r": [r1, r2]}, "n": 5},
+        )
+        described = result.get(timeout=20)
+        check_described(described, items, a, remotes)
+
+
+def check_described(
+    described: dict[str, t.Any], items: list[Item], a: int, remotes: list[Remote]
+) -> None:
+    i1, i2, i3 = items
+    r1, r2 = remotes
+    assert described["args"] == {
+        "list": [
+            seen(i1.name),
+            {"list": [seen(i2.name), seen(i3.name), seen(i1.name)]},
+            {"list": [{"model": "Pair", "name": "px", "attached": True}]},
+        ]
+    }
+    assert described["kwargs"] == {
+        "k": {
+            "x": {"model": "Pair", "name": "py", "attached": True},
+            "r": {
+                "list": [
+                    {"model": "Remote", "name": "r1", "attached": True},
+                    {"model": "Remote", "name": "r2", "attached": True},
+                ]
+            },
+        },
+        "n": 5,
+    }
+    statements = described["statements"]
+    assert len(statements) == 3, statements
+    assert sorted(s.split("FROM ")[1].split()[0] for s in statements) == [
+        "item",
+        "pair",
+        "remote",
+    ]
+    assert described["argsrepr"] == (
+        f"[Item({i1.id}), [Item({i2.id}), Item({i3.id}), Item({i1.id})],"
+        f" (Pair({a}, 'x'),)]"
+    )
+    assert described["kwargsrepr"] == (
+        f"{{'k': {{'x': Pair({a}, 'y'), 'r': [Remote({r1.id}), Remote({r2.id})]}},"
+        " 'n': 5}"
+    )
+
+
+def test_a_deleted_row_fails_the_task(client: Flask, pg_admin: Engine) -> None:
+    with client.app_context():
+        gone, kept = Item(name="gone"), Item(name="kept")
+        saved(gone, kept)
+        with pg_admin.connect() as conn:
+            conn.execute(delete(Item).where(Item.id == gone.id))
+        result = ormtasks.describe.delay(kept, gone)
+        with pytest.raises(MissingInstanceError, match=rf"Item\({gone.id}\)") as info:
+            result.get(timeout=20)
+        assert "allow_missing_instances=True" in str(info.value)
+        assert ormtasks.describe_or_none.delay(kept, gone).get(timeout=20)["args"] == {
+            "list": [seen("kept"), None]
+        }
+
+
+def test_unsaved_instances_are_refused_when_sent(client: Flask) -> None:
+    with client.app_context():
+        with pytest.raises(ValueError, match="not saved, so it has no primary key"):
+            ormtasks.describe.delay(Item(name="transient"))
+        pending = Item(name="pending")
+        db.session.add(pending)
+        with pytest.raises(ValueError, match=r"pending \(added, not flushed\)"):
+            ormtasks.describe.delay([pending])
+        db.session.rollback()
+
+
+def test_argsrepr_shows_references_to_monitoring(
+    workers: WorkerFactory, other_postgres_url: str
+) -> None:
+    # What Flower shows: the task-received event of a worker that sends them.
+    config = ormtasks.config(other_postgres_url)
+    client = workers(**config, CELERY_WORKER_SEND_TASK_EVENTS=True).client()
+    celery = client.extensions["celery"].celery
+    events: list[dict[str, t.Any]] = []
+    with client.app_context(), celery.connection_for_read() as conn:
+        item = Item(name="monitored")
+        saved(item)
+        receiver = celery.events.Receiver(
+            conn, handlers={"task-received": events.append}
+        )
+        with receiver.consumer_context(wakeup=False) as (consuming, _, _):
+            result = ormtasks.describe.apply_async([item], {"also": item})
+            deadline = time.monotonic() + 20
+            while not [e for e in events if e["uuid"] == result.id]:
+                assert time.monotonic() < deadline, events
+                with contextlib.suppress(socket.timeout):
+                    consuming.drain_events(timeout=1)
+        (event,) = [e for e in events if e["uuid"] == result.id]
+        assert event["args"] == f"[Item({item.id})]"
+        assert event["kwargs"] == f"{{'also': Item({item.id})}}"
+        result.get(timeout=20)
+
+
+# Inline execution.
+
+
+def test_inline_passes_the_callers_very_instances(app: Flask) -> None:
+    with app.app_context():
+        item = Item(name=unique("inline"))
+        db.session.add(item)
+        db.session.flush()
+        assert ormtasks.same.delay(item, [item]).get() == [item, [item]]
+        assert ormtasks.same.delay(item).get()[0] is item
+        assert ormtasks.same.apply((item,)).get()[0] is item
+        assert ormtasks.same(item)[0] is item
+        transient = Item(name="transient")
+        assert ormtasks.same.apply((transient,)).get()[0] is transient
+        db.session.rollback()
+
+
+def test_eager_without_a_context_loads_in_the_tasks_session(app: Flask) -> None:
+    with app.app_context():
+        name = unique("eager")
+        item = Item(name=name)
+        saved(item)
+    # Detached and expired: it is loaded again, in the task's session.
+    described = ormtasks.describe.delay(item).get()
+    assert described["args"] == {"list": [seen(name)]}
+
+
+def test_hooks_see_the_instances(app: Flask) -> None:
+    ormtasks.SEEN_BY_HOOKS.clear()
+    with app.app_context():
+        item = Item(name=unique("hooks"))
+        saved(item)
+        ormtasks.seen_by_hooks.delay(item, other=[item])
+        assert [([item], {"other": [item]})] == ormtasks.SEEN_BY_HOOKS

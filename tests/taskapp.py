@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import typing as t
 
@@ -48,6 +49,8 @@ class Record(db.Model):  # type: ignore[name-defined,misc]
 
 
 def create_app(config: dict[str, t.Any] | None = None) -> Flask:
+    # Counted in the worker's log: the app is built once per worker process.
+    print(f"taskapp.create_app in process {os.getpid()}", file=sys.stderr)
     app = Flask(__name__)
     app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
     app.config.update(config or {})

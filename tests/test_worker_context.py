@@ -92,3 +92,14 @@ def test_retry_hook_shares_the_body_context(workers: WorkerFactory) -> None:
     result = taskapp.hooked_retry.delay()
     assert result.get(timeout=20) == "retried"
     assert hooks_seen(app, result.id)["on_retry"] == (result.id, result.id)
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("prefork", 2)])
+def test_app_is_built_once_per_worker(
+    workers: WorkerFactory, pool: str, concurrency: int
+) -> None:
+    worker = workers(pool=pool, concurrency=concurrency)
+    worker.client()
+    for result in [taskapp.add.delay(i, i) for i in range(20)]:
+        result.get(timeout=20)
+    assert worker.log.count("taskapp.create_app in process") == 1

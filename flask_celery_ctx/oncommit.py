@@ -38,6 +38,13 @@ logger = logging.getLogger("flask_celery_ctx")
 _KEY = "flask_celery_ctx.on_commit"
 _install_lock = threading.Lock()
 
+#: Takes each send in the place of the broker while set: the
+#: ``celery_on_commit`` fixture of :mod:`flask_celery_ctx.testing` records
+#: them there.
+#:
+#: :meta private:
+recorder: t.Callable[[_Send], None] | None = None
+
 
 class _Send(t.NamedTuple):
     task: ContextTask
@@ -82,7 +89,7 @@ def send_on_commit(
     options = {**options, "task_id": options.get("task_id") or uuid()}
     session = session_in_transaction()
     if session is None:
-        return task.apply_async(args, kwargs, **options)
+        return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
     _install(type(session))
     transaction = session.get_nested_transaction() or session.get_transaction()
@@ -91,6 +98,13 @@ def send_on_commit(
         _Send(task, args, kwargs, options)
     )
     return task.AsyncResult(options["task_id"])
+
+
+def _send(send: _Send) -> AsyncResult[t.Any]:
+    if recorder is not None:
+        recorder(send)
+        return send.task.AsyncResult(send.options["task_id"])
+    return send.task.apply_async(send.args, send.kwargs, **send.options)
 
 
 def _install(cls: type[Session]) -> None:
@@ -143,7 +157,7 @@ def _send_all(sends: list[_Send]) -> None:
     error: Exception | None = None
     for send in sends:
         try:
-            send.task.apply_async(send.args, send.kwargs, **send.options)
+            _send(send)
         except Exception as exc:
             logger.error(
                 "Task %s[%s] could not be sent after the commit: %r. The"

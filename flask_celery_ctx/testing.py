@@ -11,7 +11,9 @@ which :meth:`~flask_celery_ctx.FlaskCelery.init_app` was called:
 - :func:`celery_eager`: tasks run inline, in the test's context, and their
   exceptions propagate;
 - :func:`celery_worker`: a real worker runs the app's tasks in a thread of the
-  test process, each task in a fresh context of the app.
+  test process, each task in a fresh context of the app;
+- :func:`celery_on_commit`: the tasks sent with ``delay_on_commit`` are
+  recorded, not sent, for the test to look at and run.
 
 It takes the place of ``celery.contrib.pytest``, whose fixtures make a Celery
 app of their own; do not enable both.
@@ -33,6 +35,8 @@ from celery.worker import state as celery_worker_state
 from flask import Flask
 from kombu.utils.url import maybe_sanitize_url
 
+from . import models
+from . import oncommit
 from .sqlalchemy import get_db
 
 # Typed as Any: Celery's stubs type its shutdown flags as always None.
@@ -40,12 +44,17 @@ _worker_state: t.Any = celery_worker_state
 
 if t.TYPE_CHECKING:
     from celery import Celery
+    from celery.result import EagerResult
     from celery.worker import WorkController
 
     from .extension import FlaskCelery
+    from .task import ContextTask
 
 __all__ = [
+    "OnCommitRecorder",
+    "SentTask",
     "celery_eager",
+    "celery_on_commit",
     "celery_worker",
     "celery_worker_parameters",
     "celery_worker_pool",
@@ -101,6 +110,130 @@ def celery_eager(app: Flask) -> t.Iterator[Celery]:
         yield celery
     finally:
         conf.task_always_eager, conf.task_eager_propagates = saved
+
+
+class SentTask(t.NamedTuple):
+    """A task sent with ``delay_on_commit`` or ``apply_async_on_commit``, as
+    :class:`OnCommitRecorder` recorded it."""
+
+    #: The task.
+    task: ContextTask
+    #: The positional arguments, as given: model instances are the very
+    #: instances passed. After the request that sent them they are detached
+    #: from their session, and their attributes may not load any more.
+    args: tuple[t.Any, ...]
+    #: The keyword arguments, as given.
+    kwargs: dict[str, t.Any]
+    #: The options of :meth:`~celery.app.task.Task.apply_async`.
+    options: dict[str, t.Any]
+
+    @property
+    def name(self) -> str:
+        """The task's name."""
+        return self.task.name
+
+    @property
+    def id(self) -> str:
+        """The task's id, the one its result has."""
+        return str(self.options["task_id"])
+
+    def __repr__(self) -> str:
+        """The call, with model instances shown as ``Model(key)``:
+        ``myapp.tasks.analyse(Analysis(1))``."""
+        db = get_db(self.task.app.flask_celery.app)  # type: ignore[attr-defined]
+        args: t.Any = self.args
+        kwargs: t.Any = self.kwargs
+        if db is not None:
+            args = models.dump(self.name, db.Model, list(args))[1]
+            kwargs = models.dump(self.name, db.Model, kwargs)[1]
+        shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+        return f"{self.name}({', '.join(shown)})"
+
+
+class OnCommitRecorder:
+    """The tasks that ``delay_on_commit`` and ``apply_async_on_commit`` sent
+    while the :func:`celery_on_commit` fixture was in use, in order.
+
+    A task is recorded when it would have been sent: after the commit of its
+    transaction, or at once when there was no transaction; a rollback drops
+    it as it would have been dropped.
+    """
+
+    def __init__(self) -> None:
+        #: The tasks recorded and not run yet.
+        self.sent: list[SentTask] = []
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the tasks in :attr:`sent`."""
+        return [sent.name for sent in self.sent]
+
+    def record(
+        self, task: ContextTask, args: t.Any, kwargs: t.Any, options: t.Any
+    ) -> None:
+        """Record a task in the place of sending it.
+
+        :meta private:
+        """
+        self.sent.append(
+            SentTask(task, tuple(args or ()), dict(kwargs or {}), dict(options))
+        )
+
+    def run(self, limit: int = 100) -> list[EagerResult[t.Any]]:
+        """Run the recorded tasks inline, in order, and those that they send
+        on commit in turn, until none is left.
+
+        Each task runs as ``delay()`` runs it in eager mode: model instances
+        travel as references and are loaded again in the task's session, and
+        an exception propagates. Outside an application context each task
+        gets a fresh context, as in a worker; inside one, it shares it.
+
+        :param limit: The most tasks to run, for tasks that keep sending
+            more.
+        :return: The results, in the order the tasks ran.
+        :raises RuntimeError: More than ``limit`` tasks were sent.
+        """
+        results: list[EagerResult[t.Any]] = []
+        while self.sent:
+            if len(results) >= limit:
+                raise RuntimeError(
+                    f"{limit} tasks ran and more were sent on commit: do the"
+                    f" tasks send each other in a loop? Next: {self.sent[0]!r}."
+                    " Pass a larger 'limit' if they stop on their own."
+                )
+            sent = self.sent.pop(0)
+            conf = sent.task.app.conf
+            saved = (conf.task_always_eager, conf.task_eager_propagates)
+            conf.task_always_eager = conf.task_eager_propagates = True
+            try:
+                result = sent.task.apply_async(sent.args, sent.kwargs, **sent.options)
+            finally:
+                conf.task_always_eager, conf.task_eager_propagates = saved
+            results.append(t.cast("EagerResult[t.Any]", result))
+        return results
+
+    def clear(self) -> None:
+        """Forget the recorded tasks."""
+        self.sent.clear()
+
+
+@pytest.fixture
+def celery_on_commit(app: Flask) -> t.Iterator[OnCommitRecorder]:
+    """Record the tasks sent with ``delay_on_commit`` and
+    ``apply_async_on_commit`` for one test, in the place of sending them:
+    no broker is needed. The test looks at :attr:`OnCommitRecorder.sent` and
+    runs them with :meth:`OnCommitRecorder.run`.
+
+    Tasks sent with ``delay()`` and ``apply_async()`` are sent as usual.
+    """
+    extension_of(app)
+    recorder = OnCommitRecorder()
+    previous = oncommit.recorder
+    oncommit.recorder = lambda send: recorder.record(*send)
+    try:
+        yield recorder
+    finally:
+        oncommit.recorder = previous
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,15 @@ def describe_or_none(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.A
     return _describe(self, args, kwargs)
 
 
+@typed
+@ext.celery.task(bind=True, max_retries=1, default_retry_delay=0)
+def retried(self: Task, item: Item) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    """Retry once, then describe the item: retries send the references."""
+    if not self.request.retries:
+        raise self.retry()
+    return {"retries": self.request.retries, **describe_value(item)}
+
+
 SEEN_BY_HOOKS: list[t.Any] = []
 
 

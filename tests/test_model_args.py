@@ -126,6 +126,16 @@ def check_described(
     )
 
 
+def test_a_retry_sends_the_references_again(client: Flask) -> None:
+    with client.app_context():
+        item = Item(name=unique("retried"))
+        saved(item)
+        assert ormtasks.retried.delay(item).get(timeout=20) == {
+            "retries": 1,
+            **seen(item.name),
+        }
+
+
 def test_a_deleted_row_fails_the_task(client: Flask, pg_admin: Engine) -> None:
     with client.app_context():
         gone, kept = Item(name="gone"), Item(name="kept")

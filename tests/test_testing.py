@@ -14,6 +14,8 @@ from celery.worker import WorkController
 from flask import Flask
 from flask import g
 
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx.testing import OnCommitRecorder
 from flask_celery_ctx.testing import start_worker
 from sqlalchemy import func
 from sqlalchemy import select
@@ -159,3 +161,129 @@ def test_eager_runs_inline_in_the_tests_context(
         assert seen == {"thread": "MainThread", "g": "test", "session": "test"}
     with pytest.raises(ValueError, match="failed after a flush"):
         taskapp.write_then.delay("raise", "eager-fail")
+
+
+def typed(task: t.Any) -> ContextTask:
+    """A task, as its class: type checkers know Celery's tasks as ``Task``."""
+    assert isinstance(task, ContextTask)
+    return task
+
+
+@ext.celery.task
+def countdown(name: str, n: int) -> int:
+    """Write a row, then send itself on commit until ``n`` is 0."""
+    db.session.add(Item(name=name))
+    if n:
+        typed(countdown).delay_on_commit(name, n - 1)
+    db.session.commit()
+    return n
+
+
+def test_on_commit_records_what_a_commit_sends(
+    app: Flask, celery_on_commit: OnCommitRecorder
+) -> None:
+    with app.app_context():
+        db.session.add(Item(name="kept"))
+        result = typed(taskapp.count_items).delay_on_commit("kept")
+        assert celery_on_commit.sent == []  # not before the commit
+        db.session.commit()
+        db.session.add(Item(name="dropped"))
+        typed(taskapp.count_items).delay_on_commit("dropped")
+        db.session.rollback()
+    # No transaction: recorded at once.
+    typed(taskapp.add).apply_async_on_commit((1, 2), countdown=5)
+    assert celery_on_commit.names == ["taskapp.count_items", "taskapp.add"]
+    first, second = celery_on_commit.sent
+    assert first.id == result.id
+    assert (first.args, first.kwargs) == (("kept",), {})
+    assert second.options["countdown"] == 5
+    assert repr(second) == "taskapp.add(1, 2)"
+
+
+def test_on_commit_runs_what_was_sent_and_what_that_sends(
+    app: Flask, celery_on_commit: OnCommitRecorder
+) -> None:
+    name = f"countdown-{uuid.uuid4().hex[:6]}"
+    with app.app_context():
+        typed(countdown).delay_on_commit(name, 2)
+    results = celery_on_commit.run()
+    assert [r.get(timeout=5) for r in results] == [2, 1, 0]
+    assert celery_on_commit.sent == []
+    with app.app_context():
+        count = select(func.count()).where(Item.name == name)
+        assert db.session.scalar(count) == 3
+
+
+def test_on_commit_run_stops_a_loop(
+    app: Flask, celery_on_commit: OnCommitRecorder
+) -> None:
+    with app.app_context():
+        typed(countdown).delay_on_commit("loop", 5)
+    with pytest.raises(RuntimeError, match="3 tasks ran and more were sent"):
+        celery_on_commit.run(limit=3)
+
+
+def test_on_commit_failure_propagates(
+    app: Flask, celery_on_commit: OnCommitRecorder
+) -> None:
+    with app.app_context():
+        typed(taskapp.write_then).delay_on_commit("raise", "on-commit-fail")
+    with pytest.raises(ValueError, match="failed after a flush"):
+        celery_on_commit.run()
+
+
+USER_CONFTEST = """
+import pytest
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+pytest_plugins = ["flask_celery_ctx.testing"]
+
+ext = FlaskCelery()
+
+
+@ext.celery.task
+def double(x):
+    return 2 * x
+
+
+@pytest.fixture(scope="session")
+def app():
+    app = Flask("user")
+    app.config.update(
+        CELERY_BROKER_URL="memory://", CELERY_RESULT_BACKEND="cache+memory://"
+    )
+    ext.init_app(app)
+    return app
+"""
+
+USER_TESTS = """
+from conftest import double
+
+
+def test_eager(app, celery_eager):
+    assert double.delay(2).get() == 4
+
+
+def test_eager_is_off_again(app):
+    assert not app.extensions["celery"].celery.conf.task_always_eager
+
+
+def test_worker(app, celery_worker):
+    assert double.delay(3).get(timeout=10) == 6
+"""
+
+
+def test_a_users_project(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(USER_CONFTEST)
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_plugin_is_not_loaded_unless_asked(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(USER_CONFTEST.replace("pytest_plugins", "unused"))
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["*fixture 'celery_eager' not found*"])

@@ -63,8 +63,11 @@ def shown(cls: type[t.Any], key: t.Sequence[t.Any]) -> str:
     return f"{cls.__name__}({', '.join(map(repr, key))})"
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
 def _is_container(value: t.Any) -> bool:
-    return type(value) in (list, tuple, dict)
+    return type(value) in _CONTAINERS
 
 
 def instances(value: t.Any, base: type[t.Any]) -> t.Iterator[t.Any]:
@@ -265,4 +268,13 @@ def has_references(args: t.Any, kwargs: t.Any) -> bool:
     :param args: The positional arguments.
     :param kwargs: The keyword arguments.
     """
-    return next(_references([args, kwargs]), None) is not None
+    # Runs for every task: a loop over the containers only.
+    stack = [v for v in (args, kwargs) if type(v) in _CONTAINERS]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            if len(value) == 2 and MODEL in value and KEY in value:
+                return True
+            value = value.values()
+        stack.extend([v for v in value if type(v) in _CONTAINERS])
+    return False

@@ -112,6 +112,22 @@ def check_pending(
                 )
 
 
+def placeholders(value: t.Any, base: type[t.Any]) -> t.Any:
+    """Replace the instances of ``base`` in a value by a reference with no
+    key, for a trial of the serializer before the keys are known.
+
+    :param value: Arguments, or one of them.
+    :param base: The app's ``db.Model``.
+    """
+    if isinstance(value, base):
+        return {MODEL: "", KEY: []}
+    if type(value) is dict:
+        return {k: placeholders(v, base) for k, v in value.items()}
+    if _is_container(value):
+        return [placeholders(v, base) for v in value]
+    return value
+
+
 def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any, bool]:
     """Replace the instances of ``base`` in a value by references.
 

@@ -170,14 +170,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         db = get_db(extension_of(self).app)
         if db is not None:
             models.check_pending(self.name, db.Model, [args, kwargs], session)
-            placeholder = {models.MODEL: "", models.KEY: []}
-            args, kwargs = (
-                [_without_instances(v, db.Model, placeholder) for v in args],
-                {
-                    k: _without_instances(v, db.Model, placeholder)
-                    for k, v in kwargs.items()
-                },
-            )
+            args, kwargs = models.placeholders([args, kwargs], db.Model)
         serializer = options.get("serializer") or self.serializer or "json"
         try:
             serialization.dumps((args, kwargs), serializer)
@@ -243,13 +236,3 @@ class ContextTask(Task):  # type: ignore[type-arg]
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
             " of the app's models."
         )
-
-
-def _without_instances(value: t.Any, base: type[t.Any], placeholder: t.Any) -> t.Any:
-    if isinstance(value, base):
-        return placeholder
-    if type(value) is dict:
-        return {k: _without_instances(v, base, placeholder) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return [_without_instances(v, base, placeholder) for v in value]
-    return value

@@ -136,7 +136,9 @@ def test_a_retry_sends_the_references_again(client: Flask) -> None:
         }
 
 
-def test_a_deleted_row_fails_the_task(client: Flask, pg_admin: Engine) -> None:
+def test_a_deleted_row_fails_the_task(
+    client: Flask, worker: Worker, pg_admin: Engine
+) -> None:
     with client.app_context():
         gone, kept = Item(name="gone"), Item(name="kept")
         saved(gone, kept)
@@ -146,6 +148,11 @@ def test_a_deleted_row_fails_the_task(client: Flask, pg_admin: Engine) -> None:
         with pytest.raises(MissingInstanceError, match=rf"Item\({gone.id}\)") as info:
             result.get(timeout=20)
         assert "allow_missing_instances=True" in str(info.value)
+        failed = f"ormtasks.describe[{result.id}] raised unexpected"
+        worker.wait_for(failed)
+        (line,) = [line for line in worker.log.splitlines() if failed in line]
+        assert "MissingInstanceError" in line
+        assert f"Item({gone.id})" in line
         assert ormtasks.describe_or_none.delay(kept, gone).get(timeout=20)["args"] == {
             "list": [seen("kept"), None]
         }

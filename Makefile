@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test example check lint typecheck docs clean
+.PHONY: test example check lint typecheck docs bench clean
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,13 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 check: lint typecheck docs  ## ruff, mypy --strict and the docs
+
+$(VENV)/.bench-installed: $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## Benchmark against the alternatives (Redis, PostgreSQL); BENCH_ARGS=--full
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build

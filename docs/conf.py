@@ -18,5 +18,7 @@ autodoc_inherit_docstrings = False
 nitpicky = False
 
 html_theme = "furo"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = f"Flask-Celery-Ctx {version}"
 exclude_patterns = ["_build"]

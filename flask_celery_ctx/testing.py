@@ -305,7 +305,9 @@ def start_worker(
     celery.set_default()
     conf = celery.conf
     saved_options = conf.broker_transport_options
-    if celery.connection_for_read().transport.driver_type == "memory":
+    with celery.connection_for_read() as conn:
+        in_memory = conn.transport.driver_type == "memory"
+    if in_memory:
         # The memory broker is polled once a second unless told otherwise:
         # too slow for a test.
         conf.broker_transport_options = {"polling_interval": 0.01, **saved_options}

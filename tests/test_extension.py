@@ -21,14 +21,19 @@ class LibraryTask(Task):  # type: ignore[type-arg]
     pass
 
 
+# The tasks below are declared inside tests, for an extension of their own:
+# shared=False keeps them out of every Celery app finalized later in the run,
+# where the same names declared again would warn of duplicates.
+
+
 def test_tasks_can_be_declared_before_init_app() -> None:
     ext = FlaskCelery()
 
-    @ext.celery.task
+    @ext.celery.task(shared=False)
     def plain() -> str:
         return current_app.name
 
-    @ext.celery.task(base=LibraryTask)
+    @ext.celery.task(base=LibraryTask, shared=False)
     def based() -> None: ...
 
     assert isinstance(plain, ContextTask)
@@ -62,7 +67,7 @@ def broker_host(ext: FlaskCelery) -> str:
 def test_last_app_wins() -> None:
     ext = FlaskCelery()
 
-    @ext.celery.task
+    @ext.celery.task(shared=False)
     def which() -> tuple[str, bool]:
         return current_app.name, current_app.config["TESTING"]
 
@@ -91,7 +96,7 @@ def test_last_app_wins() -> None:
 def test_not_bound_yet(call: t.Callable[[t.Any], t.Any]) -> None:
     ext = FlaskCelery()
 
-    @ext.celery.task
+    @ext.celery.task(shared=False)
     def early() -> None: ...
 
     with pytest.raises(
@@ -105,7 +110,7 @@ def test_unserializable_arguments() -> None:
     app.config["CELERY_BROKER_URL"] = "memory://"
     ext = FlaskCelery(app)
 
-    @ext.celery.task
+    @ext.celery.task(shared=False)
     def takes(value: object) -> None: ...
 
     with pytest.raises(

@@ -77,6 +77,13 @@ def test_worker_runs_each_task_in_a_fresh_context(
     assert taskapp.context_state.delay("m").get(timeout=10)["request"] is True
 
 
+def test_threads_pool_gives_each_task_its_context(app: Flask) -> None:
+    with start_worker(app, pool="threads", concurrency=2):
+        results = [where.delay(f"m{i}") for i in range(6)]
+        seen = [result.get(timeout=10, interval=0.05) for result in results]
+    assert [(s["g"], s["session"]) for s in seen] == [(None, None)] * 6
+
+
 def test_worker_and_test_see_each_others_commits(
     app: Flask, celery_worker: WorkController
 ) -> None:

@@ -225,7 +225,7 @@ def instances(app: Flask, rounds: int, calls: int) -> dict[str, t.Any]:
     def run(name: str) -> Callable[[], float]:
         return lambda: timed(
             lambda: tasks[name].apply(args=decoded_args(arguments[name])),
-            max(1, calls // 4),
+            max(1, calls // 10),
         )
 
     running = round_robin({name: run(name) for name in tasks}, rounds)

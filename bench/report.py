@@ -278,7 +278,7 @@ def header_lines(meta: t.Mapping[str, t.Any]) -> list[str]:
     )
     return [
         f"Command: ``{meta['command']}`` ({meta['mode']} mode, {meta['seconds']} s)",
-        f"Date: {meta['date']}, tree {meta['commit']}",
+        f"Date: {meta['date']}; flask_celery_ctx as of commit {meta['commit']}",
         f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['platform']};"
         f" load average {load}",
         f"Python {meta['python']}; {versions}",

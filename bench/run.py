@@ -125,6 +125,7 @@ class Bench:
         )
         self.workers: list[Worker] = []
         self.package: Path | None = None
+        self.commit = "unknown"
         #: Keep the workers' logs: set when the run fails.
         self.keep_logs = False
 
@@ -139,7 +140,7 @@ class Bench:
                 text(f"ALTER DATABASE {self.db_name} SET synchronous_commit TO off")
             )
         self.prepare(self.engine)
-        self.package = snapshot(self.args.working_tree)
+        self.package, self.commit = snapshot(self.args.working_tree)
 
     @staticmethod
     def prepare(engine: Engine) -> None:
@@ -390,36 +391,33 @@ class Bench:
                 "PostgreSQL": str(postgres),
                 "Redis": str(info.get("redis_version")),
             },
-            "commit": git_commit(self.package is None),
+            "commit": self.commit,
         }
 
 
-def snapshot(working_tree: bool) -> Path | None:
+def snapshot(working_tree: bool) -> tuple[Path | None, str]:
     """A directory holding ``flask_celery_ctx`` as committed (``HEAD``), for
-    the variants' processes to import; ``None`` to import it as installed."""
+    the variants' processes to import, and the commit; ``None`` to import it
+    as installed, with the working tree's description."""
     if working_tree:
-        return None
+        return None, git("describe", "--always", "--dirty")
+    commit = git("rev-parse", "--short", "HEAD")
     directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"{PREFIX}-src"
     directory.mkdir()
     archive = subprocess.run(
-        ["git", "archive", "HEAD", "flask_celery_ctx"],
+        ["git", "archive", commit, "flask_celery_ctx"],
         cwd=BENCH.parent,
         capture_output=True,
         check=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
-    return directory
+    return directory, commit
 
 
-def git_commit(working_tree: bool) -> str:
-    """The commit of ``flask_celery_ctx`` benchmarked."""
+def git(*args: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", *(["--dirty"] if working_tree else [])],
-            cwd=BENCH,
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", *args], cwd=BENCH, capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -29,6 +29,9 @@ from . import create_app
 
 WORKER_OPTIONS = "--pool threads --concurrency 2 --without-gossip --without-mingle"
 
+#: Set once the server is asked to stop: Ctrl-C, SIGTERM, or the worker gone.
+_stopping = threading.Event()
+
 
 def main() -> int:
     host = os.environ.get("EXAMPLE_HOST", "127.0.0.1")
@@ -43,11 +46,10 @@ def main() -> int:
 
     app = create_app()  # creates the tables, before the worker starts
     worker = start_worker()
-    stopping, worker_stopped = threading.Event(), threading.Event()
+    worker_stopped = threading.Event()
+    signal.signal(signal.SIGINT, _exit)
     signal.signal(signal.SIGTERM, _exit)
-    threading.Thread(
-        target=_watch, args=(worker, stopping, worker_stopped), daemon=True
-    ).start()
+    threading.Thread(target=_watch, args=(worker, worker_stopped), daemon=True).start()
 
     print(
         f"\n  The example runs at http://{host}:{port}/"
@@ -61,7 +63,7 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        stopping.set()
+        _stopping.set()
         stop_worker(worker)
     return 1 if worker_stopped.is_set() else 0
 
@@ -87,17 +89,17 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
             worker.wait()
 
 
-def _watch(
-    worker: subprocess.Popen[bytes], stopping: threading.Event, stopped: threading.Event
-) -> None:
+def _watch(worker: subprocess.Popen[bytes], stopped: threading.Event) -> None:
     code = worker.wait()
-    if not stopping.is_set():
+    # Ctrl-C reaches the worker too, which may exit before the server knows.
+    if not _stopping.wait(1):
         stopped.set()
         print(f"The worker stopped (exit code {code}): stopping.", file=sys.stderr)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit(signum: int, frame: types.FrameType | None) -> None:
+    _stopping.set()
     raise KeyboardInterrupt  # stops the server, then the worker
 
 

@@ -178,6 +178,8 @@ def test_make_example_runs_and_stops_with_ctrl_c(example: t.Any) -> None:
     # Ctrl-C in the terminal: SIGINT to every process of the foreground group.
     os.killpg(running.group, signal.SIGINT)
     assert running.wait_gone(), running.log
+    # The server stopped the worker, and knew it: no "the worker stopped".
+    assert "The worker stopped" not in running.log
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
@@ -204,3 +206,4 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
         [server] = children(server)
     os.kill(server, signal.SIGTERM)
     assert running.wait_gone(), running.log
+    assert running.process.returncode == 0, running.log

@@ -80,6 +80,7 @@ def test_request_sends_one_task_and_nothing_before_commit(
     client: FlaskClient, celery_on_commit: OnCommitRecorder
 ) -> None:
     assert client.post("/analyses", data={"text": "  "}).status_code == 400
+    assert client.post("/api/analyses", json=["not", "an", "object"]).status_code == 400
     assert celery_on_commit.sent == []
     client.post("/analyses", data={"text": TEXT})
     assert celery_on_commit.names == ["example_app.tasks.analyse"]

@@ -20,7 +20,7 @@ _GEVENT_MAIN = (
     "from gevent import monkey; monkey.patch_all()\n"
     "import sys; from flask.cli import main; sys.argv[0] = 'flask'; main()"
 )
-_PATCHED_ENV = "FLASK_CELERY_CTX_GEVENT_PATCHED"
+_PATCHED_ENV = "GEVENT_PATCHED_BY_FLASK_CELERY_CTX"
 
 
 @click.command(

@@ -182,9 +182,11 @@ def test_make_example_runs_and_stops_with_ctrl_c(example: t.Any) -> None:
     assert "The worker stopped" not in running.log
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize(
+    ("broker", "pool"), [("redis", "prefork"), ("rabbitmq", "gevent")]
+)
 def test_example_on_postgres_stops_its_worker_on_sigterm(
-    example: t.Any, broker: str, postgres_url: str
+    example: t.Any, broker: str, pool: str, postgres_url: str
 ) -> None:
     if broker == "redis":
         require("Redis", REDIS_URL, 6379)
@@ -196,7 +198,7 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
         {
             "EXAMPLE_DATABASE_URL": postgres_url,
             "EXAMPLE_BROKER_URL": url,
-            "EXAMPLE_WORKER_OPTIONS": "--pool prefork --concurrency 2",
+            "EXAMPLE_WORKER_OPTIONS": f"--pool {pool} --concurrency 2",
         }
     )
     assert analyse(running)[-1]["status"] == "done", running.log

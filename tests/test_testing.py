@@ -110,8 +110,9 @@ def test_worker_stops_when_the_block_ends(app: Flask) -> None:
         with start_worker(app):
             assert taskapp.add.delay(1, 2).get(timeout=10, interval=0.05) == 3
             stopping = time.monotonic()
-        # Quickly, though the worker's loop waits for messages for seconds.
-        assert time.monotonic() - stopping < 1.5
+        # Quickly, though the worker's loop waits for messages for seconds:
+        # at least two of them on the memory transport, unless woken.
+        assert time.monotonic() - stopping < 2
         assert "celery-worker" not in [t.name for t in threading.enumerate()]
 
 

@@ -21,6 +21,7 @@ from flask.ctx import RequestContext
 from flask.globals import app_ctx
 
 from .sqlalchemy import discard_session
+from .sqlalchemy import invalidate_interrupted_session
 
 
 def in_app_context(app: Flask) -> bool:
@@ -56,6 +57,7 @@ class TaskContext:
         :param exc: The exception the task raised, passed to teardown
             functions.
         """
+        invalidate_interrupted_session(self.app, exc)
         try:
             self._ctx.pop(exc)
         finally:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import typing as t
 
+from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
 from flask.ctx import AppContext
+
+# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
+_LIBPQ_ACTIVE = 1
 
 if t.TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
     from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
 
 
 def get_db(app: Flask) -> SQLAlchemy | None:
@@ -30,9 +35,12 @@ def discard_session(app: Flask, app_ctx: AppContext) -> None:
     Flask-SQLAlchemy removes the session in a ``teardown_appcontext``
     function, but Flask stops calling teardown functions at the first one that
     raises, so a failing teardown registered after Flask-SQLAlchemy's would
-    leave the session, its open transaction and its connection behind. This
-    closes such a session: its transaction is rolled back and its connection
-    goes back to the pool.
+    leave the session, its open transaction and its connection behind; so does
+    a session whose connection is in no state to roll back (a soft time limit
+    caught by the task interrupted the driver mid-query). Whatever went wrong,
+    such a session is invalidated: its connections are closed, which ends
+    their transactions on the server, instead of going back to the pool to
+    serve the next task in an unknown state.
 
     :param app: The application the context belongs to.
     :param app_ctx: The application context, already popped.
@@ -45,7 +53,43 @@ def discard_session(app: Flask, app_ctx: AppContext) -> None:
     if isinstance(registry, dict):
         session = registry.pop(id(app_ctx), None)
         if session is not None:
-            session.close()
+            session.invalidate()
+
+
+def invalidate_interrupted_session(app: Flask, exc: BaseException | None) -> None:
+    """Close the connections of the current context's session instead of
+    returning them to the pool, when a query of the task was interrupted.
+
+    A soft time limit raises in whatever the task was doing, possibly inside
+    the database driver in the middle of a query, and the task may even catch
+    it and return. Such a connection cannot roll back (psycopg: "another
+    command is already in progress"), and once the server finishes the query
+    it would sit idle in a transaction. Closing it ends the query and the
+    transaction on the server. Call it before the context is torn down.
+
+    :param app: The application whose context is active.
+    :param exc: The exception the task raised, if any.
+    """
+    db = get_db(app)
+    if db is None or not db.session.registry.has():
+        return
+    session = db.session()
+    if isinstance(exc, SoftTimeLimitExceeded) or _has_busy_connection(session):
+        session.invalidate()
+
+
+def _has_busy_connection(session: Session) -> bool:
+    """Whether a connection of the session is still running a command, as
+    libpq drivers (psycopg, psycopg2) report it."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    for connection, *_ in transaction._connections.values():
+        dbapi = connection.connection.dbapi_connection
+        status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+        if status == _LIBPQ_ACTIVE:
+            return True
+    return False
 
 
 def get_engines(app: Flask) -> dict[str | None, Engine]:

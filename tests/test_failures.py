@@ -110,16 +110,29 @@ def test_dropped_connections(
     worker.stop()
 
 
+@pytest.mark.parametrize("swallow", [False, True], ids=["raised", "swallowed"])
 def test_soft_time_limit_in_a_blocking_query(
-    workers: WorkerFactory, pg_admin: Engine
+    workers: WorkerFactory, pg_admin: Engine, swallow: bool
 ) -> None:
-    worker = workers(pool="prefork", concurrency=1, CELERY_TASK_SOFT_TIME_LIMIT=1)
+    """The limit interrupts the driver mid-query: the connection, busy on the
+    server, must not go back to the pool, even when the task catches the
+    limit and returns."""
+    worker = workers.start(
+        "redis", "postgres", {"CELERY_TASK_SOFT_TIME_LIMIT": 1}, pool="prefork"
+    )
+    worker.wait_ready()
     worker.client()
-    result = taskapp.sleep_query.delay(4)
+    result = taskapp.sleep_query.delay(3, swallow)
     result.get(timeout=30, propagate=False)
-    assert result.failed()
+    if swallow:
+        assert result.result == "swallowed"
+    else:
+        assert type(result.result).__name__ == "SoftTimeLimitExceeded"
     assert all(outcomes([taskapp.backend_pid.delay() for _ in range(5)]))
+    time.sleep(3)  # until the server is done with the interrupted query
     assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    assert all(outcomes([taskapp.backend_pid.delay() for _ in range(5)]))
+    worker.stop()
 
 
 def test_statement_timeout_stops_a_query_the_soft_limit_cannot(

@@ -53,7 +53,7 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
     )
 
 
-def _needs_gevent_patches(args: t.Sequence[str], celery: Celery) -> bool:
+def _needs_gevent_patches(args: t.Sequence[str], celery: Celery[t.Any]) -> bool:
     """Whether ``args`` start a gevent worker in a process not patched yet."""
     import celery as celery_module
 

@@ -59,7 +59,7 @@ class FlaskCelery:
         #: The Celery application. Tasks declared on it get
         #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
         #: they name another with ``base=``.
-        self.celery: Celery = Celery(task_cls=ContextTask)
+        self.celery: Celery[ContextTask] = Celery(task_cls=ContextTask)
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
         self._app: Flask | None = None

@@ -33,11 +33,11 @@ from celery.result import _set_task_join_will_block  # type: ignore[attr-defined
 from celery.utils.nodenames import anon_nodename
 from celery.worker import state as celery_worker_state
 from flask import Flask
-from kombu.utils.url import maybe_sanitize_url
 
 from . import models
 from . import oncommit
 from .sqlalchemy import get_db
+from .worker import broker_problem
 
 # Typed as Any: Celery's stubs type its shutdown flags as always None.
 _worker_state: t.Any = celery_worker_state
@@ -89,7 +89,7 @@ def extension_of(app: Flask) -> FlaskCelery:
 
 
 @pytest.fixture
-def celery_eager(app: Flask) -> t.Iterator[Celery]:
+def celery_eager(app: Flask) -> t.Iterator[Celery[t.Any]]:
     """Run the tasks of ``app`` inline for one test, and yield its Celery app.
 
     ``delay()`` and ``apply_async()`` run the task at once, in the caller's
@@ -411,7 +411,7 @@ def check_database(app: Flask) -> None:
             )
 
 
-def check_broker(celery: Celery) -> None:
+def check_broker(celery: Celery[t.Any]) -> None:
     """Raise an error that says what to do when the broker cannot be reached.
 
     :param celery: The Celery app.
@@ -419,17 +419,11 @@ def check_broker(celery: Celery) -> None:
 
     :meta private:
     """
-    conn = celery.connection_for_read()
-    try:
-        conn.connect()
-    except Exception as exc:
-        url = maybe_sanitize_url(conn.as_uri(include_password=True))
+    problem = broker_problem(celery)
+    if problem is not None:
         raise RuntimeError(
-            f"The worker cannot reach the broker at {url}"
-            f" ({str(exc).rstrip('.')}). Start that broker, or set"
-            " CELERY_BROKER_URL (or CELERY['broker_url']) in the test config:"
-            " 'memory://' needs no server, with CELERY_RESULT_BACKEND ="
-            " 'cache+memory://'."
-        ) from exc
-    finally:
-        conn.release()
+            f"The worker fixture's broker is unreachable. {problem}. Start that"
+            " broker, or set CELERY_BROKER_URL (or CELERY['broker_url']) in the"
+            " test config: 'memory://' needs no server, with"
+            " CELERY_RESULT_BACKEND = 'cache+memory://'."
+        )

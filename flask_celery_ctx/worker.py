@@ -9,6 +9,7 @@ import typing as t
 from celery import Celery
 from celery import current_app as current_celery
 from celery import signals
+from kombu.utils.url import maybe_sanitize_url
 
 from .sqlalchemy import dispose_inherited_connections
 from .sqlalchemy import get_engines
@@ -134,27 +135,37 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
         )
 
 
-def check_broker(celery: Celery) -> bool:
+def check_broker(celery: Celery[t.Any]) -> None:
     """Log an error that says what to do when the broker cannot be reached.
 
     Celery's own message names the URL but not the setting; the worker keeps
     retrying as Celery configures it.
 
     :param celery: The Celery app.
-    :return: Whether the broker was reached.
+    """
+    problem = broker_problem(celery)
+    if problem is not None:
+        logger.error(
+            "%s. Start the broker, or set CELERY_BROKER_URL (or"
+            " CELERY['broker_url']) in the Flask config to the URL of one that"
+            " runs. The worker keeps retrying.",
+            problem,
+        )
+
+
+def broker_problem(celery: Celery[t.Any]) -> str | None:
+    """Connect to the broker once.
+
+    :param celery: The Celery app.
+    :return: ``None`` when the broker was reached, else a sentence that names
+        its URL (without the password) and the error.
     """
     conn = celery.connection_for_read()
     try:
         conn.connect()
     except Exception as exc:
-        logger.error(
-            "Cannot reach the broker at %s: %s. Start the broker, or set"
-            " CELERY_BROKER_URL (or CELERY['broker_url']) in the Flask config to"
-            " the URL of one that runs. The worker keeps retrying.",
-            conn.as_uri(),
-            exc,
-        )
-        return False
+        url = maybe_sanitize_url(conn.as_uri(include_password=True))
+        return f"Cannot reach the broker at {url}: {str(exc).rstrip('.')}"
     finally:
         conn.release()
-    return True
+    return None

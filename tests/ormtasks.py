@@ -66,13 +66,6 @@ def _count_statements(*args: t.Any) -> None:
         g.setdefault("statements", []).append(args[2])
 
 
-def typed(task: t.Any) -> ContextTask:
-    """Type a task as what it is: celery-types types ``@ext.celery.task``
-    as a plain ``Task``."""
-    assert isinstance(task, ContextTask)
-    return task
-
-
 def describe_value(value: t.Any) -> t.Any:
     """What the task sees of an argument, in JSON."""
     if isinstance(value, db.Model):
@@ -100,19 +93,16 @@ def _describe(task: Task, args: t.Any, kwargs: t.Any) -> dict[str, t.Any]:  # ty
     }
 
 
-@typed
 @ext.celery.task(bind=True, count_statements=True)
 def describe(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:  # type: ignore[type-arg]
     return _describe(self, args, kwargs)
 
 
-@typed
 @ext.celery.task(bind=True, allow_missing_instances=True)
 def describe_or_none(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:  # type: ignore[type-arg]
     return _describe(self, args, kwargs)
 
 
-@typed
 @ext.celery.task(bind=True, max_retries=1, default_retry_delay=0)
 def retried(self: Task, item: Item) -> dict[str, t.Any]:  # type: ignore[type-arg]
     """Retry once, then describe the item: retries send the references."""
@@ -131,20 +121,17 @@ class SeeingTask(ContextTask):
         SEEN_BY_HOOKS.append((list(args), dict(kwargs)))
 
 
-@typed
 @ext.celery.task(base=SeeingTask)
 def seen_by_hooks(*args: t.Any, **kwargs: t.Any) -> None:
     pass
 
 
-@typed
 @ext.celery.task
 def same(*args: t.Any) -> list[t.Any]:
     """Return the arguments themselves: inline, the caller compares them."""
     return list(args)
 
 
-@typed
 @ext.celery.task
 def seen_item(item_id: int) -> dict[str, t.Any]:
     """When the task ran, and the committed name of the item then, read on a
@@ -154,21 +141,18 @@ def seen_item(item_id: int) -> dict[str, t.Any]:
     return {"at": time.time(), "name": name}
 
 
-@typed
 @ext.celery.task
 def seen_remote(remote_id: int) -> str | None:
     remote = db.session.get(Remote, remote_id)
     return remote.name if remote else None
 
 
-@typed
 @ext.celery.task(bind=True)
 def job_task(self: Task, job: Job) -> dict[str, t.Any]:  # type: ignore[type-arg]
     """Whether the job row stores this task's id."""
     return {"name": job.name, "mine": job.task_id == self.request.id}
 
 
-@typed
 @ext.celery.task
 def add_item(name: str) -> int:
     """Add an item and commit."""
@@ -178,7 +162,6 @@ def add_item(name: str) -> int:
     return item.id
 
 
-@typed
 @ext.celery.task
 def count_named(name: str) -> int:
     return len(db.session.scalars(select(Item).where(Item.name == name)).all())

@@ -389,13 +389,14 @@ def plot(results: t.Mapping[str, t.Any], path: Path) -> None:
         )
         ax.axhline(THROUGHPUT_GOAL, color="#c0392b", linestyle="--", linewidth=1)
         ax.text(
-            -0.45,
+            1.0,
             THROUGHPUT_GOAL,
-            f"goal {THROUGHPUT_GOAL}",
+            f" goal\n {THROUGHPUT_GOAL}",
             color="#c0392b",
             fontsize=8,
             ha="left",
-            va="top",
+            va="center",
+            transform=ax.get_yaxis_transform(),
         )
         low = min(
             s.q1 for v in VARIANTS for s in [ratios(e2e[p][k], v) for p, k in scenarios]

@@ -94,6 +94,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
             was not called yet.
         """
         extension_of(self).app  # noqa: B018 (raises when not bound yet)
+        # Copies: model references in them are replaced by instances in place.
+        args, kwargs = list(args or ()), dict(kwargs or {})
         return super().apply(args, kwargs, *arguments, **options)
 
     def apply_async(

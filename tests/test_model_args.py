@@ -15,6 +15,7 @@ from flask import Flask
 from sqlalchemy.engine import Engine
 
 import ormtasks
+from flask_celery_ctx import models
 from flask_celery_ctx import MissingInstanceError
 from ormtasks import Pair
 from ormtasks import Remote
@@ -211,6 +212,19 @@ def test_inline_passes_the_callers_very_instances(app: Flask) -> None:
         transient = Item(name="transient")
         assert ormtasks.same.apply((transient,)).get()[0] is transient
         db.session.rollback()
+
+
+def test_apply_with_references_leaves_the_callers_arguments(app: Flask) -> None:
+    """References given to ``apply()``, as a list or a tuple, are loaded into
+    copies: the caller's arguments are left as they were."""
+    with app.app_context():
+        item = Item(name=unique("refs"))
+        saved(item)
+        reference = {models.MODEL: models.model_name(Item), models.KEY: [item.id]}
+        args = [reference, [reference]]
+        assert ormtasks.same.apply(args).get() == [item, [item]]
+        assert args == [reference, [reference]]
+        assert ormtasks.same.apply((reference,)).get() == [item]
 
 
 def test_eager_without_a_context_loads_in_the_tasks_session(app: Flask) -> None:

@@ -14,16 +14,16 @@ import pytest
 from flask import Flask
 from sqlalchemy.engine import Engine
 
-import ormtasks
-from flask_celery_ctx import models
 from flask_celery_ctx import MissingInstanceError
-from ormtasks import Pair
-from ormtasks import Remote
+from flask_celery_ctx import models
 from sqlalchemy import delete
 from sqlalchemy import update
 
+import ormtasks
 from conftest import Worker
 from conftest import WorkerFactory
+from ormtasks import Pair
+from ormtasks import Remote
 from taskapp import db
 from taskapp import Item
 

@@ -21,17 +21,17 @@ from flask import Flask
 from kombu.exceptions import OperationalError
 from sqlalchemy.engine import Engine
 
-import ormtasks
-from ormtasks import Job
-from ormtasks import Remote
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
 
+import ormtasks
 import taskapp
 from conftest import make_app
 from conftest import Worker
 from conftest import WorkerFactory
+from ormtasks import Job
+from ormtasks import Remote
 from taskapp import db
 from taskapp import Item
 

@@ -321,3 +321,17 @@ def other_postgres_url(postgres_url: str) -> t.Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture
+def orm_worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
+    """A worker of ``taskapp`` with the models and tasks of ``ormtasks``."""
+    import ormtasks
+
+    return workers(**ormtasks.config(other_postgres_url))
+
+
+@pytest.fixture
+def orm_client(orm_worker: Worker) -> Flask:
+    """The in-process app that sends tasks to ``orm_worker``."""
+    return orm_worker.client()

@@ -28,16 +28,6 @@ from taskapp import db
 from taskapp import Item
 
 
-@pytest.fixture
-def worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
-    return workers(**ormtasks.config(other_postgres_url))
-
-
-@pytest.fixture
-def client(worker: Worker) -> Flask:
-    return worker.client()
-
-
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -51,8 +41,10 @@ def seen(name: str) -> dict[str, object]:
     return {"model": "Item", "name": name, "attached": True}
 
 
-def test_instance_arrives_fresh_and_attached(client: Flask, pg_admin: Engine) -> None:
-    with client.app_context():
+def test_instance_arrives_fresh_and_attached(
+    orm_client: Flask, pg_admin: Engine
+) -> None:
+    with orm_client.app_context():
         item = Item(name="before")
         saved(item)
         assert item.name == "before"
@@ -68,8 +60,8 @@ def test_instance_arrives_fresh_and_attached(client: Flask, pg_admin: Engine) ->
     ]
 
 
-def test_containers_composite_keys_binds_one_query_per_model(client: Flask) -> None:
-    with client.app_context():
+def test_containers_composite_keys_binds_one_query_per_model(orm_client: Flask) -> None:
+    with orm_client.app_context():
         items = [Item(name=unique("item")) for _ in range(3)]
         a = int(time.time() * 1000) % 1_000_000_000
         pairs = [Pair(a=a, b="x", name="px"), Pair(a=a, b="y", name="py")]
@@ -127,8 +119,8 @@ def check_described(
     )
 
 
-def test_a_retry_sends_the_references_again(client: Flask) -> None:
-    with client.app_context():
+def test_a_retry_sends_the_references_again(orm_client: Flask) -> None:
+    with orm_client.app_context():
         item = Item(name=unique("retried"))
         saved(item)
         assert ormtasks.retried.delay(item).get(timeout=20) == {
@@ -138,9 +130,9 @@ def test_a_retry_sends_the_references_again(client: Flask) -> None:
 
 
 def test_a_deleted_row_fails_the_task(
-    client: Flask, worker: Worker, pg_admin: Engine
+    orm_client: Flask, orm_worker: Worker, pg_admin: Engine
 ) -> None:
-    with client.app_context():
+    with orm_client.app_context():
         gone, kept = Item(name="gone"), Item(name="kept")
         saved(gone, kept)
         with pg_admin.connect() as conn:
@@ -150,8 +142,8 @@ def test_a_deleted_row_fails_the_task(
             result.get(timeout=20)
         assert "allow_missing_instances=True" in str(info.value)
         failed = f"ormtasks.describe[{result.id}] raised unexpected"
-        worker.wait_for(failed)
-        (line,) = [line for line in worker.log.splitlines() if failed in line]
+        orm_worker.wait_for(failed)
+        (line,) = [line for line in orm_worker.log.splitlines() if failed in line]
         assert "MissingInstanceError" in line
         assert f"Item({gone.id})" in line
         assert ormtasks.describe_or_none.delay(kept, gone).get(timeout=20)["args"] == {
@@ -159,8 +151,8 @@ def test_a_deleted_row_fails_the_task(
         }
 
 
-def test_unsaved_instances_are_refused_when_sent(client: Flask) -> None:
-    with client.app_context():
+def test_unsaved_instances_are_refused_when_sent(orm_client: Flask) -> None:
+    with orm_client.app_context():
         with pytest.raises(ValueError, match="not saved, so it has no primary key"):
             ormtasks.describe.delay(Item(name="transient"))
         pending = Item(name="pending")
@@ -175,10 +167,10 @@ def test_argsrepr_shows_references_to_monitoring(
 ) -> None:
     # What Flower shows: the task-received event of a worker that sends them.
     config = ormtasks.config(other_postgres_url)
-    client = workers(**config, CELERY_WORKER_SEND_TASK_EVENTS=True).client()
-    celery = client.extensions["celery"].celery
+    orm_client = workers(**config, CELERY_WORKER_SEND_TASK_EVENTS=True).client()
+    celery = orm_client.extensions["celery"].celery
     events: list[dict[str, t.Any]] = []
-    with client.app_context(), celery.connection_for_read() as conn:
+    with orm_client.app_context(), celery.connection_for_read() as conn:
         item = Item(name="monitored")
         saved(item)
         receiver = celery.events.Receiver(

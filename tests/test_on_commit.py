@@ -36,16 +36,6 @@ from taskapp import db
 from taskapp import Item
 
 
-@pytest.fixture
-def worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
-    return workers(**ormtasks.config(other_postgres_url))
-
-
-@pytest.fixture
-def client(worker: Worker) -> Flask:
-    return worker.client()
-
-
 def barrier() -> None:
     """Wait until the worker ran everything sent so far."""
     assert taskapp.add.delay(1, 1).get(timeout=20) == 2
@@ -60,9 +50,9 @@ def count(engine: Engine, name: str) -> int:
         return conn.scalar(select(func.count()).where(Item.name == name)) or 0
 
 
-def test_worker_runs_after_the_commit(client: Flask) -> None:
+def test_worker_runs_after_the_commit(orm_client: Flask) -> None:
     name = unique("after")
-    with client.app_context():
+    with orm_client.app_context():
         item = Item(name=name)
         db.session.add(item)
         db.session.flush()
@@ -78,8 +68,8 @@ def test_worker_runs_after_the_commit(client: Flask) -> None:
     assert seen["at"] >= committed_at
 
 
-def test_id_is_known_before_sending_and_stored_with_the_row(client: Flask) -> None:
-    with client.app_context():
+def test_id_is_known_before_sending_and_stored_with_the_row(orm_client: Flask) -> None:
+    with orm_client.app_context():
         job = Job(name=unique("job"))
         db.session.add(job)
         db.session.flush()
@@ -96,9 +86,9 @@ def test_id_is_known_before_sending_and_stored_with_the_row(client: Flask) -> No
         assert given.get(timeout=20)["name"] == job.name
 
 
-def test_savepoint_release_is_no_commit(client: Flask) -> None:
+def test_savepoint_release_is_no_commit(orm_client: Flask) -> None:
     name = unique("savepoint")
-    with client.app_context():
+    with orm_client.app_context():
         db.session.add(Item(name="outer"))
         with db.session.begin_nested():
             result = ormtasks.add_item.delay_on_commit(name)
@@ -109,10 +99,10 @@ def test_savepoint_release_is_no_commit(client: Flask) -> None:
 
 
 def test_rollback_to_savepoint_drops_what_it_queued(
-    client: Flask, pg_admin: Engine
+    orm_client: Flask, pg_admin: Engine
 ) -> None:
     names = {k: unique(k) for k in ("outer", "middle", "inner", "after")}
-    with client.app_context():
+    with orm_client.app_context():
         db.session.add(Item(name="outer"))
         outer = ormtasks.add_item.delay_on_commit(names["outer"])
         middle = db.session.begin_nested()
@@ -130,10 +120,10 @@ def test_rollback_to_savepoint_drops_what_it_queued(
 
 
 def test_rollback_drops_and_a_later_commit_does_not_send(
-    client: Flask, pg_admin: Engine
+    orm_client: Flask, pg_admin: Engine
 ) -> None:
     first, second = unique("rolled-back"), unique("later")
-    with client.app_context():
+    with orm_client.app_context():
         db.session.add(Item(name="x"))
         dropped = ormtasks.add_item.delay_on_commit(first)
         db.session.rollback()
@@ -147,13 +137,13 @@ def test_rollback_drops_and_a_later_commit_does_not_send(
 
 
 def test_context_torn_down_without_commit_drops(
-    client: Flask, pg_admin: Engine
+    orm_client: Flask, pg_admin: Engine
 ) -> None:
     name = unique("torn-down")
-    with client.app_context():
+    with orm_client.app_context():
         db.session.add(Item(name="x"))
         dropped = ormtasks.add_item.delay_on_commit(name)
-    with client.app_context():
+    with orm_client.app_context():
         db.session.add(Item(name="y"))
         db.session.commit()
     barrier()
@@ -161,20 +151,20 @@ def test_context_torn_down_without_commit_drops(
     assert count(pg_admin, name) == 0
 
 
-def test_without_a_transaction_sends_at_once(client: Flask) -> None:
+def test_without_a_transaction_sends_at_once(orm_client: Flask) -> None:
     outside = ormtasks.add_item.delay_on_commit(unique("no-context"))
     assert isinstance(outside.get(timeout=20), int)
-    with client.app_context():
+    with orm_client.app_context():
         db.session.commit()  # nothing in progress
         inside = ormtasks.add_item.delay_on_commit(unique("no-transaction"))
         assert isinstance(inside.get(timeout=20), int)
 
 
-def test_binds_wait_for_the_session_commit(client: Flask) -> None:
+def test_binds_wait_for_the_session_commit(orm_client: Flask) -> None:
     # One session, one transaction over both databases: the messages wait for
     # its commit, whichever database was written to. A connection of your own
     # is another transaction, not watched.
-    with client.app_context():
+    with orm_client.app_context():
         remote = Remote(name=unique("remote"))
         db.session.add(remote)
         db.session.flush()
@@ -187,8 +177,8 @@ def test_binds_wait_for_the_session_commit(client: Flask) -> None:
         assert result.get(timeout=20) == remote.name
 
 
-def test_pending_instance_is_sent_with_its_key(client: Flask) -> None:
-    with client.app_context():
+def test_pending_instance_is_sent_with_its_key(orm_client: Flask) -> None:
+    with orm_client.app_context():
         item = Item(name=unique("pending"))
         db.session.add(item)
         result = ormtasks.describe.delay_on_commit(item)
@@ -200,8 +190,8 @@ def test_pending_instance_is_sent_with_its_key(client: Flask) -> None:
         assert described["argsrepr"] == f"(Item({item.id}),)"
 
 
-def test_errors_are_raised_when_queued(client: Flask) -> None:
-    with client.app_context():
+def test_errors_are_raised_when_queued(orm_client: Flask) -> None:
+    with orm_client.app_context():
         db.session.add(Item(name="x"))
         with pytest.raises(ValueError, match=r"not pending in db\.session"):
             ormtasks.describe.delay_on_commit(Item(name="transient"))
@@ -213,11 +203,11 @@ def test_errors_are_raised_when_queued(client: Flask) -> None:
 
 
 def test_send_failure_is_logged_and_raised_after_the_commit(
-    worker: Worker, pg_admin: Engine, caplog: pytest.LogCaptureFixture
+    orm_worker: Worker, pg_admin: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app(
         {
-            **worker.config,
+            **orm_worker.config,
             "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
             "CELERY_TASK_PUBLISH_RETRY": False,
             "CELERY_BROKER_TRANSPORT_OPTIONS": {"max_retries": 0},
@@ -246,9 +236,9 @@ def test_send_failure_is_logged_and_raised_after_the_commit(
 
 
 def test_a_failed_send_does_not_stop_the_others(
-    client: Flask, caplog: pytest.LogCaptureFixture
+    orm_client: Flask, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with client.app_context():
+    with orm_client.app_context():
         lost = Item(name="expunged")
         db.session.add(lost)
         failing = ormtasks.describe.delay_on_commit(lost)
@@ -261,9 +251,9 @@ def test_a_failed_send_does_not_stop_the_others(
 
 
 def test_rabbitmq(workers: WorkerFactory, other_postgres_url: str) -> None:
-    worker = workers("rabbitmq", **ormtasks.config(other_postgres_url))
-    client = worker.client()
-    with client.app_context():
+    orm_worker = workers("rabbitmq", **ormtasks.config(other_postgres_url))
+    orm_client = orm_worker.client()
+    with orm_client.app_context():
         item = Item(name=unique("rabbit"))
         db.session.add(item)
         result = ormtasks.describe.delay_on_commit(item)

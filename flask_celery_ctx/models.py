@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import typing as t
 
-from sqlalchemy.orm import Session
-
-import sqlalchemy as sa
-
 if t.TYPE_CHECKING:
     from celery import Task
+    from sqlalchemy.orm import Session
 
 MODEL = "__model__"
 KEY = "__key__"
@@ -100,6 +97,8 @@ def check_pending(
     :param session: The session whose commit the send waits for.
     :raises ValueError: An instance is not saved and would not be.
     """
+    import sqlalchemy as sa
+
     for value in values:
         for instance in instances(value, base):
             state = sa.inspect(instance)
@@ -139,6 +138,8 @@ def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any,
         returned as they are.
     :raises ValueError: An instance has no primary key yet.
     """
+    import sqlalchemy as sa
+
     if isinstance(value, base):
         state = sa.inspect(value)
         if state.key is None:
@@ -217,6 +218,8 @@ def load(
         allow it.
     :raises LookupError: A reference names a model the app does not have.
     """
+    import sqlalchemy as sa
+
     wanted: dict[type[t.Any], set[tuple[t.Any, ...]]] = {}
     models: dict[str, type[t.Any]] | None = None
     for ref in _references([args, kwargs]):

@@ -21,15 +21,13 @@ import typing as t
 from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
-from sqlalchemy.orm import Session
-from sqlalchemy.orm import SessionTransaction
-
-from sqlalchemy import event
 
 from .sqlalchemy import get_db
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
+    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import SessionTransaction
 
     from .task import ContextTask
 
@@ -108,6 +106,8 @@ def _send(send: _Send) -> AsyncResult[t.Any]:
 
 
 def _install(cls: type[Session]) -> None:
+    from sqlalchemy import event
+
     with _install_lock:
         if not event.contains(cls, "after_transaction_end", _after_transaction_end):
             event.listen(cls, "after_commit", _after_commit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import typing as t
 
 import pytest
@@ -133,3 +135,41 @@ def test_without_flask_sqlalchemy(workers: WorkerFactory) -> None:
     plainapp.create_app(worker.config)
     results = [plainapp.app_name.delay().get(timeout=20) for _ in range(3)]
     assert results == [["plainapp", None]] * 3
+
+
+WITHOUT_SQLALCHEMY = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sqlalchemy", "flask_sqlalchemy"):
+            raise ImportError(f"{name} is not installed")
+
+sys.meta_path.insert(0, Block())
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+app = Flask("plain")
+app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+ext = FlaskCelery(app)
+
+@ext.celery.task
+def add(x, y):
+    return x + y
+
+with app.app_context():
+    add.delay_on_commit(1, 1)
+print(add.delay(1, 2).get(), add.apply((2, 3)).get(), add(3, 4))
+"""
+
+
+def test_works_without_sqlalchemy_installed() -> None:
+    """Flask and Celery are the only dependencies."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SQLALCHEMY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "5", "7"]

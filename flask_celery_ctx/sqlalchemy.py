@@ -30,7 +30,7 @@ def get_db(app: Flask) -> SQLAlchemy | None:
 
 
 def discard_session(app: Flask, app_ctx: AppContext) -> None:
-    """Close the session of an application context that has been popped.
+    """Invalidate the session an application context left behind when popped.
 
     Flask-SQLAlchemy removes the session in a ``teardown_appcontext``
     function, but Flask stops calling teardown functions at the first one that
@@ -120,9 +120,10 @@ def dispose_inherited_connections(app: Flask) -> None:
         engine.dispose(close=False)
 
 
-def pool_capacity(engine: Engine) -> int | None:
-    """The most connections an engine's pool hands out at once: its
-    ``pool_size`` plus its ``max_overflow``, or ``None`` for no limit.
+def pool_limits(engine: Engine) -> tuple[int, int] | None:
+    """An engine pool's ``pool_size`` and ``max_overflow``: together, the
+    most connections it hands out at once. ``None`` for a pool without such
+    a limit.
 
     :param engine: A SQLAlchemy engine.
     """
@@ -131,4 +132,4 @@ def pool_capacity(engine: Engine) -> int | None:
     overflow = getattr(pool, "_max_overflow", None)
     if not callable(size) or not isinstance(overflow, int) or overflow < 0:
         return None
-    return int(size()) + overflow
+    return int(size()), overflow

@@ -173,9 +173,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         if db is not None:
             models.check_pending(self.name, db.Model, [args, kwargs], session)
             args, kwargs = models.placeholders([args, kwargs], db.Model)
-        serializer = options.get("serializer") or self.serializer or "json"
         try:
-            serialization.dumps((args, kwargs), serializer)
+            serialization.dumps((args, kwargs), self._serializer(options))
         except EncodeError as exc:
             raise self._encode_error(exc, options) from exc
 
@@ -230,11 +229,14 @@ class ContextTask(Task):  # type: ignore[type-arg]
         )
         return sent_args, sent_kwargs
 
+    def _serializer(self, options: dict[str, t.Any]) -> str:
+        """The serializer a send with these options uses."""
+        return str(options.get("serializer") or self.serializer or "json")
+
     def _encode_error(self, exc: EncodeError, options: dict[str, t.Any]) -> EncodeError:
-        serializer = options.get("serializer") or self.serializer or "json"
         return EncodeError(
             f"The arguments of task {self.name!r} cannot be serialized with"
-            f" {serializer!r}: {exc}. Pass values the serializer accepts:"
+            f" {self._serializer(options)!r}: {exc}. Pass values the serializer accepts:"
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
             " of the app's models."
         )

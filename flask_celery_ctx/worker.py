@@ -13,7 +13,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .sqlalchemy import dispose_inherited_connections
 from .sqlalchemy import get_engines
-from .sqlalchemy import pool_capacity
+from .sqlalchemy import pool_limits
 
 if t.TYPE_CHECKING:
     from .extension import FlaskCelery
@@ -109,9 +109,10 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
     :param concurrency: How many tasks the pool runs at once.
     """
     for key, engine in get_engines(ext.app).items():
-        capacity = pool_capacity(engine)
-        if capacity is None or concurrency <= capacity:
+        limits = pool_limits(engine)
+        if limits is None or concurrency <= sum(limits):
             continue
+        size, overflow = limits
         name = "the default engine" if key is None else f"the engine of bind {key!r}"
         setting = (
             "SQLALCHEMY_ENGINE_OPTIONS"
@@ -127,9 +128,9 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
             pool,
             concurrency,
             name,
-            engine.pool.size(),  # type: ignore[attr-defined]
-            capacity - engine.pool.size(),  # type: ignore[attr-defined]
-            capacity,
+            size,
+            overflow,
+            size + overflow,
             setting,
             concurrency,
         )

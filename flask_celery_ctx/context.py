@@ -1,15 +1,16 @@
 """When a task gets a Flask context, and which one.
 
-A task's life in a worker is traced by Celery (``celery/app/trace.py``): the
+A task's context is pushed before Celery's tracer starts the task and popped
+after it returns (see :mod:`flask_celery_ctx.tracing`), so it spans the
 ``task_prerun`` signal, ``before_start``, the body, ``on_success`` /
-``on_failure`` / ``on_retry``, ``after_return``, and the ``task_postrun``
-signal, sent from a ``finally`` block. The context is pushed on
-``task_prerun`` and popped on ``task_postrun``, so it spans all of them, for
-every task of the Celery app, whatever its base class.
+``on_failure`` / ``on_retry``, ``after_return`` and the ``task_postrun``
+signal. Tasks of another base class get theirs on the two signals (see
+:mod:`flask_celery_ctx.extension`).
 """
 
 from __future__ import annotations
 
+import logging
 import typing as t
 from contextlib import contextmanager
 
@@ -22,6 +23,9 @@ from flask.globals import app_ctx
 
 from .sqlalchemy import discard_session
 from .sqlalchemy import invalidate_interrupted_session
+from .sqlalchemy import sessions_by_context
+
+logger = logging.getLogger("flask_celery_ctx")
 
 
 def in_app_context(app: Flask) -> bool:
@@ -43,12 +47,15 @@ class TaskContext:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self._ctx: AppContext | RequestContext = (
-            app.test_request_context() if app.testing else app.app_context()
-        )
-        self._ctx.push()
-        #: The application context, whose ``id()`` scopes the session.
-        self.app_ctx: AppContext = app_ctx._get_current_object()  # type: ignore[attr-defined]
+        self._ctx: AppContext | RequestContext
+        if app.testing:
+            self._ctx = app.test_request_context()
+            self._ctx.push()
+            #: The application context, whose ``id()`` scopes the session.
+            self.app_ctx: AppContext = app_ctx._get_current_object()  # type: ignore[attr-defined]
+        else:
+            self._ctx = self.app_ctx = app.app_context()
+            self._ctx.push()
 
     def pop(self, exc: BaseException | None = None) -> None:
         """Pop the context and make sure its database session is gone, even
@@ -57,11 +64,29 @@ class TaskContext:
         :param exc: The exception the task raised, passed to teardown
             functions.
         """
-        invalidate_interrupted_session(self.app, exc)
+        sessions = sessions_by_context(self.app)
+        session = None if sessions is None else sessions.get(id(self.app_ctx))
+        if session is not None:
+            invalidate_interrupted_session(session, exc)
         try:
             self._ctx.pop(exc)
         finally:
-            discard_session(self.app, self.app_ctx)
+            if sessions is not None:
+                discard_session(sessions, self.app_ctx)
+
+    def close(self, exc: BaseException | None, task_name: str) -> None:
+        """Pop the context once its task is done, logging, not raising, what
+        a teardown function raised: the task's outcome is already recorded,
+        and a worker would report the error as a second outcome.
+
+        :param exc: The exception the task raised, passed to teardown
+            functions.
+        :param task_name: The task's name, for the log.
+        """
+        try:
+            self.pop(exc)
+        except Exception:
+            logger.exception("Tearing down the context of task %r raised", task_name)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from contextvars import ContextVar
 from celery import Celery
 from celery import signals
 from celery import Task
+from celery.app.registry import TaskRegistry
 from flask import Flask
 
 from .cli import celery_command
@@ -16,11 +17,13 @@ from .config import celery_settings
 from .context import in_app_context
 from .context import TaskContext
 from .task import ContextTask
+from .tracing import TaskLoader
 from .worker import install as install_worker_signals
 
-# Contexts pushed by ``task_prerun``, popped by ``task_postrun``: an entry
-# per traced task, with the request it was pushed for, so that the two
-# signals pair up even when tasks are applied inline from other tasks.
+# Contexts pushed by ``task_prerun``, popped by ``task_postrun``, for tasks
+# that do not derive from ContextTask: an entry per traced task, with the
+# request it was pushed for, so that the two signals pair up even when tasks
+# are applied inline from other tasks.
 _pushed: ContextVar[tuple[tuple[object, TaskContext | None], ...]] = ContextVar(
     "flask_celery_ctx_pushed", default=()
 )
@@ -59,12 +62,16 @@ class FlaskCelery:
         #: The Celery application. Tasks declared on it get
         #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
         #: they name another with ``base=``.
-        self.celery: Celery[ContextTask] = Celery(task_cls=ContextTask)
+        self.celery: Celery[ContextTask] = Celery(
+            task_cls=ContextTask,
+            loader=TaskLoader,
+            # Celery takes a registry instance; its type stubs say a class.
+            tasks=_Registry(self._cover_other_tasks),  # type: ignore[arg-type]
+        )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
         self._app: Flask | None = None
-        signals.task_prerun.connect(self._on_task_prerun)
-        signals.task_postrun.connect(self._on_task_postrun)
+        self._signals_connected = False
         install_worker_signals(self)
 
         if app is not None:
@@ -129,8 +136,19 @@ class FlaskCelery:
                 consumer.stop()  # it holds a connection of its own
             celery._local = threading.local()
 
+    def _cover_other_tasks(self) -> None:
+        """Give a context to tasks whose base class is not ContextTask, from
+        Celery's task signals; called when the first such task is registered.
+        ContextTask pushes its own, at less cost: Celery skips the signals
+        while no receiver is connected.
+        """
+        if not self._signals_connected:
+            self._signals_connected = True
+            signals.task_prerun.connect(self._on_task_prerun)
+            signals.task_postrun.connect(self._on_task_postrun)
+
     def _on_task_prerun(self, sender: Task[t.Any, t.Any], **kwargs: t.Any) -> None:
-        if sender.app is not self.celery:
+        if sender.app is not self.celery or isinstance(sender, ContextTask):
             return
         request = sender.request
         app = self.app
@@ -138,13 +156,11 @@ class FlaskCelery:
         # context of the same app shares it.
         ctx = None if request.is_eager and in_app_context(app) else TaskContext(app)
         _pushed.set((*_pushed.get(), (request, ctx)))
-        if isinstance(sender, ContextTask):
-            sender.load_instances(kwargs.get("args"), kwargs.get("kwargs"))
 
     def _on_task_postrun(
         self, sender: Task[t.Any, t.Any], retval: t.Any = None, **kwargs: t.Any
     ) -> None:
-        if sender.app is not self.celery:
+        if sender.app is not self.celery or isinstance(sender, ContextTask):
             return
         pushed = _pushed.get()
         if not pushed or pushed[-1][0] is not sender.request:
@@ -153,3 +169,20 @@ class FlaskCelery:
         ctx = pushed[-1][1]
         if ctx is not None:
             ctx.pop(retval if isinstance(retval, BaseException) else None)
+
+
+class _Registry(TaskRegistry):
+    """The task registry of a FlaskCelery app, which notices the first task
+    registered whose base class is not :class:`ContextTask`.
+
+    :param on_other_task: Called when such a task is registered.
+    """
+
+    def __init__(self, on_other_task: t.Callable[[], None]) -> None:
+        super().__init__()
+        self._on_other_task = on_other_task
+
+    def __setitem__(self, name: str, task: Task[t.Any, t.Any]) -> None:
+        super().__setitem__(name, task)
+        if not isinstance(task, ContextTask):
+            self._on_other_task()

@@ -8,7 +8,8 @@ dict that names the model and the primary key::
 and arrives as an instance loaded in the task's own session. References are
 made only when a message is serialized (sent to a broker, or run eagerly
 through ``delay``), inside lists, tuples and dicts of the arguments too. They
-are loaded on ``task_prerun``, in the task's context, one query per model.
+are loaded when Celery's tracer starts the task, in the task's context, one
+query per model (see :mod:`flask_celery_ctx.tracing`).
 """
 
 from __future__ import annotations
@@ -288,6 +289,8 @@ def has_references(args: t.Any, kwargs: t.Any) -> bool:
     :param kwargs: The keyword arguments.
     """
     # Runs for every task: a loop over the containers only.
+    if not args and not kwargs:
+        return False
     stack = [v for v in (args, kwargs) if type(v) in _CONTAINERS]
     while stack:
         value = stack.pop()

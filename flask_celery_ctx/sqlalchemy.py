@@ -29,7 +29,18 @@ def get_db(app: Flask) -> SQLAlchemy | None:
     return app.extensions.get("sqlalchemy")
 
 
-def discard_session(app: Flask, app_ctx: AppContext) -> None:
+def sessions_by_context(app: Flask) -> dict[int, Session] | None:
+    """Return Flask-SQLAlchemy's sessions of the app, by ``id()`` of the
+    application context each belongs to; ``None`` without Flask-SQLAlchemy.
+
+    :param app: The Flask application.
+    """
+    db = get_db(app)
+    registry = None if db is None else getattr(db.session.registry, "registry", None)
+    return registry if isinstance(registry, dict) else None
+
+
+def discard_session(sessions: dict[int, Session], app_ctx: AppContext) -> None:
     """Invalidate the session an application context left behind when popped.
 
     Flask-SQLAlchemy removes the session in a ``teardown_appcontext``
@@ -42,23 +53,17 @@ def discard_session(app: Flask, app_ctx: AppContext) -> None:
     their transactions on the server, instead of going back to the pool to
     serve the next task in an unknown state.
 
-    :param app: The application the context belongs to.
+    :param sessions: The app's sessions, from :func:`sessions_by_context`.
     :param app_ctx: The application context, already popped.
     """
-    db = get_db(app)
-    if db is None:
-        return
-    # Flask-SQLAlchemy scopes sessions by ``id()`` of the app context.
-    registry = getattr(db.session.registry, "registry", None)
-    if isinstance(registry, dict):
-        session = registry.pop(id(app_ctx), None)
-        if session is not None:
-            session.invalidate()
+    session = sessions.pop(id(app_ctx), None)
+    if session is not None:
+        session.invalidate()
 
 
-def invalidate_interrupted_session(app: Flask, exc: BaseException | None) -> None:
-    """Close the connections of the current context's session instead of
-    returning them to the pool, when a query of the task was interrupted.
+def invalidate_interrupted_session(session: Session, exc: BaseException | None) -> None:
+    """Close the connections of a task's session instead of returning them to
+    the pool, when a query of the task was interrupted.
 
     A soft time limit raises in whatever the task was doing, possibly inside
     the database driver in the middle of a query, and the task may even catch
@@ -67,13 +72,9 @@ def invalidate_interrupted_session(app: Flask, exc: BaseException | None) -> Non
     it would sit idle in a transaction. Closing it ends the query and the
     transaction on the server. Call it before the context is torn down.
 
-    :param app: The application whose context is active.
+    :param session: The session of the task's context.
     :param exc: The exception the task raised, if any.
     """
-    db = get_db(app)
-    if db is None or not db.session.registry.has():
-        return
-    session = db.session()
     if isinstance(exc, SoftTimeLimitExceeded) or _has_busy_connection(session):
         session.invalidate()
 

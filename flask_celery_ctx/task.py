@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing as t
+from functools import partial
 
 from celery import Task
 from celery.utils.saferepr import saferepr
@@ -11,7 +12,10 @@ from kombu.exceptions import EncodeError
 
 from . import models
 from . import oncommit
+from . import tracing
+from .context import in_app_context
 from .context import inline_context
+from .context import TaskContext
 from .sqlalchemy import get_db
 
 if t.TYPE_CHECKING:
@@ -20,11 +24,6 @@ if t.TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from .extension import FlaskCelery
-
-# Where a failure to load a task's model instances waits for its
-# ``__call__``: Celery logs the exceptions of ``task_prerun`` receivers
-# instead of raising them.
-_LOAD_ERROR = "_flask_celery_ctx_load_error"
 
 
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
@@ -48,18 +47,17 @@ def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
 class ContextTask(Task):  # type: ignore[type-arg]
     """The default base class of tasks declared with ``@ext.celery.task``.
 
-    In a worker, every task of the Celery app runs in a fresh Flask context,
-    whatever its base class; that is done with Celery's task signals. This
-    class adds what only a task class can do:
-
-    - a direct call, ``add(1, 2)``, runs in the caller's application context,
-      or in one pushed for the call when none is active;
-    - sending a task before :meth:`~flask_celery_ctx.FlaskCelery.init_app`,
+    - Run by a worker or inline with :meth:`apply`, the task runs in a Flask
+      context that spans its hooks too (see :doc:`/contexts`); tasks of
+      another base class get one from Celery's task signals.
+    - A direct call, ``add(1, 2)``, runs in the caller's application context,
+      or in one pushed for the call when none is active.
+    - Sending a task before :meth:`~flask_celery_ctx.FlaskCelery.init_app`,
       or with arguments the serializer refuses, raises an error that says
-      what to do;
+      what to do.
     - :meth:`delay_on_commit` and :meth:`apply_async_on_commit` send after
-      the commit of the session's transaction (see :doc:`/on-commit`);
-    - model instances in the arguments travel as references and arrive
+      the commit of the session's transaction (see :doc:`/on-commit`).
+    - Model instances in the arguments travel as references and arrive
       loaded in the task's session (see :doc:`/models`).
     """
 
@@ -69,13 +67,34 @@ class ContextTask(Task):  # type: ignore[type-arg]
     #: ``@ext.celery.task(allow_missing_instances=True)``.
     allow_missing_instances: bool = False
 
+    _context_tracer: t.Callable[..., t.Any] | None = None
+
+    @property
+    def __trace__(self) -> t.Callable[..., t.Any] | None:
+        """The tracer a worker runs the task with, in a fresh context.
+
+        A worker builds a tracer for each task with Celery's ``build_tracer``
+        and stores it here, before it runs any; it is kept wrapped in
+        :func:`~flask_celery_ctx.tracing.trace_in_context`.
+
+        :meta private:
+        """
+        return self._context_tracer
+
+    @__trace__.setter
+    def __trace__(self, tracer: t.Callable[..., t.Any] | None) -> None:
+        self._context_tracer = (
+            None
+            if tracer is None
+            else partial(tracing.trace_in_context, extension_of(self), self, tracer)
+        )
+
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        request = self.request_stack.top
-        if request is not None and not request.called_directly:
-            # Traced by Celery: the task signals handle the context.
-            error = getattr(request, _LOAD_ERROR, None)
-            if error is not None:
-                raise error
+        call = tracing.start(self)
+        if call is not None:
+            # Traced by Celery, in the context pushed for it.
+            if call.error is not None:
+                raise call.error
             return self.run(*args, **kwargs)
         with inline_context(extension_of(self).app):
             return super().__call__(*args, **kwargs)
@@ -93,10 +112,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet.
         """
-        extension_of(self).app  # noqa: B018 (raises when not bound yet)
+        app = extension_of(self).app
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
-        return super().apply(args, kwargs, *arguments, **options)
+        ctx = None if in_app_context(app) else TaskContext(app)
+        return tracing.apply_in_context(
+            self, ctx, super().apply, args, kwargs, *arguments, **options
+        )
 
     def apply_async(
         self,
@@ -180,14 +202,16 @@ class ContextTask(Task):  # type: ignore[type-arg]
 
     def load_instances(self, args: t.Any, kwargs: t.Any) -> None:
         """Replace the references in the arguments of the running task by
-        instances loaded in its session; called on ``task_prerun``, in the
-        task's context, so that the hooks see the instances too.
+        instances loaded in its session; called when the tracer starts the
+        task, in the task's context, after the ``task_prerun`` signal and
+        before ``before_start``, so that the hooks see the instances too.
 
         The request keeps the references, for retries and stored results.
-        A failure is raised when the task's body is called.
 
         :param args: The positional arguments, replaced in place.
         :param kwargs: The keyword arguments, replaced in place.
+        :raises MissingInstanceError: A row is gone, and the task does not
+            allow it.
         :meta private:
         """
         if not models.has_references(args, kwargs):
@@ -197,15 +221,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
             return
         request = self.request
         request.args, request.kwargs = list(args), dict(kwargs)
-        try:
-            if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise TypeError(
-                    f"Task {self.name!r} got its arguments as"
-                    f" {type(args).__name__}, which cannot be replaced in place."
-                )
-            models.load(self, db.Model, db.session(), args, kwargs)
-        except Exception as exc:
-            setattr(request, _LOAD_ERROR, exc)
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise TypeError(
+                f"Task {self.name!r} got its arguments as"
+                f" {type(args).__name__}, which cannot be replaced in place."
+            )
+        models.load(self, db.Model, db.session(), args, kwargs)
 
     def _dump_instances(
         self, base: type[t.Any], args: t.Any, kwargs: t.Any, options: dict[str, t.Any]

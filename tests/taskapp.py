@@ -112,8 +112,12 @@ class HookedTask(RecordingHooks, ContextTask):
     pass
 
 
-class ForeignTask(RecordingHooks, Task):  # type: ignore[type-arg]
+class LibraryTask(Task):  # type: ignore[type-arg]
     """A base class from a library that knows nothing of Flask."""
+
+
+class ForeignTask(RecordingHooks, LibraryTask):
+    """A library's base class, with hooks."""
 
 
 @ext.celery.task
@@ -124,6 +128,16 @@ def add(x: int, y: int) -> int:
 @ext.celery.task
 def context_state(marker: str) -> dict[str, t.Any]:
     """Report what the context held when the task started, then mark it."""
+    return mark_context(marker)
+
+
+@ext.celery.task(base=LibraryTask)
+def foreign_context_state(marker: str) -> dict[str, t.Any]:
+    """:func:`context_state`, for a task of a library's base class."""
+    return mark_context(marker)
+
+
+def mark_context(marker: str) -> dict[str, t.Any]:
     state = {
         "g": g.get("marker"),
         "session": db.session.info.get("marker"),

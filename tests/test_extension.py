@@ -173,3 +173,36 @@ def test_works_without_sqlalchemy_installed() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "5", "7"]
+
+
+TASK_SIGNALS = """
+from celery import signals, Task
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+ext = FlaskCelery(Flask("own"))
+
+@ext.celery.task
+def plain():
+    pass
+
+ext.celery.finalize()
+print(len(signals.task_prerun.receivers), len(signals.task_postrun.receivers))
+
+@ext.celery.task(base=Task)
+def based():
+    pass
+
+print(len(signals.task_prerun.receivers), len(signals.task_postrun.receivers))
+"""
+
+
+def test_task_signals_connected_only_for_other_base_classes() -> None:
+    """Celery skips ``task_prerun`` and ``task_postrun`` while nothing is
+    connected to them: an app whose tasks all derive from ContextTask,
+    Celery's built-in tasks included, leaves them so."""
+    result = subprocess.run(
+        [sys.executable, "-c", TASK_SIGNALS], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["0 0", "1 1"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typing as t
 
 import pytest
+from celery import signals
 from flask import Flask
 from flask import g
 
@@ -28,6 +29,16 @@ CALLS: dict[str, t.Callable[[t.Any, str], t.Any]] = {
 @ext.celery.task
 def inline_probe(name: str) -> dict[str, t.Any]:
     """What an inline task sees of its caller's context."""
+    return probe(name)
+
+
+@ext.celery.task(base=taskapp.LibraryTask)
+def foreign_probe(name: str) -> dict[str, t.Any]:
+    """:func:`inline_probe`, for a task of a library's base class."""
+    return probe(name)
+
+
+def probe(name: str) -> dict[str, t.Any]:
     return {
         "g": g.get("caller"),
         "session": db.session.info.get("caller"),
@@ -77,6 +88,16 @@ def test_inline_without_a_context_under_testing(inline_app: Flask, call: str) ->
     assert CALLS[call](taskapp.context_state, "m")["request"] is True
 
 
+@pytest.mark.parametrize("call", ["delay", "apply"])
+def test_inline_task_of_a_library_base_class(inline_app: Flask, call: str) -> None:
+    assert CALLS[call](foreign_probe, "x") == {"g": None, "session": None, "rows": 0}
+    with inline_app.app_context():
+        g.caller = "view"
+        assert CALLS[call](foreign_probe, "x")["g"] == "view"
+    with inline_app.app_context():
+        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 def test_inline_in_another_apps_context_uses_the_bound_app(inline_app: Flask) -> None:
     other = Flask("other")
     with other.app_context():
@@ -94,3 +115,23 @@ def test_eager_failure_still_tears_down(inline_app: Flask) -> None:
             db.session.scalar(select(func.count()).where(Item.name == "eager-fail"))
             == 0
         )
+
+
+def test_signal_receivers_run_in_the_task_context(inline_app: Flask) -> None:
+    """Celery sends ``task_prerun`` and ``task_postrun`` inside the context."""
+    seen: list[str] = []
+
+    def prerun(**kwargs: t.Any) -> None:
+        g.caller = "task_prerun"
+
+    def postrun(**kwargs: t.Any) -> None:
+        seen.append(g.caller)
+
+    signals.task_prerun.connect(prerun, weak=False)
+    signals.task_postrun.connect(postrun, weak=False)
+    try:
+        assert inline_probe.apply(("x",)).get()["g"] == "task_prerun"
+    finally:
+        signals.task_prerun.disconnect(prerun)
+        signals.task_postrun.disconnect(postrun)
+    assert seen == ["task_prerun"]

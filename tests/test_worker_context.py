@@ -16,14 +16,21 @@ from conftest import FLASK
 from conftest import WorkerFactory
 
 POOLS = [("solo", 1), ("prefork", 2), ("threads", 4)]
+# A task of FlaskCelery's base class, and one of a library's.
+STATE_TASKS = pytest.mark.parametrize(
+    "task",
+    [taskapp.context_state, taskapp.foreign_context_state],
+    ids=["ContextTask", "foreign"],
+)
 
 
+@STATE_TASKS
 @pytest.mark.parametrize(("pool", "concurrency"), POOLS)
 def test_fresh_context_per_task(
-    workers: WorkerFactory, pool: str, concurrency: int
+    workers: WorkerFactory, pool: str, concurrency: int, task: t.Any
 ) -> None:
     workers(pool=pool, concurrency=concurrency).client()
-    results = [taskapp.context_state.delay(f"m{i}") for i in range(12)]
+    results = [task.delay(f"m{i}") for i in range(12)]
     states = [result.get(timeout=20) for result in results]
     assert [state["g"] for state in states] == [None] * 12
     assert [state["session"] for state in states] == [None] * 12
@@ -37,7 +44,10 @@ def test_testing_runs_in_a_request_context(workers: WorkerFactory) -> None:
     assert state["g"] is None
 
 
-def test_context_pushed_at_worker_start_is_not_reused(workers: WorkerFactory) -> None:
+@STATE_TASKS
+def test_context_pushed_at_worker_start_is_not_reused(
+    workers: WorkerFactory, task: t.Any
+) -> None:
     """``celery -A module worker``, from a module that leaves a context
     pushed, as tutorials do: the solo pool runs tasks in that very thread."""
     worker = workers.start(
@@ -48,7 +58,7 @@ def test_context_pushed_at_worker_start_is_not_reused(workers: WorkerFactory) ->
     )
     worker.wait_ready()
     worker.client()
-    states = [taskapp.context_state.delay(f"m{i}").get(timeout=20) for i in range(3)]
+    states = [task.delay(f"m{i}").get(timeout=20) for i in range(3)]
     assert [state["g"] for state in states] == [None] * 3
     assert [state["session"] for state in states] == [None] * 3
 

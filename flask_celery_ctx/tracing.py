@@ -1,0 +1,179 @@
+"""How Celery's tracer runs a :class:`~flask_celery_ctx.ContextTask` in a
+Flask context.
+
+Celery traces every task it runs (``celery/app/trace.py``): it pushes the
+task's request, sends ``task_prerun``, calls its loader's ``on_task_init``,
+then ``before_start``, the task itself (its ``__call__``), ``on_success`` /
+``on_failure`` / ``on_retry`` and ``after_return``, and sends
+``task_postrun`` from a ``finally`` block. A worker builds each task's tracer
+once and keeps it as the task's ``__trace__``; ``apply()`` builds one per
+call.
+
+Three places take part in a traced call of a ContextTask, and share a
+:class:`TracedCall`:
+
+- the context is pushed before the tracer runs and popped after it returns:
+  around the worker's tracer (:func:`trace_in_context`) and around
+  ``apply()`` (:func:`apply_in_context`);
+- the loader (:class:`TaskLoader`) loads the model instances in the
+  arguments, once the request is pushed and before the hooks see them;
+- the task's ``__call__`` tells the traced call from a direct call, which
+  needs a context of its own, and raises what loading the instances raised.
+
+Celery skips its task signals while nothing is connected to them, so this
+costs a task no more than pushing the context around its body would.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from contextvars import ContextVar
+
+from celery.loaders.app import AppLoader
+
+from .context import TaskContext
+
+if t.TYPE_CHECKING:
+    from celery import Task
+    from celery.result import EagerResult
+
+    from .extension import FlaskCelery
+    from .task import ContextTask
+
+
+class TracedCall:
+    """A call of a task that Celery's tracer is running.
+
+    :param task: The task.
+    :param args: The positional arguments the tracer passes to the hooks and
+        to the task: model instances replace the references in place.
+    :param kwargs: The keyword arguments, likewise.
+    """
+
+    __slots__ = ("args", "error", "kwargs", "started", "task")
+
+    def __init__(self, task: ContextTask, args: t.Any, kwargs: t.Any) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        #: What loading the model instances raised.
+        self.error: Exception | None = None
+        #: Whether the tracer called the task.
+        self.started = False
+
+
+_current: ContextVar[TracedCall | None] = ContextVar(
+    "flask_celery_ctx_traced_call", default=None
+)
+
+
+def start(task: ContextTask) -> TracedCall | None:
+    """Return the traced call of ``task`` that the tracer starts now, when its
+    ``__call__`` is called by the tracer; ``None`` for a direct call.
+
+    :param task: The task whose ``__call__`` is called.
+    """
+    call = _current.get()
+    if call is None or call.task is not task or call.started:
+        return None
+    call.started = True
+    return call
+
+
+def trace_in_context(
+    ext: FlaskCelery,
+    task: ContextTask,
+    tracer: t.Callable[..., t.Any],
+    uuid: str,
+    args: t.Any,
+    kwargs: t.Any,
+    request: t.Any = None,
+) -> t.Any:
+    """Run a task's tracer, as a worker calls it, in a fresh context of the
+    app the extension is bound to.
+
+    A worker never reuses a context that is active when the task starts:
+    each task gets its own ``g`` and its own session.
+
+    :param ext: The extension of the task's Celery app.
+    :param task: The task.
+    :param tracer: What ``celery.app.trace.build_tracer`` built for the task.
+    :param uuid: The task's id, and the rest of the tracer's arguments.
+    :return: What the tracer returns: a ``trace_ok_t``, whose ``info`` holds
+        the task's exception, if any.
+    """
+    ctx = TaskContext(ext.app)
+    token = _current.set(TracedCall(task, args, kwargs))
+    try:
+        traced = tracer(uuid, args, kwargs, request)
+    except BaseException as exc:
+        ctx.close(exc, task.name)
+        raise
+    finally:
+        _current.reset(token)
+    info = traced[1]
+    ctx.close(_exception(None if info is None else info.retval), task.name)
+    return traced
+
+
+def apply_in_context(
+    task: ContextTask,
+    ctx: TaskContext | None,
+    apply: t.Callable[..., EagerResult[t.Any]],
+    args: t.Any,
+    kwargs: t.Any,
+    *arguments: t.Any,
+    **options: t.Any,
+) -> EagerResult[t.Any]:
+    """Run Celery's ``Task.apply`` as a traced call, and close ``ctx`` after.
+
+    :param task: The task.
+    :param ctx: The context pushed for the call; ``None`` when the call
+        shares its caller's.
+    :param apply: Celery's ``apply`` of the task.
+    :param args: The positional arguments, a list the call may change.
+    :param kwargs: The keyword arguments, a dict the call may change.
+    """
+    token = _current.set(TracedCall(task, args, kwargs))
+    try:
+        result = apply(args, kwargs, *arguments, **options)
+    except BaseException as exc:
+        if ctx is not None:
+            ctx.close(exc, task.name)
+        raise
+    finally:
+        _current.reset(token)
+    if ctx is not None:
+        ctx.close(_exception(result.result), task.name)
+    return result
+
+
+def _exception(retval: t.Any) -> BaseException | None:
+    """The exception a task failed with, from its outcome."""
+    return retval if isinstance(retval, BaseException) else None
+
+
+class TaskLoader(AppLoader):
+    """Celery's loader of a :class:`~flask_celery_ctx.FlaskCelery` app: the
+    default one, which also loads the model instances in the arguments of a
+    traced :class:`~flask_celery_ctx.ContextTask` (see :doc:`/models`).
+    """
+
+    def on_task_init(self, task_id: str, task: Task[t.Any, t.Any]) -> None:
+        """Called by the tracer for every task, in its context, once its
+        request is pushed and before ``before_start``.
+
+        A failure to load waits for the task's ``__call__``: what this method
+        raises, Celery reports as an internal error, not as the task's.
+
+        :param task_id: The task's id.
+        :param task: The task.
+        """
+        super().on_task_init(task_id, task)
+        call = _current.get()
+        if call is None or call.task is not task:
+            return
+        try:
+            call.task.load_instances(call.args, call.kwargs)
+        except Exception as exc:
+            call.error = exc

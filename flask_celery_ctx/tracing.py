@@ -20,8 +20,8 @@ Three places take part in a traced call of a ContextTask, and share a
 - the task's ``__call__`` tells the traced call from a direct call, which
   needs a context of its own, and raises what loading the instances raised.
 
-Celery skips its task signals while nothing is connected to them, so this
-costs a task no more than pushing the context around its body would.
+Celery skips its task signals while nothing is connected to them: a
+ContextTask does not pay for their dispatch.
 """
 
 from __future__ import annotations

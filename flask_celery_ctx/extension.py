@@ -71,7 +71,6 @@ class FlaskCelery:
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
         self._app: Flask | None = None
-        self._signals_connected = False
         install_worker_signals(self)
 
         if app is not None:
@@ -142,10 +141,9 @@ class FlaskCelery:
         ContextTask pushes its own, at less cost: Celery skips the signals
         while no receiver is connected.
         """
-        if not self._signals_connected:
-            self._signals_connected = True
-            signals.task_prerun.connect(self._on_task_prerun)
-            signals.task_postrun.connect(self._on_task_postrun)
+        # Connecting the same receiver again does nothing.
+        signals.task_prerun.connect(self._on_task_prerun)
+        signals.task_postrun.connect(self._on_task_postrun)
 
     def _on_task_prerun(self, sender: Task[t.Any, t.Any], **kwargs: t.Any) -> None:
         if sender.app is not self.celery or isinstance(sender, ContextTask):

@@ -116,9 +116,10 @@ class ContextTask(Task):  # type: ignore[type-arg]
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         ctx = None if in_app_context(app) else TaskContext(app)
-        return tracing.apply_in_context(
-            self, ctx, super().apply, args, kwargs, *arguments, **options
-        )
+        with tracing.TracedCall(self, ctx, args, kwargs) as call:
+            result = super().apply(args, kwargs, *arguments, **options)
+            call.outcome(result.result)
+        return result
 
     def apply_async(
         self,

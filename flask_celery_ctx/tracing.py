@@ -14,7 +14,7 @@ Three places take part in a traced call of a ContextTask, and share a
 
 - the context is pushed before the tracer runs and popped after it returns:
   around the worker's tracer (:func:`trace_in_context`) and around
-  ``apply()`` (:func:`apply_in_context`);
+  ``apply()``;
 - the loader (:class:`TaskLoader`) loads the model instances in the
   arguments, once the request is pushed and before the hooks see them;
 - the task's ``__call__`` tells the traced call from a direct call, which
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import typing as t
 from contextvars import ContextVar
+from types import TracebackType
 
 from celery.loaders.app import AppLoader
 
@@ -35,31 +36,74 @@ from .context import TaskContext
 
 if t.TYPE_CHECKING:
     from celery import Task
-    from celery.result import EagerResult
 
     from .extension import FlaskCelery
     from .task import ContextTask
 
 
 class TracedCall:
-    """A call of a task that Celery's tracer is running.
+    """A call of a task that Celery's tracer runs, in a context: entered
+    before the tracer starts, left after it returns.
+
+    Leaving it closes the context pushed for the call, given the task's
+    exception: the one the tracer raised, or the one :meth:`outcome` was told
+    the task failed with.
 
     :param task: The task.
+    :param ctx: The context pushed for the call; ``None`` when the call
+        shares its caller's.
     :param args: The positional arguments the tracer passes to the hooks and
         to the task: model instances replace the references in place.
     :param kwargs: The keyword arguments, likewise.
     """
 
-    __slots__ = ("args", "error", "kwargs", "started", "task")
+    __slots__ = (
+        "_token",
+        "args",
+        "ctx",
+        "error",
+        "exception",
+        "kwargs",
+        "started",
+        "task",
+    )
 
-    def __init__(self, task: ContextTask, args: t.Any, kwargs: t.Any) -> None:
+    def __init__(
+        self, task: ContextTask, ctx: TaskContext | None, args: t.Any, kwargs: t.Any
+    ) -> None:
         self.task = task
+        self.ctx = ctx
         self.args = args
         self.kwargs = kwargs
         #: What loading the model instances raised.
         self.error: Exception | None = None
         #: Whether the tracer called the task.
         self.started = False
+        #: The exception the task failed with, for the teardown functions.
+        self.exception: BaseException | None = None
+
+    def __enter__(self) -> TracedCall:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _current.reset(self._token)
+        if self.ctx is not None:
+            self.ctx.close(exc or self.exception, self.task.name)
+
+    def outcome(self, retval: t.Any) -> None:
+        """Tell what the tracer made of the task: its return value, or the
+        exception it failed with.
+
+        :param retval: The task's return value or exception.
+        """
+        if isinstance(retval, BaseException):
+            self.exception = retval
 
 
 _current: ContextVar[TracedCall | None] = ContextVar(
@@ -102,55 +146,11 @@ def trace_in_context(
     :return: What the tracer returns: a ``trace_ok_t``, whose ``info`` holds
         the task's exception, if any.
     """
-    ctx = TaskContext(ext.app)
-    token = _current.set(TracedCall(task, args, kwargs))
-    try:
+    with TracedCall(task, TaskContext(ext.app), args, kwargs) as call:
         traced = tracer(uuid, args, kwargs, request)
-    except BaseException as exc:
-        ctx.close(exc, task.name)
-        raise
-    finally:
-        _current.reset(token)
-    info = traced[1]
-    ctx.close(_exception(None if info is None else info.retval), task.name)
+        info = traced[1]
+        call.outcome(None if info is None else info.retval)
     return traced
-
-
-def apply_in_context(
-    task: ContextTask,
-    ctx: TaskContext | None,
-    apply: t.Callable[..., EagerResult[t.Any]],
-    args: t.Any,
-    kwargs: t.Any,
-    *arguments: t.Any,
-    **options: t.Any,
-) -> EagerResult[t.Any]:
-    """Run Celery's ``Task.apply`` as a traced call, and close ``ctx`` after.
-
-    :param task: The task.
-    :param ctx: The context pushed for the call; ``None`` when the call
-        shares its caller's.
-    :param apply: Celery's ``apply`` of the task.
-    :param args: The positional arguments, a list the call may change.
-    :param kwargs: The keyword arguments, a dict the call may change.
-    """
-    token = _current.set(TracedCall(task, args, kwargs))
-    try:
-        result = apply(args, kwargs, *arguments, **options)
-    except BaseException as exc:
-        if ctx is not None:
-            ctx.close(exc, task.name)
-        raise
-    finally:
-        _current.reset(token)
-    if ctx is not None:
-        ctx.close(_exception(result.result), task.name)
-    return result
-
-
-def _exception(retval: t.Any) -> BaseException | None:
-    """The exception a task failed with, from its outcome."""
-    return retval if isinstance(retval, BaseException) else None
 
 
 class TaskLoader(AppLoader):

@@ -62,6 +62,11 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         if g.get("fail_teardown"):
             raise RuntimeError("a teardown function failed")
 
+    @app.teardown_appcontext
+    def report_exception(exc: BaseException | None) -> None:
+        if exc is not None:
+            print(f"teardown got {exc!r}", file=sys.stderr)
+
     if app.config.get("FCC_CREATE_ALL"):
         # Touch the database in the factory, as many apps do.
         with app.app_context():

@@ -106,9 +106,16 @@ def test_inline_in_another_apps_context_uses_the_bound_app(inline_app: Flask) ->
     assert seen["g"] is None
 
 
-def test_eager_failure_still_tears_down(inline_app: Flask) -> None:
+def test_eager_failure_still_tears_down(
+    inline_app: Flask, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ValueError, match="failed after a flush"):
         taskapp.write_then.delay("raise", "eager-fail")
+    # The teardown functions got the task's exception, raised or stored.
+    got = "teardown got ValueError('failed after a flush')"
+    assert got in capsys.readouterr().err
+    assert taskapp.write_then.apply(("raise", "eager-fail"), throw=False).failed()
+    assert got in capsys.readouterr().err
     with inline_app.app_context():
         assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         assert (

@@ -49,6 +49,14 @@ def test_session_removed_after_each_outcome(
     assert settle(pg_admin, worker) == 0
 
 
+def test_teardown_functions_get_the_task_exception(workers: WorkerFactory) -> None:
+    worker = workers()
+    worker.client()
+    result = taskapp.write_then.delay("raise", f"raise-{uuid.uuid4().hex[:6]}")
+    result.get(timeout=20, propagate=False)
+    worker.wait_for("teardown got ValueError('failed after a flush')", timeout=20)
+
+
 def test_commit_is_kept(workers: WorkerFactory) -> None:
     workers().client()
     name = f"commit-{uuid.uuid4().hex[:6]}"

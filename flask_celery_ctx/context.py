@@ -21,9 +21,7 @@ from flask.ctx import AppContext
 from flask.ctx import RequestContext
 from flask.globals import app_ctx
 
-from .sqlalchemy import discard_session
-from .sqlalchemy import invalidate_interrupted_session
-from .sqlalchemy import sessions_by_context
+from .db import database
 
 logger = logging.getLogger("flask_celery_ctx")
 
@@ -58,21 +56,21 @@ class TaskContext:
             self._ctx.push()
 
     def pop(self, exc: BaseException | None = None) -> None:
-        """Pop the context and make sure its database session is gone, even
-        when a teardown function raised.
+        """Pop the context and make sure its database sessions are gone,
+        whatever state their connections are in and even when a teardown
+        function raised (see :class:`~flask_celery_ctx.db.base.Database`).
 
         :param exc: The exception the task raised, passed to teardown
             functions.
         """
-        sessions = sessions_by_context(self.app)
-        session = None if sessions is None else sessions.get(id(self.app_ctx))
-        if session is not None:
-            invalidate_interrupted_session(session, exc)
+        found = database(self.app)
+        if found is not None:
+            found.before_teardown(self.app_ctx, exc)
         try:
             self._ctx.pop(exc)
         finally:
-            if sessions is not None:
-                discard_session(sessions, self.app_ctx)
+            if found is not None:
+                found.after_teardown(self.app_ctx)
 
     def close(self, exc: BaseException | None, task_name: str) -> None:
         """Pop the context once its task is done, logging, not raising, what

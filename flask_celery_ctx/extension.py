@@ -16,6 +16,9 @@ from .cli import celery_command
 from .config import celery_settings
 from .context import in_app_context
 from .context import TaskContext
+from .db import database
+from .db import use as use_database
+from .db.sessionmaker import SessionFactory
 from .task import ContextTask
 from .tracing import TaskLoader
 from .worker import install as install_worker_signals
@@ -27,6 +30,13 @@ from .worker import install as install_worker_signals
 _pushed: ContextVar[tuple[tuple[object, TaskContext | None], ...]] = ContextVar(
     "flask_celery_ctx_pushed", default=()
 )
+
+if t.TYPE_CHECKING:
+    from sqlalchemy.orm import scoped_session
+    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import sessionmaker
+
+    SessionFactoryArg = sessionmaker[t.Any] | scoped_session[t.Any]
 
 
 class FlaskCelery:
@@ -51,13 +61,25 @@ class FlaskCelery:
             return app
 
     :param app: Call :meth:`init_app` on this Flask app.
+    :param session: A SQLAlchemy ``sessionmaker`` or ``scoped_session``, for
+        apps that use neither Flask-SQLAlchemy nor Flask-SQLAlchemy-Lite:
+        each application context gets a session of it on first use of
+        :attr:`session`, closed when the context ends (see
+        :doc:`/sessions`). :meth:`init_app` takes one too, for one app.
     :param extra_settings: Names of settings that Celery does not know but a
         Celery plugin reads from ``app.conf``, spelled as the plugin reads
         them. Any other unknown ``CELERY_`` key is an error.
+
+    .. versionchanged:: 0.2
+        The ``session`` parameter.
     """
 
     def __init__(
-        self, app: Flask | None = None, *, extra_settings: t.Iterable[str] = ()
+        self,
+        app: Flask | None = None,
+        *,
+        session: SessionFactoryArg | None = None,
+        extra_settings: t.Iterable[str] = (),
     ) -> None:
         #: The Celery application. Tasks declared on it get
         #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
@@ -70,6 +92,7 @@ class FlaskCelery:
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
+        self._session_factory = session
         self._app: Flask | None = None
         install_worker_signals(self)
 
@@ -91,7 +114,32 @@ class FlaskCelery:
             )
         return self._app
 
-    def init_app(self, app: Flask) -> None:
+    @property
+    def session(self) -> Session:
+        """The database session of the current application context, opened
+        on first use: in a task, the task's own, closed when the task ends.
+
+        It is the session of the app's database integration: the one given
+        with ``session=``, else Flask-SQLAlchemy's ``db.session()`` or
+        Flask-SQLAlchemy-Lite's ``db.session``. Tasks that use it run the
+        same with any of them.
+
+        :raises RuntimeError: The app has no database integration, or no
+            application context is active.
+
+        .. versionadded:: 0.2
+        """
+        found = database(self.app)
+        if found is None:
+            raise RuntimeError(
+                "FlaskCelery has no database session for this app. Pass a"
+                " SQLAlchemy sessionmaker or scoped_session with 'session=' to"
+                " FlaskCelery() or init_app(), or register Flask-SQLAlchemy or"
+                " Flask-SQLAlchemy-Lite on the app."
+            )
+        return found.session()
+
+    def init_app(self, app: Flask, *, session: SessionFactoryArg | None = None) -> None:
         """Configure :attr:`celery` from the app's config, bind it to the app
         and add the ``flask celery`` command.
 
@@ -99,9 +147,17 @@ class FlaskCelery:
         configuration and for the context tasks run in.
 
         :param app: The Flask application.
+        :param session: A SQLAlchemy ``sessionmaker`` or ``scoped_session``
+            for this app, in the place of the one given to the constructor
+            (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
             would not read, or a setting given twice.
+        :raises TypeError: ``session`` is not a ``sessionmaker`` or
+            ``scoped_session``.
         :raises RuntimeError: This app already has a ``FlaskCelery``.
+
+        .. versionchanged:: 0.2
+            The ``session`` parameter.
         """
         if "celery" in app.extensions:
             raise RuntimeError(
@@ -109,6 +165,11 @@ class FlaskCelery:
                 " Flask app. Import and use that instance instead."
             )
         settings = celery_settings(app.config, self._extra_settings)
+        factory = session if session is not None else self._session_factory
+        if factory is not None:
+            sessions = SessionFactory(factory)
+            use_database(app, sessions)
+            app.teardown_appcontext(sessions.close)
         app.extensions["celery"] = self
         app.cli.add_command(celery_command)
         self._configure(settings, app.import_name)

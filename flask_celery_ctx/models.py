@@ -1,7 +1,7 @@
 """Model instances as task arguments.
 
-An instance of a model of the app's ``db.Model`` is sent as a reference, a
-dict that names the model and the primary key::
+An instance of a mapped class is sent as a reference, a dict that names the
+model and the primary key::
 
     {"__model__": "myapp.models.User", "__key__": [42]}
 
@@ -68,32 +68,38 @@ def _is_container(value: t.Any) -> bool:
     return type(value) in _CONTAINERS
 
 
-def instances(value: t.Any, base: type[t.Any]) -> t.Iterator[t.Any]:
-    """Yield the instances of ``base`` in a value, its lists, tuples and
-    dicts.
+def is_instance(value: t.Any) -> bool:
+    """Whether a value is an instance of a mapped class.
+
+    :param value: A value.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import InstanceState
+
+    return isinstance(inspect(value, raiseerr=False), InstanceState)
+
+
+def instances(value: t.Any) -> t.Iterator[t.Any]:
+    """Yield the model instances in a value, its lists, tuples and dicts.
 
     :param value: Arguments, or one of them.
-    :param base: The app's ``db.Model``.
     """
-    if isinstance(value, base):
+    if is_instance(value):
         yield value
     elif type(value) is dict:
         for item in value.values():
-            yield from instances(item, base)
+            yield from instances(item)
     elif _is_container(value):
         for item in value:
-            yield from instances(item, base)
+            yield from instances(item)
 
 
-def check_pending(
-    task_name: str, base: type[t.Any], values: t.Iterable[t.Any], session: Session
-) -> None:
+def check_pending(task_name: str, values: t.Iterable[t.Any], session: Session) -> None:
     """Check, before a send is queued for the commit, that every instance in
     ``values`` will have a primary key by then: it has one, or it is pending
     in ``session``, whose commit flushes it.
 
     :param task_name: The task, for the error message.
-    :param base: The app's ``db.Model``.
     :param values: The positional and keyword argument values.
     :param session: The session whose commit the send waits for.
     :raises ValueError: An instance is not saved and would not be.
@@ -101,7 +107,7 @@ def check_pending(
     import sqlalchemy as sa
 
     for value in values:
-        for instance in instances(value, base):
+        for instance in instances(value):
             state = sa.inspect(instance)
             if state.key is None and not (state.pending and state.session is session):
                 raise ValueError(
@@ -112,27 +118,25 @@ def check_pending(
                 )
 
 
-def placeholders(value: t.Any, base: type[t.Any]) -> t.Any:
-    """Replace the instances of ``base`` in a value by a reference with no
-    key, for a trial of the serializer before the keys are known.
+def placeholders(value: t.Any) -> t.Any:
+    """Replace the model instances in a value by a reference with no key,
+    for a trial of the serializer before the keys are known.
 
     :param value: Arguments, or one of them.
-    :param base: The app's ``db.Model``.
     """
-    if isinstance(value, base):
+    if is_instance(value):
         return {MODEL: "", KEY: []}
     if type(value) is dict:
-        return {k: placeholders(v, base) for k, v in value.items()}
+        return {k: placeholders(v) for k, v in value.items()}
     if _is_container(value):
-        return [placeholders(v, base) for v in value]
+        return [placeholders(v) for v in value]
     return value
 
 
-def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any, bool]:
-    """Replace the instances of ``base`` in a value by references.
+def dump(task_name: str, value: t.Any) -> tuple[t.Any, t.Any, bool]:
+    """Replace the model instances in a value by references.
 
     :param task_name: The task, for the error message.
-    :param base: The app's ``db.Model``.
     :param value: Arguments, or one of them.
     :return: The value to send, the value to show in ``argsrepr``, and
         whether any instance was replaced. Containers without instances are
@@ -141,7 +145,7 @@ def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any,
     """
     import sqlalchemy as sa
 
-    if isinstance(value, base):
+    if is_instance(value):
         state = sa.inspect(value)
         if state.key is None:
             what = "pending (added, not flushed)" if state.pending else "not saved"
@@ -157,7 +161,7 @@ def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any,
     if not _is_container(value):
         return value, value, False
     if type(value) is dict:
-        pairs = [(k, dump(task_name, base, v)) for k, v in value.items()]
+        pairs = [(k, dump(task_name, v)) for k, v in value.items()]
         if not any(found for _, (_, _, found) in pairs):
             return value, value, False
         return (
@@ -165,7 +169,7 @@ def dump(task_name: str, base: type[t.Any], value: t.Any) -> tuple[t.Any, t.Any,
             {k: seen for k, (_, seen, _) in pairs},
             True,
         )
-    items = [dump(task_name, base, v) for v in value]
+    items = [dump(task_name, v) for v in value]
     if not any(found for _, _, found in items):
         return value, value, False
     kind = type(value)
@@ -200,7 +204,6 @@ def _replace(value: t.Any, loaded: t.Callable[[dict[str, t.Any]], t.Any]) -> t.A
 
 def load(
     task: Task[t.Any, t.Any],
-    base: type[t.Any],
     session: Session,
     args: list[t.Any],
     kwargs: dict[str, t.Any],
@@ -211,28 +214,27 @@ def load(
 
     :param task: The task, whose ``allow_missing_instances`` says what a
         reference to a missing row becomes.
-    :param base: The app's ``db.Model``.
     :param session: The task's session.
     :param args: The positional arguments, replaced in place.
     :param kwargs: The keyword arguments, replaced in place.
     :raises MissingInstanceError: A row is missing and the task does not
         allow it.
-    :raises LookupError: A reference names a model the app does not have.
+    :raises LookupError: A reference names a class that is not mapped, or
+        whose module the worker has not imported.
     """
     import sqlalchemy as sa
 
     wanted: dict[type[t.Any], set[tuple[t.Any, ...]]] = {}
-    models: dict[str, type[t.Any]] | None = None
+    models: dict[str, type[t.Any]] = {}
     for ref in _references([args, kwargs]):
-        if models is None:
-            models = {model_name(m.class_): m.class_ for m in base.registry.mappers}
-        cls = models.get(ref[MODEL])
+        cls = models.get(ref[MODEL]) or _mapped_class(ref[MODEL])
         if cls is None:
             raise LookupError(
                 f"Task {task.name!r} got a reference to the model {ref[MODEL]!r},"
-                " which is not a model of the app's db. Run the same code in the"
-                " worker as in the sender."
+                " which is not a mapped class of a module the worker imported."
+                " Run the same code in the worker as in the sender."
             )
+        models[ref[MODEL]] = cls
         wanted.setdefault(cls, set()).add(tuple(ref[KEY]))
     if not wanted:
         return
@@ -275,11 +277,32 @@ def load(
         )
 
     def loaded(ref: dict[str, t.Any]) -> t.Any:
-        assert models is not None
         return found[models[ref[MODEL]], tuple(ref[KEY])]
 
     args[:] = [_replace(value, loaded) for value in args]
     kwargs.update({k: _replace(v, loaded) for k, v in kwargs.items()})
+
+
+def _mapped_class(name: str) -> type[t.Any] | None:
+    """The mapped class a reference names, looked up in the modules already
+    imported: a reference never makes the worker import a module."""
+    import sys
+
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import Mapper
+
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        found: t.Any = sys.modules.get(".".join(parts[:split]))
+        for attribute in parts[split:]:
+            found = getattr(found, attribute, None)
+        if (
+            isinstance(found, type)
+            and model_name(found) == name
+            and isinstance(inspect(found, raiseerr=False), Mapper)
+        ):
+            return found
+    return None
 
 
 def has_references(args: t.Any, kwargs: t.Any) -> bool:

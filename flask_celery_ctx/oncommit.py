@@ -1,6 +1,7 @@
 """Send task messages after the commit of the session's transaction.
 
-Sends wait in the ``info`` of the current app context's ``db.session``, each
+Sends wait in the ``info`` of the current app context's session (see
+:meth:`~flask_celery_ctx.db.base.Database.session_in_transaction`), each
 under the transaction it was queued in: the innermost savepoint, or the
 outermost transaction. Two SQLAlchemy session events move them on:
 
@@ -22,7 +23,7 @@ from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
 
-from .sqlalchemy import get_db
+from .db import database
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -60,23 +61,20 @@ class _Pending:
 
 
 def session_in_transaction() -> Session | None:
-    """The current app context's ``db.session``, when a transaction is in
-    progress in it, else ``None``.
+    """The current app context's session, when it exists and a transaction
+    is in progress in it, else ``None``.
     """
     if not has_app_context():
         return None
-    db = get_db(current_app)
-    if db is None:
-        return None
-    session = db.session()
-    return session if session.in_transaction() else None
+    found = database(current_app._get_current_object())  # type: ignore[attr-defined]
+    return None if found is None else found.session_in_transaction()
 
 
 def send_on_commit(
     task: ContextTask, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
 ) -> AsyncResult[t.Any]:
     """Send a task after the outermost transaction of the current app
-    context's ``db.session`` commits, or at once when there is none.
+    context's session commits, or at once when there is none.
 
     :param task: The task.
     :param args: Positional arguments.

@@ -16,7 +16,7 @@ from . import tracing
 from .context import in_app_context
 from .context import inline_context
 from .context import TaskContext
-from .sqlalchemy import get_db
+from .db import database
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -129,8 +129,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> AsyncResult[t.Any]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
-        Model instances of the app's ``db.Model`` in the arguments are sent
-        as references (see :doc:`/models`).
+        Model instances in the arguments are sent as references (see
+        :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet.
@@ -139,9 +139,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
-        db = get_db(extension_of(self).app)
-        if db is not None:
-            args, kwargs = self._dump_instances(db.Model, args, kwargs, options)
+        if database(extension_of(self).app) is not None:
+            args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
@@ -161,7 +160,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> AsyncResult[t.Any]:
         """Send the task after the outermost transaction of the current app
-        context's ``db.session`` commits; at once when no transaction is in
+        context's session commits; at once when no transaction is in
         progress. A rollback drops it. See :doc:`/on-commit` for the rules.
 
         :param args: Positional arguments of the task.
@@ -192,10 +191,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         check_arguments = getattr(self, "__header__", None)
         if self.typing and check_arguments is not None:
             check_arguments(*args, **kwargs)
-        db = get_db(extension_of(self).app)
-        if db is not None:
-            models.check_pending(self.name, db.Model, [args, kwargs], session)
-            args, kwargs = models.placeholders([args, kwargs], db.Model)
+        models.check_pending(self.name, [args, kwargs], session)
+        args, kwargs = models.placeholders([args, kwargs])
         try:
             serialization.dumps((args, kwargs), self._serializer(options))
         except EncodeError as exc:
@@ -217,8 +214,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         """
         if not models.has_references(args, kwargs):
             return
-        db = get_db(extension_of(self).app)
-        if db is None:
+        found = database(extension_of(self).app)
+        if found is None:
             return
         request = self.request
         request.args, request.kwargs = list(args), dict(kwargs)
@@ -227,14 +224,14 @@ class ContextTask(Task):  # type: ignore[type-arg]
                 f"Task {self.name!r} got its arguments as"
                 f" {type(args).__name__}, which cannot be replaced in place."
             )
-        models.load(self, db.Model, db.session(), args, kwargs)
+        models.load(self, found.session(), args, kwargs)
 
     def _dump_instances(
-        self, base: type[t.Any], args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+        self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> tuple[t.Any, t.Any]:
-        sent_args, shown_args, in_args = models.dump(self.name, base, list(args or ()))
+        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()))
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, base, dict(kwargs or {})
+            self.name, dict(kwargs or {})
         )
         if not (in_args or in_kwargs):
             return args, kwargs

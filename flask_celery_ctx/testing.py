@@ -36,7 +36,7 @@ from flask import Flask
 
 from . import models
 from . import oncommit
-from .sqlalchemy import get_db
+from .db import database
 from .worker import broker_problem
 
 # Typed as Any: Celery's stubs type its shutdown flags as always None.
@@ -140,12 +140,12 @@ class SentTask(t.NamedTuple):
     def __repr__(self) -> str:
         """The call, with model instances shown as ``Model(key)``:
         ``myapp.tasks.analyse(Analysis(1))``."""
-        db = get_db(self.task.app.flask_celery.app)  # type: ignore[attr-defined]
+        app = self.task.app.flask_celery.app  # type: ignore[attr-defined]
         args: t.Any = self.args
         kwargs: t.Any = self.kwargs
-        if db is not None:
-            args = models.dump(self.name, db.Model, list(args))[1]
-            kwargs = models.dump(self.name, db.Model, kwargs)[1]
+        if database(app) is not None:
+            args = models.dump(self.name, list(args))[1]
+            kwargs = models.dump(self.name, kwargs)[1]
         shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         return f"{self.name}({', '.join(shown)})"
 
@@ -382,32 +382,35 @@ def check_database(app: Flask) -> None:
     """Refuse an in-memory SQLite database for a worker thread.
 
     :param app: The Flask application.
-    :raises RuntimeError: An engine of the app's Flask-SQLAlchemy is an
-        in-memory SQLite database.
+    :raises RuntimeError: An engine of the app's database is an in-memory
+        SQLite database.
 
     :meta private:
     """
-    db = get_db(app)
-    if db is None:
-        return
-    with app.app_context():
-        engines = dict(db.engines)
-    for key, engine in engines.items():
+    found = database(app)
+    for engine, name, _setting in [] if found is None else found.engines(app):
         url = engine.url
         if url.get_backend_name() != "sqlite":
             continue
-        database = url.database or ""
-        if database in ("", ":memory:") or "mode=memory" in str(url):
-            bind = "SQLALCHEMY_DATABASE_URI" if key is None else f"bind {key!r}"
+        path = url.database or ""
+        if path in ("", ":memory:") or "mode=memory" in str(url):
+            if type(engine.pool).__name__ == "StaticPool":
+                why = (
+                    "the engine has a single connection, shared by every thread, so"
+                    " the worker's sessions and the test's share one transaction,"
+                    " and the rollback that ends each task wipes the test's"
+                    " uncommitted rows"
+                )
+            else:
+                why = (
+                    "each thread gets a connection, and a database, of its own, so"
+                    " the worker does not see the test's tables and rows"
+                )
             raise RuntimeError(
-                f"The database of {bind} is an in-memory SQLite database"
-                f" ({url}). A worker thread cannot use it: Flask-SQLAlchemy"
-                " gives it a single connection shared by every thread, so the"
-                " worker's sessions and the test's share one transaction, and"
-                " the rollback that ends each task wipes the test's uncommitted"
-                " rows. Use a file database, such as"
-                " f\"sqlite:///{tmp_path / 'test.db'}\", or use the"
-                " 'celery_eager' fixture, which runs tasks in the test's thread."
+                f"The database of {name} is an in-memory SQLite database"
+                f" ({url}): a worker thread cannot use it, as {why}. Use a file"
+                " database, such as f\"sqlite:///{tmp_path / 'test.db'}\", or use"
+                " the 'celery_eager' fixture, which runs tasks in the test's thread."
             )
 
 

@@ -11,9 +11,8 @@ from celery import current_app as current_celery
 from celery import signals
 from kombu.utils.url import maybe_sanitize_url
 
-from .sqlalchemy import dispose_inherited_connections
-from .sqlalchemy import get_engines
-from .sqlalchemy import pool_limits
+from .db import database
+from .db.base import pool_limits
 
 if t.TYPE_CHECKING:
     from .extension import FlaskCelery
@@ -42,8 +41,11 @@ def install(ext: FlaskCelery) -> None:
 
     def on_worker_process_init(**kwargs: t.Any) -> None:
         # Sent in each prefork child, whose app is the current one.
-        if current_celery._get_current_object() is celery:  # type: ignore[attr-defined]
-            dispose_inherited_connections(ext.app)
+        if current_celery._get_current_object() is not celery:  # type: ignore[attr-defined]
+            return
+        found = database(ext.app)
+        if found is not None:
+            found.dispose_inherited_connections(ext.app)
 
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_init.connect(on_worker_process_init, weak=False)
@@ -108,17 +110,12 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
     :param pool: The pool's name.
     :param concurrency: How many tasks the pool runs at once.
     """
-    for key, engine in get_engines(ext.app).items():
+    found = database(ext.app)
+    for engine, name, setting in [] if found is None else found.engines(ext.app):
         limits = pool_limits(engine)
         if limits is None or concurrency <= sum(limits):
             continue
         size, overflow = limits
-        name = "the default engine" if key is None else f"the engine of bind {key!r}"
-        setting = (
-            "SQLALCHEMY_ENGINE_OPTIONS"
-            if key is None
-            else f"SQLALCHEMY_BINDS[{key!r}] (as a dict with 'url')"
-        )
         logger.warning(
             "The %s pool runs up to %d tasks at once, but %s has pool_size %d +"
             " max_overflow %d = %d connections: tasks will wait for a connection"

@@ -1,0 +1,68 @@
+"""Flask-SQLAlchemy: ``db.session`` is a ``scoped_session`` whose registry
+holds a session per application context, by ``id()`` of the context, and
+which Flask-SQLAlchemy removes in a ``teardown_appcontext`` function."""
+
+from __future__ import annotations
+
+import typing as t
+
+from flask import Flask
+from flask.ctx import AppContext
+
+from .base import Database
+from .base import extension_of_type
+from .base import NamedEngine
+
+if t.TYPE_CHECKING:
+    from flask_sqlalchemy import SQLAlchemy
+    from sqlalchemy.orm import Session
+
+
+def find(app: Flask) -> FlaskSQLAlchemy | None:
+    """The adapter for the app's Flask-SQLAlchemy extension, if it has one.
+
+    :param app: The Flask application.
+    """
+    db = extension_of_type(app, "flask_sqlalchemy", "SQLAlchemy")
+    return None if db is None else FlaskSQLAlchemy(db)
+
+
+class FlaskSQLAlchemy(Database):
+    """The sessions and engines of a ``flask_sqlalchemy.SQLAlchemy``.
+
+    :param db: The extension.
+    """
+
+    name = "Flask-SQLAlchemy"
+
+    def __init__(self, db: SQLAlchemy) -> None:
+        self.db = db
+
+    def session(self) -> Session:
+        return self.db.session()
+
+    def _by_context(self) -> dict[int, Session]:
+        # A custom ``scopefunc`` makes another registry: nothing to find.
+        registry = getattr(self.db.session.registry, "registry", None)
+        return registry if isinstance(registry, dict) else {}
+
+    def existing_session(self, ctx: AppContext) -> Session | None:
+        return self._by_context().get(id(ctx))
+
+    def take_sessions(self, ctx: AppContext) -> list[Session]:
+        session = self._by_context().pop(id(ctx), None)
+        return [] if session is None else [session]
+
+    def engines(self, app: Flask) -> list[NamedEngine]:
+        with app.app_context():
+            engines = dict(self.db.engines)
+        return [
+            NamedEngine(engine, "the default engine", "SQLALCHEMY_ENGINE_OPTIONS")
+            if key is None
+            else NamedEngine(
+                engine,
+                f"the engine of bind {key!r}",
+                f"SQLALCHEMY_BINDS[{key!r}] (as a dict with 'url')",
+            )
+            for key, engine in engines.items()
+        ]

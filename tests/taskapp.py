@@ -200,6 +200,23 @@ def write_then(self: Task, how: str, name: str) -> str:  # type: ignore[type-arg
     return how
 
 
+@ext.celery.task(bind=True)
+def wait_for_drop(self: Task) -> str:  # type: ignore[type-arg]
+    """Note the backend of the session's connection, then query until the
+    database drops it."""
+    g.marker = "dropped"
+    backend = db.session.scalar(text("select pg_backend_pid()"))
+    with db.engine.begin() as conn:
+        conn.execute(
+            insert(Record).values(task_id=self.request.id, hook=f"backend:{backend}")
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        db.session.execute(text("select 1"))
+    return "never dropped"
+
+
 @ext.celery.task
 def count_items(name: str) -> int:
     return db.session.scalar(select(func.count()).where(Item.name == name)) or 0

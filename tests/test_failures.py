@@ -332,3 +332,33 @@ def test_broker_restart(workers: WorkerFactory, private_broker: PrivateBroker) -
         time.sleep(0.5)
     assert worker.log.count("Connected to") >= 2, "the worker never reconnected"
     worker.stop()
+
+
+def test_dropped_connection_still_tears_down(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """The database drops the connection of a running task's session: the
+    context is still torn down, its teardown functions run, and the next task
+    of the same thread gets a fresh ``g``."""
+    worker = workers(pool="threads", concurrency=1)
+    worker.client()
+    result = taskapp.wait_for_drop.delay()
+    deadline = time.monotonic() + 20
+    backend = None
+    while backend is None and time.monotonic() < deadline:
+        with pg_admin.connect() as conn:
+            backend = conn.scalar(
+                select(taskapp.Record.hook).where(taskapp.Record.task_id == result.id)
+            )
+        time.sleep(0.05)
+    assert backend is not None, "the task did not start"
+    with pg_admin.connect() as conn:
+        assert conn.scalar(
+            text("SELECT pg_terminate_backend(:pid)"),
+            {"pid": int(backend.split(":")[1])},
+        )
+    result.get(timeout=20, propagate=False)
+    assert "terminating connection" in str(result.result), result.result
+    worker.wait_for("teardown got OperationalError", timeout=20)
+    assert taskapp.context_state.delay("m").get(timeout=20)["g"] is None
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0

@@ -36,7 +36,6 @@ from _common import TRIVIAL
 from _fsqla import db
 from _fsqla import Row
 from flask import Flask
-
 from sqlalchemy import event
 from sqlalchemy import select
 

@@ -42,11 +42,10 @@ from _common import TABLE  # noqa: E402
 from _common import TRIVIAL  # noqa: E402
 from celery import Celery  # noqa: E402
 from report import write_report  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
-
 from sqlalchemy import create_engine  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 from sqlalchemy import text  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 
 BIN = Path(sys.executable).parent
 #: The variants, the floor first.

@@ -11,7 +11,6 @@ from flask import render_template
 from flask import request
 from flask import url_for
 from flask.typing import ResponseReturnValue
-
 from sqlalchemy import select
 
 from .extensions import db

@@ -22,10 +22,9 @@ from urllib.parse import urlsplit
 import pytest
 from flask import Flask
 from kombu import pools
-from sqlalchemy.engine import Engine
-
 from sqlalchemy import create_engine
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 import taskapp
 

@@ -13,13 +13,13 @@ from celery import current_task
 from celery import Task
 from flask import g
 from flask import has_app_context
-from sqlalchemy.engine import Engine
-
-from flask_celery_ctx import ContextTask
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import orm
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from flask_celery_ctx import ContextTask
 
 from taskapp import db
 from taskapp import ext

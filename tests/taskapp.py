@@ -20,14 +20,14 @@ from flask import Flask
 from flask import g
 from flask import has_request_context
 from flask_sqlalchemy import SQLAlchemy
-
-from flask_celery_ctx import ContextTask
-from flask_celery_ctx import FlaskCelery
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy import text
+
+from flask_celery_ctx import ContextTask
+from flask_celery_ctx import FlaskCelery
 
 db = SQLAlchemy()
 ext = FlaskCelery()

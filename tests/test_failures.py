@@ -15,11 +15,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import Engine
-
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 import taskapp
 from conftest import idle_in_transaction

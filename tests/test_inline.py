@@ -9,7 +9,6 @@ import pytest
 from celery import signals
 from flask import Flask
 from flask import g
-
 from sqlalchemy import func
 from sqlalchemy import select
 

@@ -12,12 +12,12 @@ import uuid
 
 import pytest
 from flask import Flask
+from sqlalchemy import delete
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 from flask_celery_ctx import MissingInstanceError
 from flask_celery_ctx import models
-from sqlalchemy import delete
-from sqlalchemy import update
 
 import ormtasks
 from conftest import Worker

@@ -19,11 +19,10 @@ from celery import signals
 from celery.result import AsyncResult
 from flask import Flask
 from kombu.exceptions import OperationalError
-from sqlalchemy.engine import Engine
-
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
 
 import ormtasks
 import taskapp

@@ -6,9 +6,8 @@ import os
 import uuid
 
 import pytest
-from sqlalchemy.engine import Engine
-
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 import taskapp
 from conftest import FLASK

@@ -13,11 +13,11 @@ import pytest
 from celery.worker import WorkController
 from flask import Flask
 from flask import g
+from sqlalchemy import func
+from sqlalchemy import select
 
 from flask_celery_ctx.testing import OnCommitRecorder
 from flask_celery_ctx.testing import start_worker
-from sqlalchemy import func
-from sqlalchemy import select
 
 import taskapp
 from conftest import make_app

@@ -8,7 +8,6 @@ import typing as t
 
 import pytest
 from celery.result import AsyncResult
-
 from sqlalchemy import select
 
 import taskapp

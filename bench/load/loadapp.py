@@ -7,9 +7,9 @@ import os
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import orm
 
 from flask_celery_ctx import FlaskCelery
-from sqlalchemy import orm
 
 db = SQLAlchemy()
 ext = FlaskCelery()

@@ -14,7 +14,6 @@ import time
 import typing as t
 
 import redis
-
 from sqlalchemy import Column
 from sqlalchemy import Integer
 from sqlalchemy import MetaData

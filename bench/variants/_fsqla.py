@@ -4,7 +4,6 @@ runs in a process of its own)."""
 from __future__ import annotations
 
 from flask_sqlalchemy import SQLAlchemy
-
 from sqlalchemy import orm
 from sqlalchemy import select
 

@@ -19,9 +19,9 @@ from _fsqla import insert_one
 from _fsqla import query_one
 from _fsqla import Row
 from flask import Flask
+from sqlalchemy import select
 
 from flask_celery_ctx import FlaskCelery
-from sqlalchemy import select
 
 ext = FlaskCelery()
 celery_app = ext.celery

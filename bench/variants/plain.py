@@ -16,11 +16,10 @@ from _common import QUERY
 from _common import settings
 from _common import TRIVIAL
 from celery import Celery
-from sqlalchemy.engine import Engine
-
 from sqlalchemy import create_engine
 from sqlalchemy import orm
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
 
 
 class Base(orm.DeclarativeBase):

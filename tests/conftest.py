@@ -254,14 +254,19 @@ class WorkerFactory:
         pool: str = "solo",
         concurrency: int = 1,
         database: str = "postgres",
+        command: t.Sequence[str] | None = None,
         **config: t.Any,
     ) -> Worker:
-        """A ready worker of ``taskapp`` with these settings, started once."""
-        key = json.dumps([broker, pool, concurrency, database, config], sort_keys=True)
+        """A ready worker of ``taskapp`` with these settings, started once;
+        ``command`` starts another app's worker (see :class:`Worker`)."""
+        key = json.dumps(
+            [broker, pool, concurrency, database, command, config], sort_keys=True
+        )
         if key not in self._workers:
-            worker = self.start(
-                broker, database, config, pool=pool, concurrency=concurrency
-            )
+            options: dict[str, t.Any] = {"pool": pool, "concurrency": concurrency}
+            if command is not None:
+                options["command"] = command
+            worker = self.start(broker, database, config, **options)
             worker.wait_ready()
             self._workers[key] = worker
         return self._workers[key]

@@ -1,0 +1,234 @@
+"""The same behaviour on every database integration: Flask-SQLAlchemy,
+Flask-SQLAlchemy-Lite, and a plain SQLAlchemy ``sessionmaker`` or
+``scoped_session``, with real workers of ``dbapp`` on real PostgreSQL.
+
+The workers of the integrations other than Flask-SQLAlchemy run where
+Flask-SQLAlchemy cannot be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import typing as t
+import uuid
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from flask_celery_ctx.db import database
+
+import dbapp
+from conftest import FLASK
+from conftest import idle_in_transaction
+from conftest import TESTS
+from conftest import Worker
+from conftest import WorkerFactory
+
+INTEGRATIONS = ["flask-sqlalchemy", "lite", "sessionmaker", "scoped"]
+POOLS = {"solo": 1, "prefork": 2, "threads": 2}
+NAMES = {
+    "flask-sqlalchemy": "Flask-SQLAlchemy",
+    "lite": "Flask-SQLAlchemy-Lite",
+    "sessionmaker": "SQLAlchemy session factory",
+    "scoped": "SQLAlchemy session factory",
+}
+
+
+@pytest.fixture(scope="session")
+def dbapp_tables(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    dbapp.Base.metadata.create_all(engine)
+    engine.dispose()
+
+
+def start(workers: WorkerFactory, integration: str, pool: str) -> Worker:
+    """The shared worker of ``dbapp`` on this integration and pool."""
+    app = ("--app", "dbapp:create_app", "celery")
+    command: tuple[str, ...]
+    if integration == "flask-sqlalchemy":
+        command = (FLASK, *app)
+    else:
+        command = (sys.executable, str(TESTS / "without_flask_sqlalchemy.py"), *app)
+    return workers(
+        pool=pool,
+        concurrency=POOLS[pool],
+        command=command,
+        FCC_DATABASE=integration,
+        FCC_ASYNC_IN_FACTORY=True,
+    )
+
+
+@pytest.fixture(params=INTEGRATIONS)
+def integration(request: pytest.FixtureRequest, dbapp_tables: None) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=POOLS)
+def pool(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def worker(workers: WorkerFactory, integration: str, pool: str) -> Worker:
+    return start(workers, integration, pool)
+
+
+@pytest.fixture
+def solo_worker(workers: WorkerFactory, integration: str) -> Worker:
+    return start(workers, integration, "solo")
+
+
+def make_client(worker: Worker) -> t.Iterator[Flask]:
+    app = dbapp.create_app({**worker.config, "FCC_ASYNC_IN_FACTORY": False})
+    yield app
+    found = database(app)
+    assert found is not None
+    for named in found.engines(app):
+        named.engine.dispose()
+
+
+@pytest.fixture
+def client(worker: Worker) -> t.Iterator[Flask]:
+    """The in-process app that sends tasks to ``worker``."""
+    yield from make_client(worker)
+
+
+@pytest.fixture
+def solo_client(solo_worker: Worker) -> t.Iterator[Flask]:
+    yield from make_client(solo_worker)
+
+
+def settle(engine: Engine, worker: Worker) -> int:
+    """Connections of the worker idle in transaction, once they settle."""
+    deadline = time.monotonic() + 5
+    while (count := idle_in_transaction(engine, worker.application_name)) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    return count
+
+
+def backends(engine: Engine, worker: Worker) -> set[int]:
+    """Backend pids of the worker's connections to this run's database."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = :name"
+            ),
+            {"name": worker.application_name},
+        )
+        return {row.pid for row in rows}
+
+
+def test_each_task_gets_a_fresh_session(
+    worker: Worker, client: Flask, integration: str
+) -> None:
+    results = [dbapp.state.delay("m") for _ in range(10)]
+    seen = [result.get(timeout=30) for result in results]
+    assert (
+        seen
+        == [
+            {
+                "g": None,
+                "session": None,
+                "integration": NAMES[integration],
+                "flask_sqlalchemy": integration == "flask-sqlalchemy",
+            }
+        ]
+        * 10
+    )
+
+
+@pytest.mark.parametrize("how", ["raise", "teardown_raise"])
+def test_uncommitted_work_is_rolled_back(
+    worker: Worker, client: Flask, pg_admin: Engine, how: str
+) -> None:
+    name = f"{how}-{uuid.uuid4().hex[:6]}"
+    dbapp.write.delay(name, how).get(timeout=30, propagate=False)
+    assert dbapp.count.delay(name).get(timeout=30) == 0
+    assert dbapp.write.delay(name, "commit").get(timeout=30) == "commit"
+    assert dbapp.count.delay(name).get(timeout=30) == 1
+    assert settle(pg_admin, worker) == 0
+    assert "non-checked-in connection" not in worker.log
+
+
+@pytest.mark.parametrize("task", ["backend", "async_backend"])
+def test_prefork_children_never_share_a_backend(
+    workers: WorkerFactory,
+    integration: str,
+    pg_admin: Engine,
+    task: str,
+) -> None:
+    """The factory queried before the fork: every child opens connections
+    of its own, and the parent's are never used."""
+    if task == "async_backend" and integration != "lite":
+        pytest.skip("only Flask-SQLAlchemy-Lite has async engines here")
+    worker = start(workers, integration, "prefork")
+    line = worker.log.split("dbapp.create_app backends ", 1)[1].split("\n", 1)[0]
+    parents = set(json.loads(line))
+    assert parents <= backends(pg_admin, worker), "pooled in the parent"
+    for _ in make_client(worker):
+        results = [getattr(dbapp, task).delay() for _ in range(60)]
+        pairs = {tuple(result.get(timeout=30)) for result in results}
+    by_backend: dict[int, set[int]] = {}
+    for pid, backend in pairs:
+        by_backend.setdefault(backend, set()).add(pid)
+    assert all(len(pids) == 1 for pids in by_backend.values()), by_backend
+    assert not parents & set(by_backend), "a child used the parent's connection"
+    assert parents <= backends(pg_admin, worker), "the parent's connections survive"
+
+
+def test_delay_on_commit(solo_worker: Worker, solo_client: Flask) -> None:
+    name = f"on-commit-{uuid.uuid4().hex[:6]}"
+    ext = dbapp.ext
+    with solo_client.app_context():
+        ext.session.add(dbapp.Note(name=name))
+        dropped = dbapp.count.delay_on_commit(name)
+        ext.session.rollback()
+        ext.session.add(dbapp.Note(name=name))
+        sent = dbapp.count.delay_on_commit(name)
+        ext.session.commit()
+    # The worker saw the committed row: the task was sent after the commit.
+    assert sent.get(timeout=30) == 1
+    # A task sent later has run: the dropped one would have run before it.
+    assert dbapp.count.delay(name).get(timeout=30) == 1
+    assert dropped.state == "PENDING"
+
+
+def test_instances_are_loaded_one_query_per_model(
+    solo_worker: Worker, solo_client: Flask
+) -> None:
+    with solo_client.app_context():
+        session = dbapp.ext.session
+        notes = [dbapp.Note(name=f"n{i}") for i in range(3)]
+        tags = [dbapp.Tag(name=f"t{i}") for i in range(2)]
+        session.add_all([*notes, *tags])
+        session.commit()
+        result = dbapp.describe.delay(notes, tags=tags)
+    seen = result.get(timeout=30)
+    assert seen["args"] == [
+        [{"model": "Note", "name": f"n{i}", "attached": True} for i in range(3)]
+    ]
+    assert seen["kwargs"] == {
+        "tags": [{"model": "Tag", "name": f"t{i}", "attached": True} for i in range(2)]
+    }
+    assert len(seen["statements"]) == 2, seen["statements"]
+
+
+def test_interrupted_query_is_not_reused(
+    workers: WorkerFactory, integration: str, pg_admin: Engine
+) -> None:
+    """A soft time limit interrupts the driver mid-query and the task
+    returns: the connection, busy on the server, is closed."""
+    worker = start(workers, integration, "prefork")
+    for _ in make_client(worker):
+        assert dbapp.sleep_query.delay(3).get(timeout=30) == "swallowed"
+        assert all(dbapp.backend.delay().get(timeout=30) for _ in range(4))
+    time.sleep(3)  # until the server is done with the interrupted query
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0

@@ -232,3 +232,23 @@ def test_interrupted_query_is_not_reused(
         assert all(dbapp.backend.delay().get(timeout=30) for _ in range(4))
     time.sleep(3)  # until the server is done with the interrupted query
     assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    # The connection was closed, not rolled back while busy.
+    assert "another command is already in progress" not in worker.log
+
+
+def test_session_closed_when_any_context_ends(
+    solo_worker: Worker, solo_client: Flask
+) -> None:
+    """A view's context, not only a task's, gets ``ext.session`` and loses
+    it when it ends."""
+    found = database(solo_client)
+    assert found is not None
+    engine = found.engines(solo_client)[0].engine
+    with solo_client.test_request_context():
+        session = dbapp.ext.session
+        assert session is dbapp.ext.session
+        session.execute(text("select 1"))
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with solo_client.app_context():
+        assert dbapp.ext.session is not session

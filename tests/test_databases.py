@@ -9,6 +9,7 @@ Flask-SQLAlchemy cannot be imported.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import typing as t
@@ -252,3 +253,72 @@ def test_session_closed_when_any_context_ends(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     with solo_client.app_context():
         assert dbapp.ext.session is not session
+
+
+SENDER_WITHOUT_FLASK_SQLALCHEMY = """
+import json, sys
+
+class Block:
+    def find_spec(self, name, *args):
+        if name.split(".")[0] == "flask_sqlalchemy":
+            raise ImportError(f"{name} is not installed")
+
+sys.meta_path.insert(0, Block())
+import dbapp
+
+integration, url, name = sys.argv[1:]
+app = dbapp.create_app({
+    "FCC_DATABASE": integration,
+    "SQLALCHEMY_DATABASE_URI": url,
+    "CELERY_TASK_ALWAYS_EAGER": True,
+    "CELERY_TASK_EAGER_PROPAGATES": True,
+    "CELERY_TASK_STORE_EAGER_RESULT": True,
+    "CELERY_RESULT_BACKEND": "cache+memory://",
+})
+ext = dbapp.ext
+with app.app_context():
+    ext.session.add(dbapp.Note(name=name))
+    dbapp.write.delay_on_commit(name + "-dropped", "commit")
+    ext.session.rollback()
+    note = dbapp.Note(name=name)
+    ext.session.add(note)
+    sent = dbapp.describe.delay_on_commit(note)
+    ext.session.commit()
+    print(json.dumps([
+        sent.get()["args"],
+        dbapp.count.delay(name).get(),
+        dbapp.count.delay(name + "-dropped").get(),
+    ]))
+print("flask_sqlalchemy" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("integration", ["lite", "sessionmaker", "scoped"])
+def test_sender_without_flask_sqlalchemy(
+    integration: str, postgres_url: str, dbapp_tables: None
+) -> None:
+    """delay_on_commit and instances as arguments, tasks run inline, where
+    Flask-SQLAlchemy cannot be imported."""
+    name = f"sender-{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SENDER_WITHOUT_FLASK_SQLALCHEMY,
+            integration,
+            postgres_url,
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=TESTS,
+    )
+    assert result.returncode == 0, result.stderr
+    sent, imported = result.stdout.splitlines()
+    assert json.loads(sent) == [
+        [{"model": "Note", "name": name, "attached": True}],
+        1,
+        0,
+    ]
+    assert imported == "False"

@@ -81,9 +81,10 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         from flask_sqlalchemy_lite import SQLAlchemy as SQLAlchemyLite
 
         app.config["SQLALCHEMY_ENGINES"] = {"default": {"url": url, **options}}
-        app.config["SQLALCHEMY_ASYNC_ENGINES"] = {
-            "default": {"url": async_url(url), **options}
-        }
+        if url.startswith("postgresql"):
+            app.config["SQLALCHEMY_ASYNC_ENGINES"] = {
+                "default": {"url": async_url(url), **options}
+            }
         ext.init_app(app)
         SQLAlchemyLite(app)
     else:
@@ -100,12 +101,13 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         if exc is not None:
             print(f"teardown got {exc!r}", file=sys.stderr)
 
-    with app.app_context():
-        backends = [ext.session.scalar(text("select pg_backend_pid()"))]
-        if kind == "lite" and app.config.get("FCC_ASYNC_IN_FACTORY"):
-            backends.append(asyncio.run(async_backend_pid(app)))
-    # Read by the tests: the connections pooled before a fork.
-    print(f"dbapp.create_app backends {json.dumps(backends)}", file=sys.stderr)
+    if url.startswith("postgresql"):
+        with app.app_context():
+            backends = [ext.session.scalar(text("select pg_backend_pid()"))]
+            if kind == "lite" and app.config.get("FCC_ASYNC_IN_FACTORY"):
+                backends.append(asyncio.run(async_backend_pid(app)))
+        # Read by the tests: the connections pooled before a fork.
+        print(f"dbapp.create_app backends {json.dumps(backends)}", file=sys.stderr)
     return app
 
 

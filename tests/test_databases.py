@@ -375,3 +375,21 @@ def test_lite_test_isolation_with_a_worker_thread(
         assert dbapp.count(name) == 0
     for named in database(app).engines(app):  # type: ignore[union-attr]
         named.engine.dispose()
+
+
+def test_session_must_be_a_session_factory(postgres_url: str) -> None:
+    from sqlalchemy.orm import Session
+
+    from flask_celery_ctx import FlaskCelery
+
+    with pytest.raises(TypeError, match="takes a sqlalchemy.orm.sessionmaker or"):
+        FlaskCelery(Flask("bad"), session=Session())  # type: ignore[arg-type]
+
+
+def test_session_without_a_database() -> None:
+    from flask_celery_ctx import FlaskCelery
+
+    app = Flask("nodb")
+    ext = FlaskCelery(app)
+    with app.app_context(), pytest.raises(RuntimeError, match="session="):
+        ext.session  # noqa: B018

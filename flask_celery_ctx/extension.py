@@ -69,9 +69,6 @@ class FlaskCelery:
     :param extra_settings: Names of settings that Celery does not know but a
         Celery plugin reads from ``app.conf``, spelled as the plugin reads
         them. Any other unknown ``CELERY_`` key is an error.
-
-    .. versionchanged:: 0.2
-        The ``session`` parameter.
     """
 
     def __init__(
@@ -126,8 +123,6 @@ class FlaskCelery:
 
         :raises RuntimeError: The app has no database integration, or no
             application context is active.
-
-        .. versionadded:: 0.2
         """
         found = database(self.app)
         if found is None:
@@ -155,9 +150,6 @@ class FlaskCelery:
         :raises TypeError: ``session`` is not a ``sessionmaker`` or
             ``scoped_session``.
         :raises RuntimeError: This app already has a ``FlaskCelery``.
-
-        .. versionchanged:: 0.2
-            The ``session`` parameter.
         """
         if "celery" in app.extensions:
             raise RuntimeError(

@@ -382,7 +382,7 @@ def test_session_must_be_a_session_factory(postgres_url: str) -> None:
 
     from flask_celery_ctx import FlaskCelery
 
-    with pytest.raises(TypeError, match="takes a sqlalchemy.orm.sessionmaker or"):
+    with pytest.raises(TypeError, match=r"takes a sqlalchemy\.orm\.sessionmaker or"):
         FlaskCelery(Flask("bad"), session=Session())  # type: ignore[arg-type]
 
 

@@ -393,3 +393,25 @@ def test_session_without_a_database() -> None:
     ext = FlaskCelery(app)
     with app.app_context(), pytest.raises(RuntimeError, match="session="):
         ext.session  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("integration", "setting"),
+    [
+        ("lite", "SQLALCHEMY_ENGINES['default'] (as a dict with 'url')"),
+        ("sessionmaker", "its create_engine() call"),
+    ],
+)
+def test_warns_when_concurrency_exceeds_the_engine_pool(
+    workers: WorkerFactory, integration: str, setting: str, dbapp_tables: None
+) -> None:
+    worker = workers(
+        pool="threads",
+        concurrency=20,
+        command=(sys.executable, str(TESTS / "without_flask_sqlalchemy.py"))
+        + ("--app", "dbapp:create_app", "celery"),
+        FCC_DATABASE=integration,
+    )
+    assert "The threads pool runs up to 20 tasks at once, but the" in worker.log
+    assert "pool_size 5 + max_overflow 10 = 15 connections" in worker.log
+    assert f"{setting} to at least 20" in worker.log

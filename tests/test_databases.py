@@ -48,18 +48,21 @@ def dbapp_tables(postgres_url: str) -> None:
     engine.dispose()
 
 
+def command(integration: str) -> tuple[str, ...]:
+    """How a worker of ``dbapp`` starts: where Flask-SQLAlchemy cannot be
+    imported, unless it is the integration."""
+    app = ("--app", "dbapp:create_app", "celery")
+    if integration == "flask-sqlalchemy":
+        return (FLASK, *app)
+    return (sys.executable, str(TESTS / "without_flask_sqlalchemy.py"), *app)
+
+
 def start(workers: WorkerFactory, integration: str, pool: str) -> Worker:
     """The shared worker of ``dbapp`` on this integration and pool."""
-    app = ("--app", "dbapp:create_app", "celery")
-    command: tuple[str, ...]
-    if integration == "flask-sqlalchemy":
-        command = (FLASK, *app)
-    else:
-        command = (sys.executable, str(TESTS / "without_flask_sqlalchemy.py"), *app)
     return workers(
         pool=pool,
         concurrency=POOLS[pool],
-        command=command,
+        command=command(integration),
         FCC_DATABASE=integration,
         FCC_ASYNC_IN_FACTORY=True,
     )
@@ -408,8 +411,7 @@ def test_warns_when_concurrency_exceeds_the_engine_pool(
     worker = workers(
         pool="threads",
         concurrency=20,
-        command=(sys.executable, str(TESTS / "without_flask_sqlalchemy.py"))
-        + ("--app", "dbapp:create_app", "celery"),
+        command=command(integration),
         FCC_DATABASE=integration,
     )
     assert "The threads pool runs up to 20 tasks at once, but the" in worker.log

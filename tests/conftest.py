@@ -294,6 +294,13 @@ class WorkerFactory:
         for worker in self._workers.values():
             worker.stop()
 
+    def stop(self, worker: Worker) -> None:
+        """Stop a worker before the session ends, freeing its connections; a
+        later call with its settings starts another."""
+        worker.stop()
+        for key in [key for key, found in self._workers.items() if found is worker]:
+            del self._workers[key]
+
 
 @pytest.fixture(scope="session")
 def workers(

@@ -57,15 +57,33 @@ def command(integration: str) -> tuple[str, ...]:
     return (sys.executable, str(TESTS / "without_flask_sqlalchemy.py"), *app)
 
 
-def start(workers: WorkerFactory, integration: str, pool: str) -> Worker:
+_started: list[Worker] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_workers(workers: WorkerFactory) -> t.Iterator[None]:
+    """Stop this module's workers when it ends: the PostgreSQL server's
+    connections are counted, and other modules start workers of their own."""
+    yield
+    while _started:
+        workers.stop(_started.pop())
+
+
+def start(
+    workers: WorkerFactory, integration: str, pool: str, **config: t.Any
+) -> Worker:
     """The shared worker of ``dbapp`` on this integration and pool."""
-    return workers(
+    worker = workers(
         pool=pool,
         concurrency=POOLS[pool],
         command=command(integration),
         FCC_DATABASE=integration,
         FCC_ASYNC_IN_FACTORY=True,
+        **config,
     )
+    if worker not in _started:
+        _started.append(worker)
+    return worker
 
 
 @pytest.fixture(params=INTEGRATIONS)
@@ -414,6 +432,7 @@ def test_warns_when_concurrency_exceeds_the_engine_pool(
         command=command(integration),
         FCC_DATABASE=integration,
     )
+    workers.stop(worker)
     assert "The threads pool runs up to 20 tasks at once, but the" in worker.log
     assert "pool_size 5 + max_overflow 10 = 15 connections" in worker.log
     assert f"{setting} to at least 20" in worker.log

@@ -436,3 +436,32 @@ def test_warns_when_concurrency_exceeds_the_engine_pool(
     assert "The threads pool runs up to 20 tasks at once, but the" in worker.log
     assert "pool_size 5 + max_overflow 10 = 15 connections" in worker.log
     assert f"{setting} to at least 20" in worker.log
+
+
+@pytest.mark.parametrize("integration", INTEGRATIONS)
+def test_rollback_opens_no_session_and_drops_sends(
+    integration: str, postgres_url: str, dbapp_tables: None
+) -> None:
+    """``Database.rollback()`` undoes what the context's sessions flushed and
+    drops their sends waiting for the commit; it opens no session."""
+    app = dbapp.create_app(
+        {
+            "FCC_DATABASE": integration,
+            "SQLALCHEMY_DATABASE_URI": postgres_url,
+            "CELERY_TASK_ALWAYS_EAGER": True,
+        }
+    )
+    found = database(app)
+    assert found is not None
+    name = f"rollback-{uuid.uuid4().hex[:6]}"
+    with app.app_context() as ctx:
+        found.rollback()
+        assert found.sessions(ctx) == []
+        dbapp.ext.session.add(dbapp.Note(name=name))
+        dbapp.ext.session.flush()
+        dbapp.write.delay_on_commit(name, "commit")
+        found.rollback()
+        dbapp.ext.session.commit()
+        assert dbapp.count(name) == 0
+    for named in found.engines(app):
+        named.engine.dispose()

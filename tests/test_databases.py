@@ -106,13 +106,28 @@ def solo_worker(workers: WorkerFactory, integration: str) -> Worker:
     return start(workers, integration, "solo")
 
 
+_apps: list[Flask] = []
+
+
+def make_app(config: dict[str, t.Any]) -> Flask:
+    """A ``dbapp`` app in this process, whose engines are disposed after the
+    test."""
+    app = dbapp.create_app(config)
+    _apps.append(app)
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _dispose_dbapp_engines() -> t.Iterator[None]:
+    yield
+    while _apps:
+        app = _apps.pop()
+        for named in database(app).engines(app):  # type: ignore[union-attr]
+            named.engine.dispose()
+
+
 def make_client(worker: Worker) -> t.Iterator[Flask]:
-    app = dbapp.create_app({**worker.config, "FCC_ASYNC_IN_FACTORY": False})
-    yield app
-    found = database(app)
-    assert found is not None
-    for named in found.engines(app):
-        named.engine.dispose()
+    yield make_app({**worker.config, "FCC_ASYNC_IN_FACTORY": False})
 
 
 @pytest.fixture
@@ -352,7 +367,7 @@ MEMORY = {"CELERY_BROKER_URL": "memory://", "CELERY_RESULT_BACKEND": "cache+memo
 @pytest.mark.parametrize("integration", ["lite", "sessionmaker", "scoped"])
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_in_memory_sqlite_is_refused(integration: str, url: str) -> None:
-    app = dbapp.create_app(
+    app = make_app(
         {"FCC_DATABASE": integration, "SQLALCHEMY_DATABASE_URI": url, **MEMORY}
     )
     with (
@@ -379,7 +394,7 @@ def test_lite_test_isolation_with_a_worker_thread(
     """Flask-SQLAlchemy-Lite's ``test_isolation()`` hands every session the
     test's one connection: a solo worker thread sees the test's rows, its
     commits are savepoints, and all is rolled back after the test."""
-    app = dbapp.create_app(
+    app = make_app(
         {"FCC_DATABASE": "lite", "SQLALCHEMY_DATABASE_URI": postgres_url, **MEMORY}
     )
     db = app.extensions["sqlalchemy"]
@@ -394,8 +409,6 @@ def test_lite_test_isolation_with_a_worker_thread(
         assert dbapp.count.delay(name).get(timeout=10) == 2
     with app.app_context():
         assert dbapp.count(name) == 0
-    for named in database(app).engines(app):  # type: ignore[union-attr]
-        named.engine.dispose()
 
 
 def test_session_must_be_a_session_factory(postgres_url: str) -> None:
@@ -444,7 +457,7 @@ def test_rollback_opens_no_session_and_drops_sends(
 ) -> None:
     """``Database.rollback()`` undoes what the context's sessions flushed and
     drops their sends waiting for the commit; it opens no session."""
-    app = dbapp.create_app(
+    app = make_app(
         {
             "FCC_DATABASE": integration,
             "SQLALCHEMY_DATABASE_URI": postgres_url,
@@ -463,5 +476,3 @@ def test_rollback_opens_no_session_and_drops_sends(
         found.rollback()
         dbapp.ext.session.commit()
         assert dbapp.count(name) == 0
-    for named in found.engines(app):
-        named.engine.dispose()

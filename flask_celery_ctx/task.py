@@ -6,6 +6,7 @@ import typing as t
 from functools import partial
 
 from celery import Task
+from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
 from kombu import serialization
 from kombu.exceptions import EncodeError
@@ -129,19 +130,19 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> AsyncResult[t.Any]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
-        Model instances of the app's ``db.Model`` in the arguments are sent
-        as references (see :doc:`/models`).
+        Model instances in the arguments, and in those of the signatures of
+        the ``link``, ``link_error`` and ``chain`` options, are sent as signed
+        references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
-            was not called yet.
+            was not called yet, or an instance is to be sent and the app has
+            no ``SECRET_KEY``.
         :raises ValueError: An instance in the arguments has no primary key
             yet.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
-        db = get_db(extension_of(self).app)
-        if db is not None:
-            args, kwargs = self._dump_instances(db.Model, args, kwargs, options)
+        args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
@@ -192,10 +193,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
         check_arguments = getattr(self, "__header__", None)
         if self.typing and check_arguments is not None:
             check_arguments(*args, **kwargs)
-        db = get_db(extension_of(self).app)
-        if db is not None:
-            models.check_pending(self.name, db.Model, [args, kwargs], session)
-            args, kwargs = models.placeholders([args, kwargs], db.Model)
+        sign = models.signer(extension_of(self).app)
+        models.check_pending(self.name, [args, kwargs], session, sign)
+        args, kwargs = models.placeholders([args, kwargs])
         try:
             serialization.dumps((args, kwargs), self._serializer(options))
         except EncodeError as exc:
@@ -217,9 +217,14 @@ class ContextTask(Task):  # type: ignore[type-arg]
         """
         if not models.has_references(args, kwargs):
             return
-        db = get_db(extension_of(self).app)
+        app = extension_of(self).app
+        db = get_db(app)
         if db is None:
-            return
+            raise RuntimeError(
+                f"Task {self.name!r} got model references, but the app has no"
+                " Flask-SQLAlchemy session to load them in. Pass ids instead,"
+                " or set up Flask-SQLAlchemy in the worker's app."
+            )
         request = self.request
         request.args, request.kwargs = list(args), dict(kwargs)
         if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -227,14 +232,28 @@ class ContextTask(Task):  # type: ignore[type-arg]
                 f"Task {self.name!r} got its arguments as"
                 f" {type(args).__name__}, which cannot be replaced in place."
             )
-        models.load(self, db.Model, db.session(), args, kwargs)
+        models.load(self, db.session(), args, kwargs, models.signer(app))
 
     def _dump_instances(
-        self, base: type[t.Any], args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+        self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> tuple[t.Any, t.Any]:
-        sent_args, shown_args, in_args = models.dump(self.name, base, list(args or ()))
+        sign = models.signer(extension_of(self).app)
+        for name in ("link", "chain"):
+            # Signatures the worker sends: their tasks load the instances.
+            if options.get(name):
+                embedded = models.dump(self.name, options[name], sign, embedded=True)
+                options[name] = embedded[0]
+        for errback in maybe_list(options.get("link_error")) or ():
+            if models.has_instances(errback):
+                raise ValueError(
+                    f"The error callback {errback['task']!r} of task {self.name!r}"
+                    " got a model instance in its arguments. The worker calls"
+                    " error callbacks directly, where references are not loaded:"
+                    " pass ids in the arguments of link_error signatures."
+                )
+        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), sign)
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, base, dict(kwargs or {})
+            self.name, dict(kwargs or {}), sign
         )
         if not (in_args or in_kwargs):
             return args, kwargs
@@ -260,5 +279,5 @@ class ContextTask(Task):  # type: ignore[type-arg]
             f"The arguments of task {self.name!r} cannot be serialized with"
             f" {self._serializer(options)!r}: {exc}. Pass values the serializer accepts:"
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
-            " of the app's models."
+            " of mapped models."
         )

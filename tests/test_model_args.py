@@ -55,9 +55,10 @@ def test_instance_arrives_fresh_and_attached(
         assert item.name == "before"
     assert described["args"] == {"list": [seen("after")]}
     # The request keeps the references, as sent.
-    assert described["request_args"] == [
-        {"__model__": "taskapp.Item", "__key__": [item.id]}
-    ]
+    (reference,) = described["request_args"]
+    assert reference.keys() == {"__model__", "__key__", "__sig__"}
+    assert reference["__model__"] == "taskapp.Item"
+    assert reference["__key__"] == [item.id]
 
 
 def test_containers_composite_keys_binds_one_query_per_model(orm_client: Flask) -> None:
@@ -212,7 +213,7 @@ def test_apply_with_references_leaves_the_callers_arguments(app: Flask) -> None:
     with app.app_context():
         item = Item(name=unique("refs"))
         saved(item)
-        reference = {models.MODEL: models.model_name(Item), models.KEY: [item.id]}
+        reference = models.dump("same", item, models.signer(app))[0]
         args = [reference, [reference]]
         assert ormtasks.same.apply(args).get() == [item, [item]]
         assert args == [reference, [reference]]

@@ -51,6 +51,19 @@ class Remote(db.Model):  # type: ignore[name-defined,misc]
     name: orm.Mapped[str]
 
 
+class PlainBase(orm.DeclarativeBase):
+    """A base that is not ``db.Model``, as plain SQLAlchemy and
+    Flask-SQLAlchemy-Lite users declare their models."""
+
+
+class Plain(PlainBase):
+    """A model of a plain declarative base, in the default database."""
+
+    __tablename__ = "plain_model"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
 class Job(db.Model):  # type: ignore[name-defined,misc]
     """A row that stores the id of the task sent for it."""
 
@@ -68,7 +81,7 @@ def _count_statements(*args: t.Any) -> None:
 
 def describe_value(value: t.Any) -> t.Any:
     """What the task sees of an argument, in JSON."""
-    if isinstance(value, db.Model):
+    if isinstance(value, (db.Model, PlainBase)):
         state = orm.object_session(value)
         return {
             "model": type(value).__name__,

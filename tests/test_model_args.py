@@ -12,8 +12,10 @@ import uuid
 
 import pytest
 from flask import Flask
+from flask import request
 from sqlalchemy.engine import Engine
 
+from flask_celery_ctx import InvalidReferenceError
 from flask_celery_ctx import MissingInstanceError
 from flask_celery_ctx import models
 from sqlalchemy import delete
@@ -23,6 +25,8 @@ import ormtasks
 from conftest import Worker
 from conftest import WorkerFactory
 from ormtasks import Pair
+from ormtasks import Plain
+from ormtasks import PlainBase
 from ormtasks import Remote
 from taskapp import db
 from taskapp import Item
@@ -237,3 +241,98 @@ def test_hooks_see_the_instances(app: Flask) -> None:
         saved(item)
         ormtasks.seen_by_hooks.delay(item, other=[item])
         assert [([item], {"other": [item]})] == ormtasks.SEEN_BY_HOOKS
+
+
+# Signed references.
+
+
+def test_request_json_shaped_like_a_reference_arrives_as_a_dict(
+    orm_client: Flask,
+) -> None:
+    """A view that forwards a request's JSON to a task cannot be made to load
+    a row: only references the app signed are loaded."""
+
+    @orm_client.post("/notify")
+    def notify() -> dict[str, str]:
+        return {"id": ormtasks.describe.delay(request.get_json()).id}
+
+    with orm_client.app_context():
+        item = Item(name=unique("admin"))
+        saved(item)
+        crafted = {"__model__": "taskapp.Item", "__key__": [item.id]}
+    response = orm_client.test_client().post("/notify", json=crafted)
+    described = (
+        orm_client.extensions["celery"]
+        .celery.AsyncResult(
+            response.json["id"]  # type: ignore[index]
+        )
+        .get(timeout=20)
+    )
+    assert described["args"] == {
+        "list": [{"__model__": "taskapp.Item", "__key__": {"list": crafted["__key__"]}}]
+    }
+
+
+def test_a_reference_that_does_not_verify_fails_the_task(
+    orm_client: Flask, orm_worker: Worker
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("forged"))
+        saved(item)
+        forged = {"__model__": "taskapp.Item", "__key__": [item.id], "__sig__": "x"}
+        with pytest.raises(InvalidReferenceError) as info:
+            ormtasks.describe.delay(forged).get(timeout=20)
+        message = str(info.value)
+        assert "'taskapp.Item' with the key [" in message
+        assert "not made by a sender of this app" in message
+        assert "different SECRET_KEYs" in message
+        assert "the same SECRET_KEY" in message
+    with orm_worker.client(SECRET_KEY="another key").app_context():
+        with pytest.raises(InvalidReferenceError, match="different SECRET_KEYs"):
+            ormtasks.describe.delay(db.session.get(Item, item.id)).get(timeout=20)
+
+
+def test_sending_an_instance_needs_a_secret_key(orm_client: Flask) -> None:
+    orm_client.config["SECRET_KEY"] = None
+    with orm_client.app_context():
+        item = Item(name=unique("unsigned"))
+        saved(item)
+        with pytest.raises(RuntimeError, match="Set SECRET_KEY in the config"):
+            ormtasks.describe.delay(item)
+        # Refused when queued, not after the commit.
+        item.name = unique("changed")
+        with pytest.raises(RuntimeError, match="SECRET_KEY is not set"):
+            ormtasks.describe.delay_on_commit(item)
+        db.session.rollback()
+
+
+def test_references_verify_with_secret_key_fallbacks(
+    workers: WorkerFactory, other_postgres_url: str
+) -> None:
+    """A worker whose key was changed still loads what was sent with the old
+    one, kept in ``SECRET_KEY_FALLBACKS``."""
+    rotated = workers(
+        **ormtasks.config(other_postgres_url),
+        SECRET_KEY="the new key",
+        SECRET_KEY_FALLBACKS=["do-not-leak"],
+    )
+    sender = rotated.client(SECRET_KEY="do-not-leak", SECRET_KEY_FALLBACKS=[])
+    with sender.app_context():
+        item = Item(name=unique("rotated"))
+        saved(item)
+        assert ormtasks.describe.delay(item).get(timeout=20)["args"] == {
+            "list": [seen(item.name)]
+        }
+
+
+def test_instances_of_any_mapped_class(orm_client: Flask, pg_admin: Engine) -> None:
+    """Models of a plain ``DeclarativeBase``, not of ``db.Model``."""
+    PlainBase.metadata.create_all(pg_admin)
+    with orm_client.app_context():
+        plain = Plain(name=unique("plain"))
+        saved(plain)
+        described = ormtasks.describe.delay(plain).get(timeout=20)
+        assert described["args"] == {
+            "list": [{"model": "Plain", "name": plain.name, "attached": True}]
+        }
+        assert described["argsrepr"] == f"(Plain({plain.id}),)"

@@ -178,3 +178,14 @@ def add_item(name: str) -> int:
 @ext.celery.task
 def count_named(name: str) -> int:
     return len(db.session.scalars(select(Item).where(Item.name == name)).all())
+
+
+@ext.celery.task(count_statements=True)
+def count_loaded(items: list[Item]) -> dict[str, t.Any]:
+    """What the task got of many instances, and the queries that loaded them."""
+    return {
+        "ids": len({item.id for item in items}),
+        "names": sorted({item.name for item in items}),
+        "attached": all(orm.object_session(item) is db.session() for item in items),
+        "queries": len(g.get("statements", [])),
+    }

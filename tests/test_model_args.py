@@ -19,6 +19,8 @@ from flask_celery_ctx import InvalidReferenceError
 from flask_celery_ctx import MissingInstanceError
 from flask_celery_ctx import models
 from sqlalchemy import delete
+from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy import update
 
 import ormtasks
@@ -287,9 +289,9 @@ def test_a_reference_that_does_not_verify_fails_the_task(
         assert "not made by a sender of this app" in message
         assert "different SECRET_KEYs" in message
         assert "the same SECRET_KEY" in message
-    with orm_worker.client(SECRET_KEY="another key").app_context():
-        with pytest.raises(InvalidReferenceError, match="different SECRET_KEYs"):
-            ormtasks.describe.delay(db.session.get(Item, item.id)).get(timeout=20)
+    other = orm_worker.client(SECRET_KEY="another key")
+    with other.app_context(), pytest.raises(InvalidReferenceError, match="SECRET_KEYs"):
+        ormtasks.describe.delay(db.session.get(Item, item.id)).get(timeout=20)
 
 
 def test_sending_an_instance_needs_a_secret_key(orm_client: Flask) -> None:
@@ -336,3 +338,23 @@ def test_instances_of_any_mapped_class(orm_client: Flask, pg_admin: Engine) -> N
             "list": [{"model": "Plain", "name": plain.name, "attached": True}]
         }
         assert described["argsrepr"] == f"(Plain({plain.id}),)"
+
+
+def test_more_instances_than_a_statement_takes_parameters(
+    orm_client: Flask, pg_admin: Engine
+) -> None:
+    """PostgreSQL takes 65,535 parameters at most: keys are loaded in chunks,
+    and a hundred instances still in one query."""
+    name = unique("bulk")
+    with pg_admin.connect() as conn:
+        conn.execute(
+            text("INSERT INTO item (name) SELECT :name FROM generate_series(1, 70000)"),
+            {"name": name},
+        )
+    with orm_client.app_context():
+        items = db.session.scalars(select(Item).where(Item.name == name)).all()
+        assert len(items) == 70_000
+        many = ormtasks.count_loaded.delay(items).get(timeout=120)
+        hundred = ormtasks.count_loaded.delay(items[:100]).get(timeout=20)
+    assert many == {"ids": 70_000, "names": [name], "attached": True, "queries": 140}
+    assert hundred == {"ids": 100, "names": [name], "attached": True, "queries": 1}

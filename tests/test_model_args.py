@@ -11,6 +11,7 @@ import typing as t
 import uuid
 
 import pytest
+from celery import chain
 from flask import Flask
 from flask import request
 from sqlalchemy.engine import Engine
@@ -358,3 +359,35 @@ def test_more_instances_than_a_statement_takes_parameters(
         hundred = ormtasks.count_loaded.delay(items[:100]).get(timeout=20)
     assert many == {"ids": 70_000, "names": [name], "attached": True, "queries": 140}
     assert hundred == {"ids": 100, "names": [name], "attached": True, "queries": 1}
+
+
+# Chains and callbacks.
+
+
+def test_chained_and_linked_tasks_get_their_instances(orm_client: Flask) -> None:
+    with orm_client.app_context():
+        first, second, third = (Item(name=unique(n)) for n in ("a", "b", "c"))
+        saved(first, second, third)
+        result = chain(
+            ormtasks.describe.si(first), ormtasks.describe.si(kept=[second])
+        ).apply_async()
+        assert result.get(timeout=20)["kwargs"] == {
+            "kept": {"list": [seen(second.name)]}
+        }
+        callback = ormtasks.describe.si(third)
+        linked = callback.freeze()
+        ormtasks.describe.apply_async([first], link=callback).get(timeout=20)
+        assert linked.get(timeout=20)["args"] == {"list": [seen(third.name)]}
+
+
+def test_instances_in_error_callbacks_are_refused(orm_client: Flask) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("errback"))
+        saved(item)
+        errback = ormtasks.describe.si(item)
+        with pytest.raises(
+            ValueError,
+            match=r"The error callback 'ormtasks\.describe' of task 'ormtasks\.same'"
+            r".* pass ids",
+        ):
+            ormtasks.same.apply_async([1], link_error=errback)

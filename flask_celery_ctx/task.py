@@ -22,6 +22,7 @@ from .sqlalchemy import get_db
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
     from celery.result import EagerResult
+    from itsdangerous import Signer
     from sqlalchemy.orm import Session
 
     from .extension import FlaskCelery
@@ -238,19 +239,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> tuple[t.Any, t.Any]:
         sign = models.signer(extension_of(self).app)
-        for name in ("link", "chain"):
-            # Signatures the worker sends: their tasks load the instances.
-            if options.get(name):
-                embedded = models.dump(self.name, options[name], sign, embedded=True)
-                options[name] = embedded[0]
-        for errback in maybe_list(options.get("link_error")) or ():
-            if models.has_instances(errback):
-                raise ValueError(
-                    f"The error callback {errback['task']!r} of task {self.name!r}"
-                    " got a model instance in its arguments. The worker calls"
-                    " error callbacks directly, where references are not loaded:"
-                    " pass ids in the arguments of link_error signatures."
-                )
+        self._dump_signatures(options, sign)
         sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), sign)
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
             self.name, dict(kwargs or {}), sign
@@ -269,6 +258,38 @@ class ContextTask(Task):  # type: ignore[type-arg]
             saferepr(shown_kwargs, amqp.kwargsrepr_maxsize, maxlevels=maxlevels),
         )
         return sent_args, sent_kwargs
+
+    def _dump_signatures(self, options: dict[str, t.Any], sign: Signer | None) -> None:
+        """Make references of the instances in the arguments of the signatures
+        of ``link`` and ``chain``, which the worker sends when this task is
+        done: their tasks load them. Refuse those that would not be loaded.
+        """
+        for name in ("link", "chain"):
+            if not options.get(name):
+                continue
+            signatures = list(maybe_list(options[name]))
+            for index, signature in enumerate(signatures):
+                task = self.app.tasks.get(signature["task"])
+                if isinstance(task, ContextTask):
+                    signatures[index] = models.dump(
+                        task.name, signature, sign, embedded=True
+                    )[0]
+                elif models.has_instances(signature):
+                    raise ValueError(
+                        f"Task {signature['task']!r}, in the {name} of task"
+                        f" {self.name!r}, got a model instance in its arguments,"
+                        " but it is not a ContextTask here, so it could not load"
+                        " it. Pass ids, or declare it with '@ext.celery.task'."
+                    )
+            options[name] = signatures
+        for errback in maybe_list(options.get("link_error")) or ():
+            if models.has_instances(errback):
+                raise ValueError(
+                    f"The error callback {errback['task']!r} of task {self.name!r}"
+                    " got a model instance in its arguments. The worker calls"
+                    " error callbacks directly, where references are not loaded:"
+                    " pass ids in the arguments of link_error signatures."
+                )
 
     def _serializer(self, options: dict[str, t.Any]) -> str:
         """The serializer a send with these options uses."""

@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy import update
 
 import ormtasks
+import taskapp
 from conftest import Worker
 from conftest import WorkerFactory
 from ormtasks import Pair
@@ -380,10 +381,19 @@ def test_chained_and_linked_tasks_get_their_instances(orm_client: Flask) -> None
         assert linked.get(timeout=20)["args"] == {"list": [seen(third.name)]}
 
 
-def test_instances_in_error_callbacks_are_refused(orm_client: Flask) -> None:
+def test_instances_that_callbacks_would_not_load_are_refused(
+    orm_client: Flask,
+) -> None:
     with orm_client.app_context():
         item = Item(name=unique("errback"))
         saved(item)
+        foreign = taskapp.foreign_context_state.si(item)
+        with pytest.raises(
+            ValueError,
+            match=r"Task 'taskapp\.foreign_context_state', in the chain of task"
+            r" 'ormtasks\.same', .* not a ContextTask",
+        ):
+            chain(ormtasks.same.si(1), foreign).apply_async()
         errback = ormtasks.describe.si(item)
         with pytest.raises(
             ValueError,

@@ -113,10 +113,15 @@ def _signed_text(name: t.Any, key: t.Any) -> bytes:
     return json.dumps([name, key], default=str, separators=(",", ":")).encode()
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def _state(value: t.Any) -> InstanceState[t.Any] | None:
     """The state of a mapped instance; ``None`` for any other value."""
-    if "sqlalchemy" not in sys.modules:
-        return None  # nothing is mapped before SQLAlchemy is imported
+    # Called for every argument sent: the common values are told at once, and
+    # nothing is mapped before SQLAlchemy is imported.
+    if type(value) in _SCALARS or "sqlalchemy" not in sys.modules:
+        return None
     from sqlalchemy.orm import InstanceState
 
     from sqlalchemy import inspect

@@ -261,13 +261,15 @@ class ContextTask(Task):  # type: ignore[type-arg]
 
     def _dump_signatures(self, options: dict[str, t.Any], sign: Signer | None) -> None:
         """Make references of the instances in the arguments of the signatures
-        of ``link`` and ``chain``, which the worker sends when this task is
-        done: their tasks load them. Refuse those that would not be loaded.
+        that the worker sends when this task is done, those of ``link``,
+        ``chain`` and ``chord`` (the body of a chord this task is part of):
+        their tasks load them. Refuse those that would not be loaded.
         """
-        for name in ("link", "chain"):
-            if not options.get(name):
+        for name in ("link", "chain", "chord"):
+            value = options.get(name)
+            if not value:
                 continue
-            signatures = list(maybe_list(options[name]))
+            signatures = list(maybe_list(value))
             for index, signature in enumerate(signatures):
                 task = self.app.tasks.get(signature["task"])
                 if isinstance(task, ContextTask):
@@ -281,7 +283,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
                         " but it is not a ContextTask here, so it could not load"
                         " it. Pass ids, or declare it with '@ext.celery.task'."
                     )
-            options[name] = signatures
+            options[name] = (
+                signatures if isinstance(value, (list, tuple)) else signatures[0]
+            )
         for errback in maybe_list(options.get("link_error")) or ():
             if models.has_instances(errback):
                 raise ValueError(

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from celery import chain
+from celery import chord
 from flask import Flask
 from flask import request
 from sqlalchemy.engine import Engine
@@ -401,3 +402,13 @@ def test_instances_that_callbacks_would_not_load_are_refused(
             r".* pass ids",
         ):
             ormtasks.same.apply_async([1], link_error=errback)
+
+
+def test_the_body_of_a_chord_gets_its_instances(orm_client: Flask) -> None:
+    with orm_client.app_context():
+        first, second, third = (Item(name=unique(n)) for n in ("a", "b", "c"))
+        saved(first, second, third)
+        header = [ormtasks.describe.si(first), ormtasks.describe.si(second)]
+        result = chord(header)(ormtasks.describe.s(kept=third))
+        described = result.get(timeout=20)
+        assert described["kwargs"] == {"kept": seen(third.name)}

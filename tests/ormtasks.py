@@ -85,7 +85,7 @@ def describe_value(value: t.Any) -> t.Any:
         state = orm.object_session(value)
         return {
             "model": type(value).__name__,
-            "name": value.name,  # type: ignore[attr-defined]
+            "name": getattr(value, "name"),  # noqa: B009 (models of two bases)
             "attached": state is db.session(),
         }
     if isinstance(value, dict):

@@ -132,14 +132,15 @@ class ContextTask(Task):  # type: ignore[type-arg]
     ) -> AsyncResult[t.Any]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
         Model instances in the arguments, and in those of the signatures of
-        the ``link``, ``link_error`` and ``chain`` options, are sent as signed
+        the ``link``, ``chain`` and ``chord`` options, are sent as signed
         references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet, or an instance is to be sent and the app has
             no ``SECRET_KEY``.
-        :raises ValueError: An instance in the arguments has no primary key
-            yet.
+        :raises ValueError: An instance has no primary key yet, or is in a
+            signature whose task would not load it: a ``link_error``
+            callback, or a task that is not a ContextTask.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """

@@ -229,6 +229,16 @@ def test_apply_with_references_leaves_the_callers_arguments(app: Flask) -> None:
         assert ormtasks.same.apply((reference,)).get() == [item]
 
 
+def test_a_reference_to_an_app_without_secret_key_fails(app: Flask) -> None:
+    with app.app_context():
+        item = Item(name=unique("keyless"))
+        saved(item)
+        reference = models.dump("same", item, models.signer(app))[0]
+        app.config["SECRET_KEY"] = None
+        with pytest.raises(InvalidReferenceError, match="SECRET_KEY is not set here"):
+            ormtasks.same.apply([reference])
+
+
 def test_eager_without_a_context_loads_in_the_tasks_session(app: Flask) -> None:
     with app.app_context():
         name = unique("eager")

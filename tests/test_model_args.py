@@ -326,18 +326,23 @@ def test_references_verify_with_secret_key_fallbacks(
 ) -> None:
     """A worker whose key was changed still loads what was sent with the old
     one, kept in ``SECRET_KEY_FALLBACKS``."""
-    rotated = workers(
+    config = {
         **ormtasks.config(other_postgres_url),
-        SECRET_KEY="the new key",
-        SECRET_KEY_FALLBACKS=["do-not-leak"],
-    )
-    sender = rotated.client(SECRET_KEY="do-not-leak", SECRET_KEY_FALLBACKS=[])
-    with sender.app_context():
-        item = Item(name=unique("rotated"))
-        saved(item)
-        assert ormtasks.describe.delay(item).get(timeout=20)["args"] == {
-            "list": [seen(item.name)]
-        }
+        "SECRET_KEY": "the new key",
+        "SECRET_KEY_FALLBACKS": ["do-not-leak"],
+    }
+    rotated = workers.start("redis", "postgres", config)
+    try:
+        rotated.wait_ready()
+        sender = rotated.client(SECRET_KEY="do-not-leak", SECRET_KEY_FALLBACKS=[])
+        with sender.app_context():
+            item = Item(name=unique("rotated"))
+            saved(item)
+            assert ormtasks.describe.delay(item).get(timeout=20)["args"] == {
+                "list": [seen(item.name)]
+            }
+    finally:
+        rotated.stop()  # used by this test only: its connections go with it
 
 
 def test_instances_of_any_mapped_class(orm_client: Flask, pg_admin: Engine) -> None:

@@ -218,8 +218,8 @@ def check_pending(
 
 
 def has_instances(signature: t.Any) -> bool:
-    """Whether a signature holds mapped instances, in its arguments or in
-    those of the signatures it embeds.
+    """Whether a signature holds mapped instances, in its arguments, its
+    options or the signatures it embeds.
 
     :param signature: A signature, or the dict of one.
     """
@@ -281,11 +281,11 @@ def dump(
     return sent, _replace_instances(value, _shown_instance, embedded)[0], True
 
 
+_REFERENCE = {MODEL, KEY, SIG}
+
+
 def _is_reference(value: t.Any) -> bool:
     return type(value) is dict and len(value) == 3 and value.keys() == _REFERENCE
-
-
-_REFERENCE = {MODEL, KEY, SIG}
 
 
 def _references(value: t.Any) -> t.Iterator[dict[str, t.Any]]:

@@ -16,7 +16,9 @@ Run it, web server and worker together, with ``make example`` (or
     How long each of the 20 steps of an analysis takes. Default: 0.25.
 
 Any other setting comes from a variable named ``FLASK_`` and the key, as
-Flask's ``from_prefixed_env`` reads them: ``FLASK_CELERY_TASK_DEFAULT_QUEUE``.
+Flask's ``from_prefixed_env`` reads them: ``FLASK_CELERY_TASK_DEFAULT_QUEUE``,
+or ``FLASK_SECRET_KEY``, which signs the model instances sent to tasks
+(default: ``dev``, fit for your own machine only).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def _settings(instance: str, config: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
 
     settings: dict[str, t.Any] = {
         "ANALYSIS_STEP_SECONDS": float(env("EXAMPLE_STEP_SECONDS", "0.25")),
+        # Signs the model instances sent to tasks; the web server and the
+        # worker need the same one. Set FLASK_SECRET_KEY to a random value
+        # anywhere but on your own machine, as Flask's tutorial says.
+        "SECRET_KEY": "dev",
         # A worker that dies mid-task leaves the message to another worker.
         "CELERY_TASK_ACKS_LATE": True,
         "CELERY_TASK_REJECT_ON_WORKER_LOST": True,

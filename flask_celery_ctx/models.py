@@ -1,27 +1,53 @@
 """Model instances as task arguments.
 
-An instance of a mapped class is sent as a reference, a dict that names the
-model and the primary key::
+An instance of any mapped SQLAlchemy class (a model of Flask-SQLAlchemy's
+``db.Model``, or of a plain ``DeclarativeBase``) is sent as a signed
+reference, a dict that names the model and the primary key::
 
-    {"__model__": "myapp.models.User", "__key__": [42]}
+    {"__model__": "myapp.models.User", "__key__": [42], "__sig__": "..."}
 
-and arrives as an instance loaded in the task's own session. References are
-made only when a message is serialized (sent to a broker, or run eagerly
-through ``delay``), inside lists, tuples and dicts of the arguments too. They
-are loaded when Celery's tracer starts the task, in the task's context, one
-query per model (see :mod:`flask_celery_ctx.tracing`).
+and arrives as an instance loaded in the task's own session. The signature is
+made with the app's ``SECRET_KEY`` (see :func:`signer`): only references that
+a sender of the app made are loaded, so a dict of the same shape that came
+from elsewhere (the JSON of a request) cannot become an instance.
+
+References are made only when a message is serialized (sent to a broker, or
+run eagerly through ``delay``), inside lists, tuples and dicts of the
+arguments too, and in the arguments of the signatures a message embeds
+for the worker to send (``link``, ``chain``, a chord's body). They are loaded when Celery's tracer
+starts the task, in the task's context, with one query per model for up to
+:data:`KEYS_PER_QUERY` keys (see :mod:`flask_celery_ctx.tracing`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pkgutil
+import reprlib
+import sys
 import typing as t
+
+from itsdangerous import Signer
 
 if t.TYPE_CHECKING:
     from celery import Task
+    from flask import Flask
+    from sqlalchemy.orm import InstanceState
     from sqlalchemy.orm import Session
 
 MODEL = "__model__"
 KEY = "__key__"
+SIG = "__sig__"
+
+#: The salt of the signatures of references: they are valid for nothing else
+#: signed with the app's ``SECRET_KEY``.
+SALT = "flask-celery-ctx.model-reference"
+
+#: How many primary key values one query loads at most; a composite key counts
+#: one per column. Databases limit the parameters of a statement (PostgreSQL
+#: to 65,535, SQLite to 32,766, Oracle's ``IN`` lists to 1,000 items).
+KEYS_PER_QUERY = 500
 
 
 class MissingInstanceError(LookupError):
@@ -29,6 +55,13 @@ class MissingInstanceError(LookupError):
 
     The task fails with it, unless it is declared with
     ``allow_missing_instances=True``: then the argument is ``None``.
+    """
+
+
+class InvalidReferenceError(ValueError):
+    """A task argument looks like a model reference but its signature does not
+    verify with the worker's ``SECRET_KEY``: it was not made by a sender of
+    the app, or the sender used another key. The task fails with it.
     """
 
 
@@ -61,6 +94,41 @@ def shown(cls: type[t.Any], key: t.Sequence[t.Any]) -> str:
     return f"{cls.__name__}({', '.join(map(repr, key))})"
 
 
+def signer(app: Flask) -> Signer | None:
+    """The signer of references with the app's ``SECRET_KEY``, which also
+    verifies with the keys of ``SECRET_KEY_FALLBACKS``, as Flask's sessions
+    do; ``None`` when the app has no ``SECRET_KEY``.
+
+    :param app: The Flask application.
+    """
+    if not app.secret_key:
+        return None
+    keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key]
+    return Signer(keys, salt=SALT, digest_method=hashlib.sha256)
+
+
+def _signed_text(name: t.Any, key: t.Any) -> bytes:
+    # The same text in the sender and the worker: the key values the
+    # serializer gives back (UUID, datetime, Decimal) read the same.
+    return json.dumps([name, key], default=str, separators=(",", ":")).encode()
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def _state(value: t.Any) -> InstanceState[t.Any] | None:
+    """The state of a mapped instance; ``None`` for any other value."""
+    # Called for every argument sent: the common values are told at once, and
+    # nothing is mapped before SQLAlchemy is imported.
+    if type(value) in _SCALARS or "sqlalchemy" not in sys.modules:
+        return None
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import InstanceState
+
+    state = inspect(value, raiseerr=False)
+    return state if isinstance(state, InstanceState) else None
+
+
 _CONTAINERS = (list, tuple, dict)
 
 
@@ -68,120 +136,155 @@ def _is_container(value: t.Any) -> bool:
     return type(value) in _CONTAINERS
 
 
-def is_instance(value: t.Any) -> bool:
-    """Whether a value is an instance of a mapped class.
+def _replace_instances(
+    value: t.Any,
+    replace: t.Callable[[t.Any, InstanceState[t.Any]], t.Any],
+    embedded: bool = False,
+) -> tuple[t.Any, bool]:
+    """Replace the mapped instances in a value, its lists, tuples and dicts.
 
-    :param value: A value.
+    :param value: Arguments, or one of them.
+    :param replace: Called with each instance and its state; returns what
+        replaces it.
+    :param embedded: Look into any list, tuple or dict, subclasses too, as
+        Celery's signatures are; a dict subclass becomes a dict.
+    :return: The value with the instances replaced, and whether there was
+        any. Containers without instances are returned as they are.
     """
-    from sqlalchemy import inspect
-    from sqlalchemy.orm import InstanceState
+    if embedded:
+        is_dict, is_container = isinstance(value, dict), isinstance(value, _CONTAINERS)
+    else:
+        is_dict, is_container = type(value) is dict, _is_container(value)
+    if not is_container:
+        state = _state(value)
+        return (value, False) if state is None else (replace(value, state), True)
+    if is_dict:
+        pairs = [
+            (k, _replace_instances(v, replace, embedded)) for k, v in value.items()
+        ]
+        if not any(found for _, (_, found) in pairs):
+            return value, False
+        return {k: new for k, (new, _) in pairs}, True
+    items = [_replace_instances(v, replace, embedded) for v in value]
+    if not any(found for _, found in items):
+        return value, False
+    kind = type(value) if _is_container(value) else list
+    return kind(new for new, _ in items), True
 
-    return isinstance(inspect(value, raiseerr=False), InstanceState)
+
+def _shown_instance(instance: t.Any, state: InstanceState[t.Any]) -> t.Any:
+    if state.key is None:
+        return instance
+    return _Shown(shown(type(instance), state.key[1]))
 
 
-def instances(value: t.Any) -> t.Iterator[t.Any]:
-    """Yield the model instances in a value, its lists, tuples and dicts.
+def shown_instances(value: t.Any) -> t.Any:
+    """Replace the saved instances in a value by how they are shown in logs,
+    ``User(42)``.
 
     :param value: Arguments, or one of them.
     """
-    if is_instance(value):
-        yield value
-    elif type(value) is dict:
-        for item in value.values():
-            yield from instances(item)
-    elif _is_container(value):
-        for item in value:
-            yield from instances(item)
+    return _replace_instances(value, _shown_instance)[0]
 
 
-def check_pending(task_name: str, values: t.Iterable[t.Any], session: Session) -> None:
+def check_pending(
+    task_name: str, values: t.Any, session: Session, sign: Signer | None
+) -> None:
     """Check, before a send is queued for the commit, that every instance in
-    ``values`` will have a primary key by then: it has one, or it is pending
-    in ``session``, whose commit flushes it.
+    ``values`` can be sent by then: it has a primary key, or it is pending in
+    ``session``, whose commit flushes it; and the app has a ``SECRET_KEY``.
 
     :param task_name: The task, for the error message.
     :param values: The positional and keyword argument values.
     :param session: The session whose commit the send waits for.
+    :param sign: The app's :func:`signer`.
     :raises ValueError: An instance is not saved and would not be.
+    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
-    import sqlalchemy as sa
 
-    for value in values:
-        for instance in instances(value):
-            state = sa.inspect(instance)
-            if state.key is None and not (state.pending and state.session is session):
-                raise ValueError(
-                    f"Task {task_name!r} got an instance of {type(instance).__name__}"
-                    f" that has no primary key and is not pending in db.session:"
-                    f" {instance!r}. Add it to db.session before the commit, or"
-                    " pass a saved instance."
-                )
+    def check(instance: t.Any, state: InstanceState[t.Any]) -> None:
+        if sign is None:
+            raise _no_secret_key(task_name, instance)
+        if state.key is None and not (state.pending and state.session is session):
+            raise ValueError(
+                f"Task {task_name!r} got an instance of {type(instance).__name__}"
+                f" that has no primary key and is not pending in db.session:"
+                f" {instance!r}. Add it to db.session before the commit, or"
+                " pass a saved instance."
+            )
+
+    _replace_instances(values, check)
+
+
+def has_instances(signature: t.Any) -> bool:
+    """Whether a signature holds mapped instances, in its arguments, its
+    options or the signatures it embeds.
+
+    :param signature: A signature, or the dict of one.
+    """
+    return _replace_instances(signature, lambda *_: None, embedded=True)[1]
 
 
 def placeholders(value: t.Any) -> t.Any:
-    """Replace the model instances in a value by a reference with no key,
-    for a trial of the serializer before the keys are known.
+    """Replace the instances in a value by a reference with no key, for a trial
+    of the serializer before the keys are known.
 
     :param value: Arguments, or one of them.
     """
-    if is_instance(value):
-        return {MODEL: "", KEY: []}
-    if type(value) is dict:
-        return {k: placeholders(v) for k, v in value.items()}
-    if _is_container(value):
-        return [placeholders(v) for v in value]
-    return value
+    return _replace_instances(value, lambda *_: {MODEL: "", KEY: [], SIG: ""})[0]
 
 
-def dump(task_name: str, value: t.Any) -> tuple[t.Any, t.Any, bool]:
-    """Replace the model instances in a value by references.
+def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:
+    return RuntimeError(
+        f"Task {task_name!r} got an instance of {type(instance).__name__},"
+        " which is sent as a reference signed with the app's SECRET_KEY, but"
+        " SECRET_KEY is not set. Set SECRET_KEY in the config, the same in"
+        " the web and the worker processes."
+    )
 
-    :param task_name: The task, for the error message.
+
+def dump(
+    task_name: str, value: t.Any, sign: Signer | None, embedded: bool = False
+) -> tuple[t.Any, t.Any, bool]:
+    """Replace the mapped instances in a value by signed references.
+
+    :param task_name: The task, for the error messages.
     :param value: Arguments, or one of them.
+    :param sign: The app's :func:`signer`.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
     :return: The value to send, the value to show in ``argsrepr``, and
         whether any instance was replaced. Containers without instances are
         returned as they are.
     :raises ValueError: An instance has no primary key yet.
+    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
-    import sqlalchemy as sa
 
-    if is_instance(value):
-        state = sa.inspect(value)
+    def reference(instance: t.Any, state: InstanceState[t.Any]) -> dict[str, t.Any]:
         if state.key is None:
             what = "pending (added, not flushed)" if state.pending else "not saved"
             raise ValueError(
-                f"Task {task_name!r} got an instance of {type(value).__name__} that is"
-                f" {what}, so it has no primary key to send: {value!r}. Call"
-                " db.session.flush() or commit() before sending it, or send it"
-                " with delay_on_commit(), which sends after the commit."
+                f"Task {task_name!r} got an instance of {type(instance).__name__}"
+                f" that is {what}, so it has no primary key to send: {instance!r}."
+                " Call db.session.flush() or commit() before sending it, or send"
+                " it with delay_on_commit(), which sends after the commit."
             )
-        cls = type(value)
-        key = list(state.key[1])
-        return {MODEL: model_name(cls), KEY: key}, _Shown(shown(cls, key)), True
-    if not _is_container(value):
+        if sign is None:
+            raise _no_secret_key(task_name, instance)
+        name, key = model_name(type(instance)), list(state.key[1])
+        sig = sign.get_signature(_signed_text(name, key)).decode()
+        return {MODEL: name, KEY: key, SIG: sig}
+
+    sent, found = _replace_instances(value, reference, embedded)
+    if not found:
         return value, value, False
-    if type(value) is dict:
-        pairs = [(k, dump(task_name, v)) for k, v in value.items()]
-        if not any(found for _, (_, _, found) in pairs):
-            return value, value, False
-        return (
-            {k: sent for k, (sent, _, _) in pairs},
-            {k: seen for k, (_, seen, _) in pairs},
-            True,
-        )
-    items = [dump(task_name, v) for v in value]
-    if not any(found for _, _, found in items):
-        return value, value, False
-    kind = type(value)
-    return (
-        kind(sent for sent, _, _ in items),
-        kind(seen for _, seen, _ in items),
-        True,
-    )
+    return sent, _replace_instances(value, _shown_instance, embedded)[0], True
+
+
+_REFERENCE = {MODEL, KEY, SIG}
 
 
 def _is_reference(value: t.Any) -> bool:
-    return type(value) is dict and value.keys() == {MODEL, KEY}
+    return type(value) is dict and len(value) == 3 and value.keys() == _REFERENCE
 
 
 def _references(value: t.Any) -> t.Iterator[dict[str, t.Any]]:
@@ -202,45 +305,95 @@ def _replace(value: t.Any, loaded: t.Callable[[dict[str, t.Any]], t.Any]) -> t.A
     return value
 
 
+def _verify(task_name: str, sign: Signer | None, ref: dict[str, t.Any]) -> None:
+    name, key, sig = ref[MODEL], ref[KEY], ref[SIG]
+    what = f"a reference to the model {reprlib.repr(name)} with the key {reprlib.repr(key)}"
+    if sign is None:
+        raise InvalidReferenceError(
+            f"Task {task_name!r} got {what}, signed with the sender's SECRET_KEY,"
+            " but SECRET_KEY is not set here to verify it. Set SECRET_KEY, the"
+            " same in the web and the worker processes."
+        )
+    if not (
+        type(name) is str
+        and type(key) is list
+        and type(sig) is str
+        and sign.verify_signature(_signed_text(name, key), sig)
+    ):
+        raise InvalidReferenceError(
+            f"Task {task_name!r} got {what}, whose signature does not verify with"
+            " the SECRET_KEY here. Either it was not made by a sender of this"
+            " app (a dict of that shape that came from elsewhere, such as the"
+            " JSON of a request, is refused), or the sender and the worker have"
+            " different SECRET_KEYs: give the web and the worker processes the"
+            " same SECRET_KEY, and when changing it, keep the old key in"
+            " SECRET_KEY_FALLBACKS until the tasks sent with it have run."
+        )
+
+
+def _model(task_name: str, name: str) -> type[t.Any]:
+    """The mapped class a verified reference names, imported."""
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import Mapper
+
+    try:
+        cls = pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise LookupError(
+            f"Task {task_name!r} got a reference to the model {name!r}, which"
+            f" cannot be imported here: {exc}. Run the same code in the worker"
+            " as in the sender."
+        ) from exc
+    if not (
+        isinstance(cls, type)
+        and isinstance(inspect(cls, raiseerr=False), Mapper)
+        and model_name(cls) == name
+    ):
+        raise LookupError(
+            f"Task {task_name!r} got a reference to the model {name!r}, which is"
+            " not a mapped class here. Run the same code in the worker as in"
+            " the sender."
+        )
+    return cls
+
+
 def load(
     task: Task[t.Any, t.Any],
     session: Session,
     args: list[t.Any],
     kwargs: dict[str, t.Any],
+    sign: Signer | None,
 ) -> None:
     """Replace the references in a task's arguments, in place, by instances
     loaded in ``session``: those already in its identity map as they are,
-    the others with one query per model.
+    the others with one query per model and :data:`KEYS_PER_QUERY` keys.
 
     :param task: The task, whose ``allow_missing_instances`` says what a
         reference to a missing row becomes.
     :param session: The task's session.
     :param args: The positional arguments, replaced in place.
     :param kwargs: The keyword arguments, replaced in place.
+    :param sign: The app's :func:`signer`, which verifies the references.
+    :raises InvalidReferenceError: A reference's signature does not verify.
     :raises MissingInstanceError: A row is missing and the task does not
         allow it.
-    :raises LookupError: A reference names a class that is not mapped, or
-        whose module the worker has not imported.
+    :raises LookupError: A reference names a model the worker does not have.
     """
     import sqlalchemy as sa
 
-    wanted: dict[type[t.Any], set[tuple[t.Any, ...]]] = {}
     models: dict[str, type[t.Any]] = {}
+    wanted: dict[type[t.Any], set[tuple[t.Any, ...]]] = {}
     for ref in _references([args, kwargs]):
-        cls = models.get(ref[MODEL]) or _mapped_class(ref[MODEL])
+        _verify(task.name, sign, ref)
+        cls = models.get(ref[MODEL])
         if cls is None:
-            raise LookupError(
-                f"Task {task.name!r} got a reference to the model {ref[MODEL]!r},"
-                " which is not a mapped class of a module the worker imported."
-                " Run the same code in the worker as in the sender."
-            )
-        models[ref[MODEL]] = cls
+            cls = models[ref[MODEL]] = _model(task.name, ref[MODEL])
         wanted.setdefault(cls, set()).add(tuple(ref[KEY]))
     if not wanted:
         return
 
     found: dict[tuple[type[t.Any], tuple[t.Any, ...]], t.Any] = {}
-    rows: list[t.Any] = []  # holds what the query loaded: the map is weak
+    rows: list[t.Any] = []  # holds what the queries loaded: the map is weak
     missing: list[str] = []
     for cls, keys in wanted.items():
         mapper = sa.inspect(cls)
@@ -253,20 +406,22 @@ def load(
                 todo.append(key)
             else:
                 found[cls, key] = instance
-        if todo:
-            columns = mapper.primary_key
+        columns = mapper.primary_key
+        size = max(1, KEYS_PER_QUERY // len(columns))
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
             if len(columns) == 1:
-                where = columns[0].in_([key[0] for key in todo])
+                where = columns[0].in_([key[0] for key in chunk])
             else:
-                where = sa.tuple_(*columns).in_(todo)
+                where = sa.tuple_(*columns).in_(chunk)
             rows.extend(session.scalars(sa.select(cls).where(where)))
-            for key in todo:
-                instance = session.identity_map.get(
-                    mapper.identity_key_from_primary_key(key)
-                )
-                if instance is None:
-                    missing.append(shown(cls, key))
-                found[cls, key] = instance
+        for key in todo:
+            instance = session.identity_map.get(
+                mapper.identity_key_from_primary_key(key)
+            )
+            if instance is None:
+                missing.append(shown(cls, key))
+            found[cls, key] = instance
 
     if missing and not getattr(task, "allow_missing_instances", False):
         raise MissingInstanceError(
@@ -283,28 +438,6 @@ def load(
     kwargs.update({k: _replace(v, loaded) for k, v in kwargs.items()})
 
 
-def _mapped_class(name: str) -> type[t.Any] | None:
-    """The mapped class a reference names, looked up in the modules already
-    imported: a reference never makes the worker import a module."""
-    import sys
-
-    from sqlalchemy import inspect
-    from sqlalchemy.orm import Mapper
-
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        found: t.Any = sys.modules.get(".".join(parts[:split]))
-        for attribute in parts[split:]:
-            found = getattr(found, attribute, None)
-        if (
-            isinstance(found, type)
-            and model_name(found) == name
-            and isinstance(inspect(found, raiseerr=False), Mapper)
-        ):
-            return found
-    return None
-
-
 def has_references(args: t.Any, kwargs: t.Any) -> bool:
     """Whether a task's arguments hold references.
 
@@ -318,7 +451,7 @@ def has_references(args: t.Any, kwargs: t.Any) -> bool:
     while stack:
         value = stack.pop()
         if type(value) is dict:
-            if len(value) == 2 and MODEL in value and KEY in value:
+            if len(value) == 3 and MODEL in value and KEY in value and SIG in value:
                 return True
             value = value.values()
         stack.extend([v for v in value if type(v) in _CONTAINERS])

@@ -6,6 +6,7 @@ import typing as t
 from functools import partial
 
 from celery import Task
+from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
 from kombu import serialization
 from kombu.exceptions import EncodeError
@@ -21,6 +22,7 @@ from .db import database
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
     from celery.result import EagerResult
+    from itsdangerous import Signer
     from sqlalchemy.orm import Session
 
     from .extension import FlaskCelery
@@ -129,18 +131,20 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> AsyncResult[t.Any]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
-        Model instances in the arguments are sent as references (see
-        :doc:`/models`).
+        Model instances in the arguments, and in those of the signatures of
+        the ``link``, ``chain`` and ``chord`` options, are sent as signed
+        references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
-            was not called yet.
-        :raises ValueError: An instance in the arguments has no primary key
-            yet.
+            was not called yet, or an instance is to be sent and the app has
+            no ``SECRET_KEY``.
+        :raises ValueError: An instance has no primary key yet, or is in a
+            signature whose task would not load it: a ``link_error``
+            callback, or a task that is not a ContextTask.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
-        if database(extension_of(self).app) is not None:
-            args, kwargs = self._dump_instances(args, kwargs, options)
+        args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
@@ -191,7 +195,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         check_arguments = getattr(self, "__header__", None)
         if self.typing and check_arguments is not None:
             check_arguments(*args, **kwargs)
-        models.check_pending(self.name, [args, kwargs], session)
+        sign = models.signer(extension_of(self).app)
+        models.check_pending(self.name, [args, kwargs], session, sign)
         args, kwargs = models.placeholders([args, kwargs])
         try:
             serialization.dumps((args, kwargs), self._serializer(options))
@@ -214,9 +219,15 @@ class ContextTask(Task):  # type: ignore[type-arg]
         """
         if not models.has_references(args, kwargs):
             return
-        found = database(extension_of(self).app)
+        app = extension_of(self).app
+        found = database(app)
         if found is None:
-            return
+            raise RuntimeError(
+                f"Task {self.name!r} got model references, but the app has no"
+                " database session to load them in: no Flask-SQLAlchemy,"
+                " Flask-SQLAlchemy-Lite or FlaskCelery(session=...). Pass ids"
+                " instead, or set up the database in the worker's app."
+            )
         request = self.request
         request.args, request.kwargs = list(args), dict(kwargs)
         if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -224,14 +235,16 @@ class ContextTask(Task):  # type: ignore[type-arg]
                 f"Task {self.name!r} got its arguments as"
                 f" {type(args).__name__}, which cannot be replaced in place."
             )
-        models.load(self, found.session(), args, kwargs)
+        models.load(self, found.session(), args, kwargs, models.signer(app))
 
     def _dump_instances(
         self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> tuple[t.Any, t.Any]:
-        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()))
+        sign = models.signer(extension_of(self).app)
+        self._dump_signatures(options, sign)
+        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), sign)
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, dict(kwargs or {})
+            self.name, dict(kwargs or {}), sign
         )
         if not (in_args or in_kwargs):
             return args, kwargs
@@ -248,6 +261,42 @@ class ContextTask(Task):  # type: ignore[type-arg]
         )
         return sent_args, sent_kwargs
 
+    def _dump_signatures(self, options: dict[str, t.Any], sign: Signer | None) -> None:
+        """Make references of the instances in the arguments of the signatures
+        that the worker sends when this task is done, those of ``link``,
+        ``chain`` and ``chord`` (the body of a chord this task is part of):
+        their tasks load them. Refuse those that would not be loaded.
+        """
+        for name in ("link", "chain", "chord"):
+            value = options.get(name)
+            if not value:
+                continue
+            signatures = list(maybe_list(value))
+            for index, signature in enumerate(signatures):
+                task = self.app.tasks.get(signature["task"])
+                if isinstance(task, ContextTask):
+                    signatures[index] = models.dump(
+                        task.name, signature, sign, embedded=True
+                    )[0]
+                elif models.has_instances(signature):
+                    raise ValueError(
+                        f"Task {signature['task']!r}, in the {name} of task"
+                        f" {self.name!r}, got a model instance in its arguments,"
+                        " but it is not a ContextTask here, so it could not load"
+                        " it. Pass ids, or declare it with '@ext.celery.task'."
+                    )
+            options[name] = (
+                signatures if isinstance(value, (list, tuple)) else signatures[0]
+            )
+        for errback in maybe_list(options.get("link_error")) or ():
+            if models.has_instances(errback):
+                raise ValueError(
+                    f"The error callback {errback['task']!r} of task {self.name!r}"
+                    " got a model instance in its arguments. The worker calls"
+                    " error callbacks directly, where references are not loaded:"
+                    " pass ids in the arguments of link_error signatures."
+                )
+
     def _serializer(self, options: dict[str, t.Any]) -> str:
         """The serializer a send with these options uses."""
         return str(options.get("serializer") or self.serializer or "json")
@@ -257,5 +306,5 @@ class ContextTask(Task):  # type: ignore[type-arg]
             f"The arguments of task {self.name!r} cannot be serialized with"
             f" {self._serializer(options)!r}: {exc}. Pass values the serializer accepts:"
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
-            " of the app's models."
+            " of mapped models."
         )

@@ -140,12 +140,8 @@ class SentTask(t.NamedTuple):
     def __repr__(self) -> str:
         """The call, with model instances shown as ``Model(key)``:
         ``myapp.tasks.analyse(Analysis(1))``."""
-        app = self.task.app.flask_celery.app  # type: ignore[attr-defined]
-        args: t.Any = self.args
-        kwargs: t.Any = self.kwargs
-        if database(app) is not None:
-            args = models.dump(self.name, list(args))[1]
-            kwargs = models.dump(self.name, kwargs)[1]
+        args = models.shown_instances(list(self.args))
+        kwargs = models.shown_instances(self.kwargs)
         shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         return f"{self.name}({', '.join(shown)})"
 

@@ -317,7 +317,7 @@ def app(sqlite_url: str) -> Flask:
     """An app with no broker, whose tasks run inline."""
     return make_app(
         {"SQLALCHEMY_DATABASE_URI": sqlite_url, "CELERY_TASK_ALWAYS_EAGER": True,
-         "CELERY_TASK_EAGER_PROPAGATES": True}
+         "CELERY_TASK_EAGER_PROPAGATES": True, "SECRET_KEY": "inline"}
     )  # fmt: skip
 
 

@@ -51,6 +51,19 @@ class Remote(db.Model):  # type: ignore[name-defined,misc]
     name: orm.Mapped[str]
 
 
+class PlainBase(orm.DeclarativeBase):
+    """A base that is not ``db.Model``, as plain SQLAlchemy and
+    Flask-SQLAlchemy-Lite users declare their models."""
+
+
+class Plain(PlainBase):
+    """A model of a plain declarative base, in the default database."""
+
+    __tablename__ = "plain_model"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
 class Job(db.Model):  # type: ignore[name-defined,misc]
     """A row that stores the id of the task sent for it."""
 
@@ -68,11 +81,11 @@ def _count_statements(*args: t.Any) -> None:
 
 def describe_value(value: t.Any) -> t.Any:
     """What the task sees of an argument, in JSON."""
-    if isinstance(value, db.Model):
+    if isinstance(value, (db.Model, PlainBase)):
         state = orm.object_session(value)
         return {
             "model": type(value).__name__,
-            "name": value.name,  # type: ignore[attr-defined]
+            "name": getattr(value, "name"),  # noqa: B009 (models of two bases)
             "attached": state is db.session(),
         }
     if isinstance(value, dict):
@@ -165,3 +178,14 @@ def add_item(name: str) -> int:
 @ext.celery.task
 def count_named(name: str) -> int:
     return len(db.session.scalars(select(Item).where(Item.name == name)).all())
+
+
+@ext.celery.task(count_statements=True)
+def count_loaded(items: list[Item]) -> dict[str, t.Any]:
+    """What the task got of many instances, and the queries that loaded them."""
+    return {
+        "ids": len({item.id for item in items}),
+        "names": sorted({item.name for item in items}),
+        "attached": all(orm.object_session(item) is db.session() for item in items),
+        "queries": len(g.get("statements", [])),
+    }

@@ -11,18 +11,27 @@ import typing as t
 import uuid
 
 import pytest
+from celery import chain
+from celery import chord
 from flask import Flask
+from flask import request
 from sqlalchemy import delete
+from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
+from flask_celery_ctx import InvalidReferenceError
 from flask_celery_ctx import MissingInstanceError
 from flask_celery_ctx import models
 
 import ormtasks
+import taskapp
 from conftest import Worker
 from conftest import WorkerFactory
 from ormtasks import Pair
+from ormtasks import Plain
+from ormtasks import PlainBase
 from ormtasks import Remote
 from taskapp import db
 from taskapp import Item
@@ -55,9 +64,10 @@ def test_instance_arrives_fresh_and_attached(
         assert item.name == "before"
     assert described["args"] == {"list": [seen("after")]}
     # The request keeps the references, as sent.
-    assert described["request_args"] == [
-        {"__model__": "taskapp.Item", "__key__": [item.id]}
-    ]
+    (reference,) = described["request_args"]
+    assert reference.keys() == {"__model__", "__key__", "__sig__"}
+    assert reference["__model__"] == "taskapp.Item"
+    assert reference["__key__"] == [item.id]
 
 
 def test_containers_composite_keys_binds_one_query_per_model(orm_client: Flask) -> None:
@@ -212,11 +222,21 @@ def test_apply_with_references_leaves_the_callers_arguments(app: Flask) -> None:
     with app.app_context():
         item = Item(name=unique("refs"))
         saved(item)
-        reference = {models.MODEL: models.model_name(Item), models.KEY: [item.id]}
+        reference = models.dump("same", item, models.signer(app))[0]
         args = [reference, [reference]]
         assert ormtasks.same.apply(args).get() == [item, [item]]
         assert args == [reference, [reference]]
         assert ormtasks.same.apply((reference,)).get() == [item]
+
+
+def test_a_reference_to_an_app_without_secret_key_fails(app: Flask) -> None:
+    with app.app_context():
+        item = Item(name=unique("keyless"))
+        saved(item)
+        reference = models.dump("same", item, models.signer(app))[0]
+        app.config["SECRET_KEY"] = None
+        with pytest.raises(InvalidReferenceError, match="SECRET_KEY is not set here"):
+            ormtasks.same.apply([reference])
 
 
 def test_eager_without_a_context_loads_in_the_tasks_session(app: Flask) -> None:
@@ -236,3 +256,174 @@ def test_hooks_see_the_instances(app: Flask) -> None:
         saved(item)
         ormtasks.seen_by_hooks.delay(item, other=[item])
         assert [([item], {"other": [item]})] == ormtasks.SEEN_BY_HOOKS
+
+
+# Signed references.
+
+
+def test_request_json_shaped_like_a_reference_arrives_as_a_dict(
+    orm_client: Flask,
+) -> None:
+    """A view that forwards a request's JSON to a task cannot be made to load
+    a row: only references the app signed are loaded."""
+
+    @orm_client.post("/notify")
+    def notify() -> dict[str, str]:
+        return {"id": ormtasks.describe.delay(request.get_json()).id}
+
+    with orm_client.app_context():
+        item = Item(name=unique("admin"))
+        saved(item)
+        crafted = {"__model__": "taskapp.Item", "__key__": [item.id]}
+    response = orm_client.test_client().post("/notify", json=crafted)
+    described = (
+        orm_client.extensions["celery"]
+        .celery.AsyncResult(
+            response.json["id"]  # type: ignore[index]
+        )
+        .get(timeout=20)
+    )
+    assert described["args"] == {
+        "list": [{"__model__": "taskapp.Item", "__key__": {"list": crafted["__key__"]}}]
+    }
+
+
+def test_a_reference_that_does_not_verify_fails_the_task(
+    orm_client: Flask, orm_worker: Worker
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("forged"))
+        saved(item)
+        forged = {"__model__": "taskapp.Item", "__key__": [item.id], "__sig__": "x"}
+        with pytest.raises(InvalidReferenceError) as info:
+            ormtasks.describe.delay(forged).get(timeout=20)
+        message = str(info.value)
+        assert "'taskapp.Item' with the key [" in message
+        assert "not made by a sender of this app" in message
+        assert "different SECRET_KEYs" in message
+        assert "the same SECRET_KEY" in message
+    other = orm_worker.client(SECRET_KEY="another key")
+    with other.app_context(), pytest.raises(InvalidReferenceError, match="SECRET_KEYs"):
+        ormtasks.describe.delay(db.session.get(Item, item.id)).get(timeout=20)
+
+
+def test_sending_an_instance_needs_a_secret_key(orm_client: Flask) -> None:
+    orm_client.config["SECRET_KEY"] = None
+    with orm_client.app_context():
+        item = Item(name=unique("unsigned"))
+        saved(item)
+        with pytest.raises(RuntimeError, match="Set SECRET_KEY in the config"):
+            ormtasks.describe.delay(item)
+        # Refused when queued, not after the commit.
+        item.name = unique("changed")
+        with pytest.raises(RuntimeError, match="SECRET_KEY is not set"):
+            ormtasks.describe.delay_on_commit(item)
+        db.session.rollback()
+
+
+def test_references_verify_with_secret_key_fallbacks(
+    workers: WorkerFactory, other_postgres_url: str
+) -> None:
+    """A worker whose key was changed still loads what was sent with the old
+    one, kept in ``SECRET_KEY_FALLBACKS``."""
+    config = {
+        **ormtasks.config(other_postgres_url),
+        "SECRET_KEY": "the new key",
+        "SECRET_KEY_FALLBACKS": ["do-not-leak"],
+    }
+    rotated = workers.start("redis", "postgres", config)
+    try:
+        rotated.wait_ready()
+        sender = rotated.client(SECRET_KEY="do-not-leak", SECRET_KEY_FALLBACKS=[])
+        with sender.app_context():
+            item = Item(name=unique("rotated"))
+            saved(item)
+            assert ormtasks.describe.delay(item).get(timeout=20)["args"] == {
+                "list": [seen(item.name)]
+            }
+    finally:
+        rotated.stop()  # used by this test only: its connections go with it
+
+
+def test_instances_of_any_mapped_class(orm_client: Flask, pg_admin: Engine) -> None:
+    """Models of a plain ``DeclarativeBase``, not of ``db.Model``."""
+    PlainBase.metadata.create_all(pg_admin)
+    with orm_client.app_context():
+        plain = Plain(name=unique("plain"))
+        saved(plain)
+        described = ormtasks.describe.delay(plain).get(timeout=20)
+        assert described["args"] == {
+            "list": [{"model": "Plain", "name": plain.name, "attached": True}]
+        }
+        assert described["argsrepr"] == f"(Plain({plain.id}),)"
+
+
+def test_more_instances_than_a_statement_takes_parameters(
+    orm_client: Flask, pg_admin: Engine
+) -> None:
+    """PostgreSQL takes 65,535 parameters at most: keys are loaded in chunks,
+    and a hundred instances still in one query."""
+    name = unique("bulk")
+    with pg_admin.connect() as conn:
+        conn.execute(
+            text("INSERT INTO item (name) SELECT :name FROM generate_series(1, 70000)"),
+            {"name": name},
+        )
+    with orm_client.app_context():
+        items = db.session.scalars(select(Item).where(Item.name == name)).all()
+        assert len(items) == 70_000
+        many = ormtasks.count_loaded.delay(items).get(timeout=120)
+        hundred = ormtasks.count_loaded.delay(items[:100]).get(timeout=20)
+    assert many == {"ids": 70_000, "names": [name], "attached": True, "queries": 140}
+    assert hundred == {"ids": 100, "names": [name], "attached": True, "queries": 1}
+
+
+# Chains and callbacks.
+
+
+def test_chained_and_linked_tasks_get_their_instances(orm_client: Flask) -> None:
+    with orm_client.app_context():
+        first, second, third = (Item(name=unique(n)) for n in ("a", "b", "c"))
+        saved(first, second, third)
+        result = chain(
+            ormtasks.describe.si(first), ormtasks.describe.si(kept=[second])
+        ).apply_async()
+        assert result.get(timeout=20)["kwargs"] == {
+            "kept": {"list": [seen(second.name)]}
+        }
+        callback = ormtasks.describe.si(third)
+        linked = callback.freeze()
+        ormtasks.describe.apply_async([first], link=callback).get(timeout=20)
+        assert linked.get(timeout=20)["args"] == {"list": [seen(third.name)]}
+
+
+def test_instances_that_callbacks_would_not_load_are_refused(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("errback"))
+        saved(item)
+        foreign = taskapp.foreign_context_state.si(item)
+        with pytest.raises(
+            ValueError,
+            match=r"Task 'taskapp\.foreign_context_state', in the chain of task"
+            r" 'ormtasks\.same', .* not a ContextTask",
+        ):
+            chain(ormtasks.same.si(1), foreign).apply_async()
+        errback = ormtasks.describe.si(item)
+        with pytest.raises(
+            ValueError,
+            match=r"The error callback 'ormtasks\.describe' of task 'ormtasks\.same'"
+            r".* pass ids",
+        ):
+            ormtasks.same.apply_async([1], link_error=errback)
+
+
+def test_the_body_of_a_chord_gets_its_instances(orm_client: Flask) -> None:
+    with orm_client.app_context():
+        first, second, third = (Item(name=unique(n)) for n in ("a", "b", "c"))
+        saved(first, second, third)
+        header = [ormtasks.describe.si(first), ormtasks.describe.si(second)]
+        result = chord(header)(ormtasks.describe.s(kept=third))
+        described = result.get(timeout=20)
+        assert described["kwargs"] == {"kept": seen(third.name)}

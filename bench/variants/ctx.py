@@ -52,6 +52,7 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.config["CELERY"] = celery_settings()
     app.config["SQLALCHEMY_DATABASE_URI"] = settings()["database_url"]
+    app.config["SECRET_KEY"] = "bench"  # signs the model references
     db.init_app(app)
     ext.init_app(app)
     return app

@@ -6,11 +6,16 @@ that does not use it.
 
 from __future__ import annotations
 
+import logging
 import typing as t
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
+from flask import has_app_context
 from flask.ctx import AppContext
+from flask.globals import app_ctx
+
+logger = logging.getLogger("flask_celery_ctx")
 
 # libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
 _LIBPQ_ACTIVE = 1
@@ -58,6 +63,35 @@ def discard_session(sessions: dict[int, Session], app_ctx: AppContext) -> None:
     """
     session = sessions.pop(id(app_ctx), None)
     if session is not None:
+        session.invalidate()
+
+
+def rollback_sessions(app: Flask) -> None:
+    """Roll back the session of the current application context, if it has
+    opened one; never open one.
+
+    What was flushed is undone and the sends waiting for the commit are
+    dropped (see :mod:`flask_celery_ctx.oncommit`); the session stays usable.
+    A session whose connection is still running a command (a soft time limit
+    interrupted the driver mid-query), or whose rollback fails, is
+    invalidated instead: its connections are closed, which ends their
+    transactions on the server.
+
+    :param app: The Flask application.
+    """
+    sessions = sessions_by_context(app)
+    if sessions is None or not has_app_context():
+        return
+    session = sessions.get(id(app_ctx._get_current_object()))  # type: ignore[attr-defined]
+    if session is None:
+        return
+    if _has_busy_connection(session):
+        session.invalidate()
+        return
+    try:
+        session.rollback()
+    except Exception:
+        logger.warning("Rolling back a task's session failed", exc_info=True)
         session.invalidate()
 
 

@@ -93,9 +93,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         call = tracing.start(self)
         if call is not None:
             # Traced by Celery, in the context pushed for it.
-            if call.error is not None:
-                raise call.error
-            return self.run(*args, **kwargs)
+            try:
+                if call.error is not None:
+                    raise call.error
+                return self.run(*args, **kwargs)
+            except Exception as exc:
+                call.failed(exc)
+                raise
         with inline_context(extension_of(self).app):
             return super().__call__(*args, **kwargs)
 

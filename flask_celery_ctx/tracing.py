@@ -33,6 +33,7 @@ from types import TracebackType
 from celery.loaders.app import AppLoader
 
 from .context import TaskContext
+from .sqlalchemy import rollback_sessions
 
 if t.TYPE_CHECKING:
     from celery import Task
@@ -95,6 +96,23 @@ class TracedCall:
         _current.reset(self._token)
         if self.ctx is not None:
             self.ctx.close(exc or self.exception, self.task.name)
+
+    def failed(self, exc: Exception) -> None:
+        """Tell that the task raised ``exc``, before the tracer handles it.
+
+        A call in a context of its own rolls back what the task left
+        uncommitted, and drops its sends waiting for the commit: the tracer
+        then calls the errbacks, ``on_failure`` or ``on_retry`` in the same
+        context and session, and their commits must not commit the failed
+        task's work. A call that shares its caller's context leaves the
+        caller's transaction alone.
+
+        :param exc: The task's exception; ``Retry``, ``Ignore`` and
+            ``Reject`` too.
+        """
+        self.exception = exc
+        if self.ctx is not None:
+            rollback_sessions(self.ctx.app)
 
     def outcome(self, retval: t.Any) -> None:
         """Tell what the tracer made of the task: its return value, or the

@@ -117,6 +117,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
             was not called yet.
         """
         app = extension_of(self).app
+        tracing.end_retried_attempt(self, options.get("task_id"))
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         ctx = None if in_app_context(app) else TaskContext(app)

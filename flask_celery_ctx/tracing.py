@@ -30,6 +30,7 @@ import typing as t
 from contextvars import ContextVar
 from types import TracebackType
 
+from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
 from .context import TaskContext
@@ -67,6 +68,7 @@ class TracedCall:
         "kwargs",
         "started",
         "task",
+        "task_id",
     )
 
     def __init__(
@@ -80,6 +82,8 @@ class TracedCall:
         self.error: Exception | None = None
         #: Whether the tracer called the task.
         self.started = False
+        #: The id of the task's request, once the tracer called the task.
+        self.task_id: str | None = None
         #: The exception the task failed with, for the teardown functions.
         self.exception: BaseException | None = None
 
@@ -139,7 +143,35 @@ def start(task: ContextTask) -> TracedCall | None:
     if call is None or call.task is not task or call.started:
         return None
     call.started = True
+    call.task_id = task.request.id
     return call
+
+
+def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
+    """Pop the context of the failed attempt of an eager task that
+    ``apply()`` is about to run again.
+
+    In eager mode, ``self.retry()`` makes Celery's ``apply()`` run the next
+    attempt, with the same task id, once the tracer returns, while the failed
+    attempt's context is still pushed. Popping it first gives each attempt a
+    context and session of its own, as in a worker. An attempt that shared its
+    caller's context leaves it to the next one.
+
+    :param task: The task ``apply()`` runs.
+    :param task_id: The id it runs it with.
+    """
+    call = _current.get()
+    if (
+        call is None
+        or call.task is not task
+        or call.ctx is None
+        or task_id is None
+        or call.task_id != task_id
+        or not isinstance(call.exception, Retry)
+    ):
+        return
+    ctx, call.ctx = call.ctx, None
+    ctx.close(call.exception, task.name)
 
 
 def trace_in_context(

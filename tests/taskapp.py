@@ -309,3 +309,18 @@ def work_then(self: Task, how: str, name: str) -> str:  # type: ignore[type-arg]
         raise Reject("rejected after a flush", requeue=False)
     db.session.commit()
     return how
+
+
+@ext.celery.task(bind=True, max_retries=2, default_retry_delay=0)
+def retry_twice(self: Task, name: str) -> int:  # type: ignore[type-arg]
+    """Record the ``g`` and session each attempt starts with, flush an item
+    named after the attempt, retry twice, and commit on the last attempt."""
+    attempt = self.request.retries
+    record(f"attempt-{attempt}")
+    g.token = db.session.info["token"] = str(attempt)
+    db.session.add(Item(name=f"{name}-{attempt}"))
+    db.session.flush()
+    if attempt < 2:
+        raise self.retry()
+    db.session.commit()
+    return attempt

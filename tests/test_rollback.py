@@ -18,6 +18,7 @@ from conftest import make_app
 from conftest import WorkerFactory
 from taskapp import db
 from taskapp import Item
+from taskapp import Record
 
 
 def items(app: Flask, name: str) -> set[str]:
@@ -69,6 +70,23 @@ def test_eager_hooks_commit_only_their_own_work(eager_app: Flask, how: str) -> N
     name = f"eager-{how}-{uuid.uuid4().hex[:8]}"
     run(how, name)
     assert items(eager_app, name) == expected(how, name)
+
+
+def test_eager_retries_run_in_contexts_of_their_own(eager_app: Flask) -> None:
+    name = f"retry-{uuid.uuid4().hex[:8]}"
+    result = taskapp.retry_twice.delay(name)
+    assert result.get() == 2
+    assert items(eager_app, name) == {f"{name}-2"}
+    with eager_app.app_context():
+        seen = db.session.execute(
+            select(Record.hook, Record.g_token, Record.session_token)
+            .where(Record.task_id == result.id)
+            .order_by(Record.id)
+        ).all()
+    # Each attempt started with a fresh ``g`` and a fresh session.
+    assert [tuple(row) for row in seen] == [
+        (f"attempt-{n}", None, None) for n in range(3)
+    ]
 
 
 @pytest.mark.parametrize("how", ["ignore", "reject"])

@@ -18,7 +18,13 @@ Three places take part in a traced call of a ContextTask, and share a
 - the loader (:class:`TaskLoader`) loads the model instances in the
   arguments, once the request is pushed and before the hooks see them;
 - the task's ``__call__`` tells the traced call from a direct call, which
-  needs a context of its own, and raises what loading the instances raised.
+  needs a context of its own, raises what loading the instances raised, and
+  rolls back the session of a task that raised before the tracer calls its
+  errbacks and hooks (:meth:`TracedCall.failed`).
+
+In eager mode, Celery's ``apply()`` runs the next attempt of a task that
+retried inside the failed attempt's call; :func:`end_retried_attempt` pops
+the failed attempt's context first.
 
 Celery skips its task signals while nothing is connected to them: a
 ContextTask does not pay for their dispatch.

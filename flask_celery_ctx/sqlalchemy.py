@@ -13,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
 from flask import has_app_context
 from flask.ctx import AppContext
-from flask.globals import app_ctx
+from flask.globals import app_ctx as current_app_ctx
 
 logger = logging.getLogger("flask_celery_ctx")
 
@@ -82,7 +82,7 @@ def rollback_sessions(app: Flask) -> None:
     sessions = sessions_by_context(app)
     if sessions is None or not has_app_context():
         return
-    session = sessions.get(id(app_ctx._get_current_object()))  # type: ignore[attr-defined]
+    session = sessions.get(id(current_app_ctx._get_current_object()))  # type: ignore[attr-defined]
     if session is None:
         return
     if _has_busy_connection(session):

@@ -52,6 +52,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
       another base class get one from Celery's task signals.
     - A direct call, ``add(1, 2)``, runs in the caller's application context,
       or in one pushed for the call when none is active.
+    - When the task raises, the session of a context pushed for it is rolled
+      back before Celery calls its errbacks and hooks, which then commit
+      only their own work (see :doc:`/sessions`).
     - Sending a task before :meth:`~flask_celery_ctx.FlaskCelery.init_app`,
       or with arguments the serializer refuses, raises an error that says
       what to do.
@@ -111,7 +114,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> EagerResult[t.Any]:
         """Run the task inline, as :meth:`celery.app.task.Task.apply` does, in
-        the caller's context of the bound app or in one pushed for it.
+        the caller's context of the bound app or in one pushed for it. Each
+        attempt of a task that retries in a context pushed for it runs in a
+        new one, after the failed attempt's context is popped.
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet.

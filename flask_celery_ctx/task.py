@@ -54,6 +54,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
       another base class get one from Celery's task signals.
     - A direct call, ``add(1, 2)``, runs in the caller's application context,
       or in one pushed for the call when none is active.
+    - When the task raises, the session of a context pushed for it is rolled
+      back before Celery calls its errbacks and hooks, which then commit
+      only their own work (see :doc:`/sessions`).
     - Sending a task before :meth:`~flask_celery_ctx.FlaskCelery.init_app`,
       or with arguments the serializer refuses, raises an error that says
       what to do.
@@ -95,9 +98,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         call = tracing.start(self)
         if call is not None:
             # Traced by Celery, in the context pushed for it.
-            if call.error is not None:
-                raise call.error
-            return self.run(*args, **kwargs)
+            try:
+                if call.error is not None:
+                    raise call.error
+                return self.run(*args, **kwargs)
+            except Exception as exc:
+                call.failed(exc)
+                raise
         with inline_context(extension_of(self).app):
             return super().__call__(*args, **kwargs)
 
@@ -109,12 +116,15 @@ class ContextTask(Task):  # type: ignore[type-arg]
         **options: t.Any,
     ) -> EagerResult[t.Any]:
         """Run the task inline, as :meth:`celery.app.task.Task.apply` does, in
-        the caller's context of the bound app or in one pushed for it.
+        the caller's context of the bound app or in one pushed for it. Each
+        attempt of a task that retries in a context pushed for it runs in a
+        new one, after the failed attempt's context is popped.
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
             was not called yet.
         """
         app = extension_of(self).app
+        tracing.end_retried_attempt(self, options.get("task_id"))
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         ctx = None if in_app_context(app) else TaskContext(app)

@@ -18,7 +18,13 @@ Three places take part in a traced call of a ContextTask, and share a
 - the loader (:class:`TaskLoader`) loads the model instances in the
   arguments, once the request is pushed and before the hooks see them;
 - the task's ``__call__`` tells the traced call from a direct call, which
-  needs a context of its own, and raises what loading the instances raised.
+  needs a context of its own, raises what loading the instances raised, and
+  rolls back the session of a task that raised before the tracer calls its
+  errbacks and hooks (:meth:`TracedCall.failed`).
+
+In eager mode, Celery's ``apply()`` runs the next attempt of a task that
+retried inside the failed attempt's call; :func:`end_retried_attempt` pops
+the failed attempt's context first.
 
 Celery skips its task signals while nothing is connected to them: a
 ContextTask does not pay for their dispatch.
@@ -30,9 +36,11 @@ import typing as t
 from contextvars import ContextVar
 from types import TracebackType
 
+from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
 from .context import TaskContext
+from .db import database
 
 if t.TYPE_CHECKING:
     from celery import Task
@@ -66,6 +74,7 @@ class TracedCall:
         "kwargs",
         "started",
         "task",
+        "task_id",
     )
 
     def __init__(
@@ -79,6 +88,8 @@ class TracedCall:
         self.error: Exception | None = None
         #: Whether the tracer called the task.
         self.started = False
+        #: The id of the task's request, once the tracer called the task.
+        self.task_id: str | None = None
         #: The exception the task failed with, for the teardown functions.
         self.exception: BaseException | None = None
 
@@ -95,6 +106,25 @@ class TracedCall:
         _current.reset(self._token)
         if self.ctx is not None:
             self.ctx.close(exc or self.exception, self.task.name)
+
+    def failed(self, exc: Exception) -> None:
+        """Tell that the task raised ``exc``, before the tracer handles it.
+
+        A call in a context of its own rolls back what the task left
+        uncommitted, and drops its sends waiting for the commit: the tracer
+        then calls the errbacks, ``on_failure`` or ``on_retry`` in the same
+        context and session, and their commits must not commit the failed
+        task's work. A call that shares its caller's context leaves the
+        caller's transaction alone.
+
+        :param exc: The task's exception; ``Retry``, ``Ignore`` and
+            ``Reject`` too.
+        """
+        self.exception = exc
+        if self.ctx is not None:
+            found = database(self.ctx.app)
+            if found is not None:
+                found.rollback()
 
     def outcome(self, retval: t.Any) -> None:
         """Tell what the tracer made of the task: its return value, or the
@@ -121,7 +151,35 @@ def start(task: ContextTask) -> TracedCall | None:
     if call is None or call.task is not task or call.started:
         return None
     call.started = True
+    call.task_id = task.request.id
     return call
+
+
+def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
+    """Pop the context of the failed attempt of an eager task that
+    ``apply()`` is about to run again.
+
+    In eager mode, ``self.retry()`` makes Celery's ``apply()`` run the next
+    attempt, with the same task id, once the tracer returns, while the failed
+    attempt's context is still pushed. Popping it first gives each attempt a
+    context and session of its own, as in a worker. An attempt that shared its
+    caller's context leaves it to the next one.
+
+    :param task: The task ``apply()`` runs.
+    :param task_id: The id it runs it with.
+    """
+    call = _current.get()
+    if (
+        call is None
+        or call.task is not task
+        or call.ctx is None
+        or task_id is None
+        or call.task_id != task_id
+        or not isinstance(call.exception, Retry)
+    ):
+        return
+    ctx, call.ctx = call.ctx, None
+    ctx.close(call.exception, task.name)
 
 
 def trace_in_context(

@@ -113,16 +113,21 @@ def pg_admin(postgres_url: str) -> t.Iterator[Engine]:
 
 
 def idle_in_transaction(engine: Engine, application_name: str) -> int:
-    """Connections of the workers that are idle inside a transaction."""
-    with engine.connect() as conn:
-        return conn.scalar(  # type: ignore[no-any-return]
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                " current_database() AND application_name = :name"
-                " AND state LIKE 'idle in transaction%'"
-            ),
-            {"name": application_name},
-        )
+    """Connections of the workers that are idle inside a transaction, once
+    they settle: a worker stores a task's result before it tears down the
+    task's context, so a test that has the result may look too early."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+        " current_database() AND application_name = :name"
+        " AND state LIKE 'idle in transaction%'"
+    )
+    deadline = time.monotonic() + 5
+    while True:
+        with engine.connect() as conn:
+            count: int = conn.scalar(query, {"name": application_name})
+        if not count or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -275,3 +275,69 @@ def attempt_then_commit(self: Task, name: str, sleep: float) -> int:  # type: ig
         time.sleep(sleep)
     db.session.commit()
     return os.getpid()
+
+
+def write_item(name: str) -> None:
+    """Add an item in the task's session and commit."""
+    db.session.add(Item(name=name))
+    db.session.commit()
+
+
+class WritingHooks(ContextTask):
+    """Hooks that write an item each, in the task's session, and commit."""
+
+    def on_failure(
+        self, exc: t.Any, task_id: str, args: t.Any, *rest: t.Any, **kwargs: t.Any
+    ) -> None:
+        write_item(f"{args[1]}-on_failure")
+
+    def on_retry(
+        self, exc: t.Any, task_id: str, args: t.Any, *rest: t.Any, **kwargs: t.Any
+    ) -> None:
+        write_item(f"{args[1]}-on_retry")
+
+
+@ext.celery.task
+def add_item(name: str) -> None:
+    write_item(name)
+
+
+@ext.celery.task
+def write_error(request: t.Any, exc: BaseException, traceback: str) -> None:
+    """An errback, called in the failed task's context."""
+    write_item(f"{request.args[1]}-errback")
+
+
+@ext.celery.task(base=WritingHooks, bind=True, max_retries=1, default_retry_delay=0)
+def work_then(self: Task, how: str, name: str) -> str:  # type: ignore[type-arg]
+    """Flush an item and queue a send on commit, both named after the
+    attempt, then fail or retry as ``how`` says, or commit."""
+    attempt = f"{name}-{self.request.retries}"
+    db.session.add(Item(name=attempt))
+    db.session.flush()
+    add_item.delay_on_commit(f"{attempt}-sent")
+    if how == "raise":
+        raise ValueError("failed after a flush")
+    if how == "retry" and not self.request.retries:
+        raise self.retry()
+    if how == "ignore":
+        raise Ignore()
+    if how == "reject":
+        raise Reject("rejected after a flush", requeue=False)
+    db.session.commit()
+    return how
+
+
+@ext.celery.task(bind=True, max_retries=2, default_retry_delay=0)
+def retry_twice(self: Task, name: str) -> int:  # type: ignore[type-arg]
+    """Record the ``g`` and session each attempt starts with, flush an item
+    named after the attempt, retry twice, and commit on the last attempt."""
+    attempt = self.request.retries
+    record(f"attempt-{attempt}")
+    g.token = db.session.info["token"] = str(attempt)
+    db.session.add(Item(name=f"{name}-{attempt}"))
+    db.session.flush()
+    if attempt < 2:
+        raise self.retry()
+    db.session.commit()
+    return attempt

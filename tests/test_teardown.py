@@ -3,7 +3,6 @@ its transaction is rolled back and its connection goes back to the pool."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -11,20 +10,9 @@ from sqlalchemy.engine import Engine
 
 import taskapp
 from conftest import idle_in_transaction
-from conftest import Worker
 from conftest import WorkerFactory
 
 OUTCOMES = ["raise", "retry", "reject", "ignore", "teardown_raise", "success"]
-
-
-def settle(engine: Engine, worker: Worker) -> int:
-    """Connections of the worker idle in transaction, once they settle."""
-    deadline = time.monotonic() + 5
-    while (count := idle_in_transaction(engine, worker.application_name)) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.1)
-    return count
 
 
 def run(how: str, name: str) -> None:
@@ -46,7 +34,7 @@ def test_session_removed_after_each_outcome(
     run(how, name)
     # Nothing of the uncommitted work survived, and the next task is fine.
     assert taskapp.count_items.delay(name).get(timeout=20) == 0
-    assert settle(pg_admin, worker) == 0
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
 
 
 def test_teardown_functions_get_the_task_exception(workers: WorkerFactory) -> None:
@@ -72,5 +60,5 @@ def test_soft_time_limit_rolls_back(workers: WorkerFactory, pg_admin: Engine) ->
     result.get(timeout=20, propagate=False)
     assert type(result.result).__name__ == "SoftTimeLimitExceeded"
     assert taskapp.count_items.delay(name).get(timeout=20) == 0
-    assert settle(pg_admin, worker) == 0
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
     assert "idle in transaction" not in worker.log

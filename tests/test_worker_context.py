@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import typing as t
+import uuid
 
 import pytest
 from celery.result import AsyncResult
@@ -37,11 +38,23 @@ def test_fresh_context_per_task(
     assert not any(state["request"] for state in states)
 
 
-def test_testing_runs_in_a_request_context(workers: WorkerFactory) -> None:
-    workers(TESTING=True).client()
-    state = taskapp.context_state.delay("m").get(timeout=20)
-    assert state["request"] is True
-    assert state["g"] is None
+@STATE_TASKS
+@pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("prefork", 2)])
+def test_testing_gives_each_task_a_fresh_request_context(
+    workers: WorkerFactory, pool: str, concurrency: int, task: t.Any
+) -> None:
+    """Under TESTING each task pushes an app context of its own under its test
+    request context: ``g`` is not shared and teardown_appcontext runs."""
+    worker = workers(pool=pool, concurrency=concurrency, TESTING=True)
+    worker.client()
+    # One after another: with two processes, at least one runs several.
+    markers = [f"{pool}-{task.name}-{uuid.uuid4().hex[:6]}-{i}" for i in range(6)]
+    states = [task.delay(marker).get(timeout=20) for marker in markers]
+    assert [state["g"] for state in states] == [None] * 6
+    assert [state["session"] for state in states] == [None] * 6
+    assert all(state["request"] for state in states)
+    for marker in markers:
+        worker.wait_for(f"teardown_appcontext saw marker {marker}\n", timeout=10)
 
 
 @STATE_TASKS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import typing as t
@@ -46,7 +47,10 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
     for param in celery_main.params:
         if param.name == "app":
             param.default = ext.celery
-    celery_main.main(
+    # Outside the app context that ``flask`` pushed for the command: each
+    # task pushes its own, and nothing else in the worker shares one.
+    contextvars.Context().run(
+        celery_main.main,
         args=list(args),
         prog_name=ctx.command_path,
         auto_envvar_prefix="CELERY",

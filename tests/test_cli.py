@@ -130,3 +130,10 @@ def test_beat_sends_scheduled_tasks(workers: WorkerFactory, tmp_path: object) ->
     finally:
         beat.terminate()
         beat.wait(20)
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_worker_runs_outside_an_app_context(workers: WorkerFactory, pool: str) -> None:
+    """Flask pushes an app context for its commands; the worker leaves it."""
+    worker = workers(pool=pool)
+    worker.wait_for("worker_init in an app context: False")

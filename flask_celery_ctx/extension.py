@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import typing as t
 from contextvars import ContextVar
@@ -14,6 +15,7 @@ from flask import Flask
 
 from .cli import celery_command
 from .config import celery_settings
+from .config import check_environment
 from .context import in_app_context
 from .context import TaskContext
 from .task import ContextTask
@@ -100,7 +102,9 @@ class FlaskCelery:
 
         :param app: The Flask application.
         :raises ValueError: The config has a key meant for Celery that Celery
-            would not read, or a setting given twice.
+            would not read, or a setting given twice; or the environment gives
+            Celery another broker or result backend (``CELERY_BROKER_URL``,
+            ``CELERY_RESULT_BACKEND``).
         :raises RuntimeError: This app already has a ``FlaskCelery``.
         """
         if "celery" in app.extensions:
@@ -109,6 +113,7 @@ class FlaskCelery:
                 " Flask app. Import and use that instance instead."
             )
         settings = celery_settings(app.config, self._extra_settings)
+        check_environment(settings, os.environ)
         app.extensions["celery"] = self
         app.cli.add_command(celery_command)
         self._configure(settings, app.import_name)

@@ -40,6 +40,9 @@ ENVIRONMENT_OVERRIDES = {
     "result_backend": "CELERY_RESULT_BACKEND",
 }
 
+#: The key that tests set to run tasks inline; read once, by ``init_app``.
+EAGER_KEY = "CELERY_TASK_ALWAYS_EAGER"
+
 _PREFIX = "CELERY_"
 # Prefixes of Celery 3 setting names that are not ``CELERY_`` + a new name.
 _OLD_PREFIXES = ("CELERYD_", "CELERYBEAT_", "CELERYMON_", "BROKER_")

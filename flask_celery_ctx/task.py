@@ -133,13 +133,16 @@ class ContextTask(Task):  # type: ignore[type-arg]
         as references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
-            was not called yet.
+            was not called yet, or ``CELERY_TASK_ALWAYS_EAGER`` was changed in
+            the app's config after it.
         :raises ValueError: An instance in the arguments has no primary key
             yet.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
-        db = get_db(extension_of(self).app)
+        ext = extension_of(self)
+        ext.check_send(self.name)
+        db = get_db(ext.app)
         if db is not None:
             args, kwargs = self._dump_instances(db.Model, args, kwargs, options)
         try:

@@ -58,15 +58,17 @@ def test_testing_gives_each_task_a_fresh_request_context(
 
 
 @STATE_TASKS
+@pytest.mark.parametrize("testing", [False, True], ids=["app", "TESTING"])
 def test_context_pushed_at_worker_start_is_not_reused(
-    workers: WorkerFactory, task: t.Any
+    workers: WorkerFactory, task: t.Any, testing: bool
 ) -> None:
     """``celery -A module worker``, from a module that leaves a context
-    pushed, as tutorials do: the solo pool runs tasks in that very thread."""
+    pushed, as tutorials do: the solo pool runs tasks in that very thread.
+    Under TESTING the task's request context must not settle on it."""
     worker = workers.start(
         "redis",
         "postgres",
-        {},
+        {"TESTING": testing},
         command=(FLASK.replace("flask", "celery"), "-A", "pushed_context"),
     )
     worker.wait_ready()
@@ -74,6 +76,7 @@ def test_context_pushed_at_worker_start_is_not_reused(
     states = [task.delay(f"m{i}").get(timeout=20) for i in range(3)]
     assert [state["g"] for state in states] == [None] * 3
     assert [state["session"] for state in states] == [None] * 3
+    assert [state["request"] for state in states] == [testing] * 3
 
 
 def hooks_seen(app: t.Any, task_id: str) -> dict[str, tuple[str | None, str | None]]:

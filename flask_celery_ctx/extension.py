@@ -123,14 +123,14 @@ class FlaskCelery:
         self._app = app
         self._eager_read = app.config.get(EAGER_KEY)
 
-    def check_send(self, task_name: str) -> None:
+    def check_config_unchanged(self, task_name: str) -> None:
         """Refuse to send a task when the app's config says
         ``CELERY_TASK_ALWAYS_EAGER`` differently from what :meth:`init_app`
         read and from what Celery does: the config was changed after
         ``init_app``, which reads it once, as Flask extensions do.
 
         :param task_name: The task's name, for the message.
-        :raises RuntimeError: The config was changed in vain.
+        :raises RuntimeError: The key was changed after init_app, to no effect.
         :meta private:
         """
         wanted = self.app.config.get(EAGER_KEY)

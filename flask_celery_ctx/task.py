@@ -141,7 +141,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
             arguments; the message names the task and what to pass instead.
         """
         ext = extension_of(self)
-        ext.check_send(self.name)
+        ext.check_config_unchanged(self.name)
         db = get_db(ext.app)
         if db is not None:
             args, kwargs = self._dump_instances(db.Model, args, kwargs, options)

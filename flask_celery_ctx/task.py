@@ -183,7 +183,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], session: Session
     ) -> None:
         """Check, when a send is queued for the commit, what would otherwise
-        fail only after it: the signature, the instances, the serializer.
+        fail only after it: the config, the signature, the instances, the
+        serializer.
 
         :param args: Positional arguments of the task.
         :param kwargs: Keyword arguments of the task.
@@ -191,11 +192,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :param session: The session whose commit the send waits for.
         :meta private:
         """
+        ext = extension_of(self)
+        ext.check_config_unchanged(self.name)
         args, kwargs = list(args or ()), dict(kwargs or {})
         check_arguments = getattr(self, "__header__", None)
         if self.typing and check_arguments is not None:
             check_arguments(*args, **kwargs)
-        db = get_db(extension_of(self).app)
+        db = get_db(ext.app)
         if db is not None:
             models.check_pending(self.name, db.Model, [args, kwargs], session)
             args, kwargs = models.placeholders([args, kwargs], db.Model)

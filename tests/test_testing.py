@@ -233,6 +233,17 @@ def test_on_commit_failure_propagates(
         celery_on_commit.run()
 
 
+def test_eager_set_after_init_app_is_refused_before_the_commit(app: Flask) -> None:
+    """Not after the commit, when the transaction cannot be undone."""
+    app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    with app.app_context():
+        db.session.add(Item(name="eager-after-init"))
+        db.session.flush()
+        with pytest.raises(RuntimeError, match="init_app read the config"):
+            taskapp.add.delay_on_commit(1, 2)
+        db.session.rollback()
+
+
 USER_CONFTEST = """
 import pytest
 from flask import Flask

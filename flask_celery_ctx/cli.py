@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import typing as t
 
 import click
+from click.core import ParameterSource
 from flask.cli import ScriptInfo
+
+from .config import override_problem
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -40,17 +44,63 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
 
     app = ctx.ensure_object(ScriptInfo).load_app()
     ext: FlaskCelery = app.extensions["celery"]
+    _check_overrides(celery_main, args, ext.celery)
     if _needs_gevent_patches(args, ext.celery):
         _exec_with_gevent_patches(args)
     # As Celery's own ``app.start()`` does: the app is the default of -A.
     for param in celery_main.params:
         if param.name == "app":
             param.default = ext.celery
-    celery_main.main(
+    # Outside the app context that ``flask`` pushed for the command: each
+    # task pushes its own, and nothing else in the worker shares one.
+    contextvars.Context().run(
+        celery_main.main,
         args=list(args),
         prog_name=ctx.command_path,
         auto_envvar_prefix="CELERY",
     )
+
+
+# Celery's global options that override a setting of the config, with their
+# environment variables (``celery/bin/celery.py``): the option's own, and the
+# one Click derives from the ``CELERY`` prefix.
+_OVERRIDES = {
+    "broker": ("broker_url", "-b/--broker", ("BROKER_URL", "CELERY_BROKER")),
+    "result_backend": (
+        "result_backend",
+        "--result-backend",
+        ("RESULT_BACKEND", "CELERY_RESULT_BACKEND"),
+    ),
+}
+
+
+def _check_overrides(
+    celery_main: click.Group, args: t.Sequence[str], celery: Celery[t.Any]
+) -> None:
+    """Refuse a broker or result backend given on the command line or in the
+    environment that differs from the app's config: the worker would use it,
+    and the app that sends tasks would not."""
+    try:
+        parsed = celery_main.make_context(
+            "celery", list(args), auto_envvar_prefix="CELERY", resilient_parsing=True
+        )
+    except click.ClickException:
+        return  # Celery's own parsing reports it
+    for param, (name, option, variables) in _OVERRIDES.items():
+        value = parsed.params.get(param)
+        if not value:
+            continue
+        if parsed.get_parameter_source(param) is ParameterSource.ENVIRONMENT:
+            variable = next(
+                (v for v in variables if os.environ.get(v) == value), variables[0]
+            )
+            source = f"The environment variable {variable}"
+            undo = f"Unset {variable}"
+        else:
+            source, undo = f"The option {option}", f"Leave out {option}"
+        problem = override_problem(celery.conf, name, value, source, undo)
+        if problem is not None:
+            raise click.ClickException(problem)
 
 
 def _needs_gevent_patches(args: t.Sequence[str], celery: Celery[t.Any]) -> bool:

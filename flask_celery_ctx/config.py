@@ -8,6 +8,10 @@ Two forms are accepted, and may be mixed as long as no setting is given twice:
 
 Anything that looks meant for Celery but that Celery would not read (a typo, a
 Celery 3 name) is an error, not a silently ignored key.
+
+The config is the one source of the broker and the result backend: Celery
+reads them from the environment first, which would let a worker and the web
+process use different ones, so a conflicting environment is an error too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import typing as t
 
 from celery.app.defaults import _TO_NEW_KEY  # type: ignore[attr-defined]
 from celery.app.defaults import SETTING_KEYS
+from kombu.utils.url import maybe_sanitize_url
 
 #: Defaults that differ from Celery's own, applied unless the config says
 #: otherwise. JSON only: a pickled message is refused by the worker.
@@ -27,6 +32,16 @@ DEFAULTS: dict[str, t.Any] = {
     "result_serializer": "json",
     "broker_connection_retry_on_startup": True,
 }
+
+#: The environment variables that Celery reads before its config
+#: (``celery.app.utils.Settings``), by the setting they override.
+ENVIRONMENT_OVERRIDES = {
+    "broker_url": "CELERY_BROKER_URL",
+    "result_backend": "CELERY_RESULT_BACKEND",
+}
+
+#: The key that tests set to run tasks inline; read once, by ``init_app``.
+EAGER_KEY = "CELERY_TASK_ALWAYS_EAGER"
 
 _PREFIX = "CELERY_"
 # Prefixes of Celery 3 setting names that are not ``CELERY_`` + a new name.
@@ -86,6 +101,60 @@ def celery_settings(
             raise ValueError(_unknown_key(key, by_upper))
 
     return {**DEFAULTS, **settings}
+
+
+def check_environment(
+    settings: t.Mapping[str, t.Any], environ: t.Mapping[str, str]
+) -> None:
+    """Refuse an environment variable that Celery would read in the place of
+    the broker or result backend of the config, unless it says the same.
+
+    :param settings: The settings read from the config.
+    :param environ: The environment, ``os.environ``.
+    :raises ValueError: A variable differs from the config; the message names
+        both values, passwords masked, and what to do.
+    """
+    for name, variable in ENVIRONMENT_OVERRIDES.items():
+        value = environ.get(variable)
+        if value:  # Celery ignores an empty one
+            problem = override_problem(
+                settings, name, value, f"The environment variable {variable}",
+                f"Unset the environment variable {variable}",
+            )  # fmt: skip
+            if problem is not None:
+                raise ValueError(problem)
+
+
+def override_problem(
+    settings: t.Mapping[str, t.Any], name: str, value: str, source: str, undo: str
+) -> str | None:
+    """Say what is wrong when ``source`` gives setting ``name`` a value that
+    differs from the config's; ``None`` when it is the same.
+
+    :param settings: The settings read from the config.
+    :param name: ``"broker_url"`` or ``"result_backend"``.
+    :param value: The value that ``source`` gives.
+    :param source: Where the value comes from, to start the message with.
+    :param undo: How to take that value away, to end the message with.
+
+    :meta private:
+    """
+    configured = settings.get(name)
+    if value == configured:
+        return None
+    said = "nothing" if configured is None else repr(_masked(configured))
+    key = f"{_PREFIX}{name.upper()}"
+    return (
+        f"{source} sets Celery's {name} to {_masked(value)!r}, but the app's"
+        f" config ({key} or CELERY[{name!r}]) says {said}. The Flask config is"
+        " the one source of the broker and the result backend, so that the"
+        " workers and the app that sends tasks use the same ones."
+        f" {undo}, or give the value you mean to {key} in the app's config."
+    )
+
+
+def _masked(value: t.Any) -> t.Any:
+    return maybe_sanitize_url(value) if isinstance(value, str) else value
 
 
 def _unknown_key(key: str, by_upper: t.Mapping[str, str]) -> str:

@@ -19,7 +19,6 @@ from flask import Flask
 from flask import has_app_context
 from flask.ctx import AppContext
 from flask.ctx import RequestContext
-from flask.globals import app_ctx
 
 from .db import database
 
@@ -35,8 +34,8 @@ def in_app_context(app: Flask) -> bool:
 
 
 class TaskContext:
-    """A context pushed for one task call: an application context, or a test
-    request context when the app is in testing mode.
+    """A context pushed for one task call: an application context of its
+    own, under a test request context when the app is in testing mode.
 
     :param app: The Flask application.
     """
@@ -45,15 +44,12 @@ class TaskContext:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self._ctx: AppContext | RequestContext
-        if app.testing:
-            self._ctx = app.test_request_context()
-            self._ctx.push()
-            #: The application context, whose ``id()`` scopes the session.
-            self.app_ctx: AppContext = app_ctx._get_current_object()  # type: ignore[attr-defined]
-        else:
-            self._ctx = self.app_ctx = app.app_context()
-            self._ctx.push()
+        #: The application context, whose ``id()`` scopes the session.
+        self.app_ctx = app.app_context()
+        self._ctx: AppContext | _TestRequestContext = (
+            _TestRequestContext(self.app_ctx) if app.testing else self.app_ctx
+        )
+        self._ctx.push()
 
     def pop(self, exc: BaseException | None = None) -> None:
         """Pop the context and make sure its database sessions are gone,
@@ -85,6 +81,38 @@ class TaskContext:
             self.pop(exc)
         except Exception:
             logger.exception("Tearing down the context of task %r raised", task_name)
+
+
+class _TestRequestContext:
+    """A test request context over an application context of its own.
+
+    A request context pushes an application context only when none of its
+    app is active; it would share one left active by the caller (the one
+    ``flask`` pushes for its commands, say), its ``g`` and its session, and
+    never tear it down.
+
+    :param app_ctx: The application context, pushed first and popped last.
+    """
+
+    __slots__ = ("app_ctx", "request_ctx")
+
+    def __init__(self, app_ctx: AppContext) -> None:
+        self.app_ctx = app_ctx
+        self.request_ctx: RequestContext = app_ctx.app.test_request_context()
+
+    def push(self) -> None:
+        self.app_ctx.push()
+        try:
+            self.request_ctx.push()
+        except BaseException:
+            self.app_ctx.pop()
+            raise
+
+    def pop(self, exc: BaseException | None = None) -> None:
+        try:
+            self.request_ctx.pop(exc)
+        finally:
+            self.app_ctx.pop(exc)
 
 
 @contextmanager

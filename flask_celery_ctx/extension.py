@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import typing as t
 from contextvars import ContextVar
@@ -11,9 +12,12 @@ from celery import signals
 from celery import Task
 from celery.app.registry import TaskRegistry
 from flask import Flask
+from kombu.utils.url import maybe_sanitize_url
 
 from .cli import celery_command
 from .config import celery_settings
+from .config import check_environment
+from .config import EAGER_KEY
 from .context import in_app_context
 from .context import TaskContext
 from .db import database
@@ -91,6 +95,7 @@ class FlaskCelery:
         self._extra_settings = tuple(extra_settings)
         self._session_factory = session
         self._app: Flask | None = None
+        self._eager_read: t.Any = None
         install_worker_signals(self)
 
         if app is not None:
@@ -146,7 +151,9 @@ class FlaskCelery:
             for this app, in the place of the one given to the constructor
             (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
-            would not read, or a setting given twice.
+            would not read, or a setting given twice; or the environment gives
+            Celery another broker or result backend (``CELERY_BROKER_URL``,
+            ``CELERY_RESULT_BACKEND``).
         :raises TypeError: ``session`` is not a ``sessionmaker`` or
             ``scoped_session``.
         :raises RuntimeError: This app already has a ``FlaskCelery``.
@@ -157,6 +164,7 @@ class FlaskCelery:
                 " Flask app. Import and use that instance instead."
             )
         settings = celery_settings(app.config, self._extra_settings)
+        check_environment(settings, os.environ)
         factory = session if session is not None else self._session_factory
         if factory is not None:
             sessions = SessionFactory(factory)
@@ -166,6 +174,39 @@ class FlaskCelery:
         app.cli.add_command(celery_command)
         self._configure(settings, app.import_name)
         self._app = app
+        self._eager_read = app.config.get(EAGER_KEY)
+
+    def check_config_unchanged(self, task_name: str) -> None:
+        """Refuse to send a task when the app's config says
+        ``CELERY_TASK_ALWAYS_EAGER`` differently from what :meth:`init_app`
+        read and from what Celery does: the config was changed after
+        ``init_app``, which reads it once, as Flask extensions do.
+
+        :param task_name: The task's name, for the message.
+        :raises RuntimeError: The key was changed after init_app, to no effect.
+        :meta private:
+        """
+        wanted = self.app.config.get(EAGER_KEY)
+        if wanted == self._eager_read:
+            return
+        conf = self.celery.conf
+        if bool(wanted) == bool(conf.task_always_eager):
+            return
+        broker = conf.broker_url or "amqp://localhost, Celery's default"
+        does = (
+            "would run it inline"
+            if conf.task_always_eager
+            else f"would send it to the broker {maybe_sanitize_url(broker)!r}"
+        )
+        raise RuntimeError(
+            f"Task {task_name!r} was sent while app.config[{EAGER_KEY!r}] is"
+            f" {wanted!r}, but init_app read the config when it was"
+            f" {self._eager_read!r}: a change after init_app is not read, and"
+            f" Celery {does}. In tests, use the 'celery_eager' fixture of"
+            " flask_celery_ctx.testing (pytest_plugins ="
+            " ['flask_celery_ctx.testing']), or set the key in the config that"
+            " the app factory gets, before init_app."
+        )
 
     def _configure(self, settings: dict[str, t.Any], main: str) -> None:
         # Typed as Any: this reaches into Celery's caches, which its type

@@ -146,14 +146,16 @@ class ContextTask(Task):  # type: ignore[type-arg]
         references (see :doc:`/models`).
 
         :raises RuntimeError: :meth:`~flask_celery_ctx.FlaskCelery.init_app`
-            was not called yet, or an instance is to be sent and the app has
-            no ``SECRET_KEY``.
+            was not called yet, ``CELERY_TASK_ALWAYS_EAGER`` was changed in
+            the app's config after it, or an instance is to be sent and the
+            app has no ``SECRET_KEY``.
         :raises ValueError: An instance has no primary key yet, or is in a
             signature whose task would not load it: a ``link_error``
             callback, or a task that is not a ContextTask.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
         """
+        extension_of(self).check_config_unchanged(self.name)
         args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
@@ -193,7 +195,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
         self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], session: Session
     ) -> None:
         """Check, when a send is queued for the commit, what would otherwise
-        fail only after it: the signature, the instances, the serializer.
+        fail only after it: the config, the signature, the instances, the
+        serializer.
 
         :param args: Positional arguments of the task.
         :param kwargs: Keyword arguments of the task.
@@ -201,11 +204,13 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :param session: The session whose commit the send waits for.
         :meta private:
         """
+        ext = extension_of(self)
+        ext.check_config_unchanged(self.name)
         args, kwargs = list(args or ()), dict(kwargs or {})
         check_arguments = getattr(self, "__header__", None)
         if self.typing and check_arguments is not None:
             check_arguments(*args, **kwargs)
-        sign = models.signer(extension_of(self).app)
+        sign = models.signer(ext.app)
         models.check_pending(self.name, [args, kwargs], session, sign)
         args, kwargs = models.placeholders([args, kwargs])
         try:

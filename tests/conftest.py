@@ -148,9 +148,11 @@ class Worker:
         pool: str | None = "solo",
         concurrency: int = 1,
         command: t.Sequence[str] = (FLASK, "--app", "taskapp:create_app", "celery"),
+        env: t.Mapping[str, str] = {},
     ) -> None:
         """:param pool: The ``--pool`` option; ``None`` leaves it out, so that
-        the config's ``worker_pool`` decides."""
+        the config's ``worker_pool`` decides.
+        :param env: More environment variables of the worker."""
         self.config = config
         self.name = f"w{uuid.uuid4().hex[:8]}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fcc-{self.name}.log"
@@ -164,7 +166,7 @@ class Worker:
             "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        env = {**os.environ, "FCC_CONFIG": json.dumps(worker_config)}
+        env = {**os.environ, **env, "FCC_CONFIG": json.dumps(worker_config)}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             self.args, cwd=TESTS, env=env, stdout=self._log, stderr=subprocess.STDOUT

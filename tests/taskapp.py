@@ -13,11 +13,13 @@ import time
 import typing as t
 
 from celery import current_task
+from celery import signals
 from celery import Task
 from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from flask import Flask
 from flask import g
+from flask import has_app_context
 from flask import has_request_context
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import func
@@ -67,6 +69,12 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         if exc is not None:
             print(f"teardown got {exc!r}", file=sys.stderr)
 
+    @app.teardown_appcontext
+    def report_marker(exc: BaseException | None) -> None:
+        # What a context_state task left in g, seen in the worker's log.
+        if "marker" in g:
+            print(f"teardown_appcontext saw marker {g.marker}", file=sys.stderr)
+
     if app.config.get("FCC_CREATE_ALL"):
         # Touch the database in the factory, as many apps do.
         with app.app_context():
@@ -74,6 +82,11 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
             # binds that this app may not have.
             db.create_all([None, *app.config.get("SQLALCHEMY_BINDS", {})])
     return app
+
+
+@signals.worker_init.connect
+def report_context_at_start(**kwargs: t.Any) -> None:
+    print(f"worker_init in an app context: {has_app_context()}", file=sys.stderr)
 
 
 def record(hook: str) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+import typing as t
 import uuid
 
 import pytest
@@ -23,12 +24,12 @@ COMMANDS = [
 
 
 def flask_celery(
-    config: dict[str, object], *args: str
+    config: dict[str, object], *args: str, env: t.Mapping[str, str] = {}
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FLASK, "--app", "taskapp:create_app", "celery", *args],
         cwd=TESTS,
-        env={**os.environ, "FCC_CONFIG": json.dumps(config)},
+        env={**os.environ, **env, "FCC_CONFIG": json.dumps(config)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,3 +131,60 @@ def test_beat_sends_scheduled_tasks(workers: WorkerFactory, tmp_path: object) ->
     finally:
         beat.terminate()
         beat.wait(20)
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_worker_runs_outside_an_app_context(workers: WorkerFactory, pool: str) -> None:
+    """Flask pushes an app context for its commands; the worker leaves it."""
+    worker = workers(pool=pool)
+    worker.wait_for("worker_init in an app context: False")
+
+
+OTHER_BROKER = "redis://someone:s3cret@127.0.0.1:6379/9"
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "source", "setting"),
+    [({"BROKER_URL": OTHER_BROKER}, [], "environment variable BROKER_URL", "broker_url"),
+     ({"CELERY_BROKER": OTHER_BROKER}, [], "environment variable CELERY_BROKER", "broker_url"),
+     ({"CELERY_BROKER_URL": OTHER_BROKER}, [], "environment variable CELERY_BROKER_URL", "broker_url"),
+     ({}, ["-b", OTHER_BROKER], "option -b/--broker", "broker_url"),
+     ({}, ["--broker", OTHER_BROKER], "option -b/--broker", "broker_url"),
+     ({"RESULT_BACKEND": OTHER_BROKER}, [], "environment variable RESULT_BACKEND", "result_backend"),
+     ({"CELERY_RESULT_BACKEND": OTHER_BROKER}, [], "environment variable CELERY_RESULT_BACKEND", "result_backend"),
+     ({}, ["--result-backend", OTHER_BROKER], "option --result-backend", "result_backend")],
+)  # fmt: skip
+def test_worker_refuses_another_broker_than_the_config(
+    workers: WorkerFactory, env: dict[str, str], args: list[str], source: str,
+    setting: str,
+) -> None:  # fmt: skip
+    """The worker would consume from one broker while the app sends to the
+    one its config names."""
+    config = workers.config()
+    result = flask_celery(config, *args, "worker", "--pool", "solo", env=env)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"The {source} sets Celery's {setting} to" in output
+    assert "'redis://someone:**@127.0.0.1:6379/9'" in output
+    assert f"says {config[f'CELERY_{setting.upper()}']!r}" in output
+    assert "s3cret" not in output
+    assert f"give the value you mean to CELERY_{setting.upper()}" in output
+    assert " ready." not in output
+
+
+@pytest.mark.parametrize(
+    "env", ["BROKER_URL", "CELERY_BROKER_URL", "RESULT_BACKEND", "--broker"]
+)
+def test_worker_accepts_the_configs_own_broker(
+    workers: WorkerFactory, env: str
+) -> None:
+    config = workers.config()
+    value = config["CELERY_RESULT_BACKEND" if "RESULT" in env else "CELERY_BROKER_URL"]
+    if env.startswith("--"):
+        worker = workers.start("redis", "postgres", {}, command=[
+            FLASK, "--app", "taskapp:create_app", "celery", env, value])  # fmt: skip
+    else:
+        worker = workers.start("redis", "postgres", {}, env={env: value})
+    worker.wait_ready()
+    worker.client()
+    assert taskapp.add.delay(2, 2).get(timeout=20) == 4

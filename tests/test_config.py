@@ -129,3 +129,29 @@ def test_extra_settings_of_plugins() -> None:
     assert conf.ONCE == {"backend": "y"}
     with pytest.raises(ValueError, match="not a Celery setting"):
         configured({"CELERY_ONCE": {}})
+
+
+@pytest.mark.parametrize("variable", ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"])
+def test_environment_cannot_override_the_config(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Celery reads these variables before its config, in every process that
+    has them: the app would send to one broker and the worker read another."""
+    monkeypatch.setenv(variable, "redis://someone:s3cret@elsewhere/1")
+    with pytest.raises(ValueError) as info:
+        configured({variable: "redis://h/1"})
+    message = str(info.value)
+    assert f"The environment variable {variable} sets" in message
+    assert "'redis://someone:**@elsewhere/1'" in message
+    assert "says 'redis://h/1'" in message
+    assert "s3cret" not in message
+    assert f"Unset the environment variable {variable}" in message
+    with pytest.raises(ValueError, match="says nothing"):
+        configured({})
+
+
+def test_environment_may_repeat_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://h/1")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "")  # Celery ignores it too
+    conf = configured({"CELERY": {"broker_url": "redis://h/1"}})
+    assert conf.broker_url == "redis://h/1"

@@ -233,6 +233,17 @@ def test_on_commit_failure_propagates(
         celery_on_commit.run()
 
 
+def test_eager_set_after_init_app_is_refused_before_the_commit(app: Flask) -> None:
+    """Not after the commit, when the transaction cannot be undone."""
+    app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    with app.app_context():
+        db.session.add(Item(name="eager-after-init"))
+        db.session.flush()
+        with pytest.raises(RuntimeError, match="init_app read the config"):
+            taskapp.add.delay_on_commit(1, 2)
+        db.session.rollback()
+
+
 USER_CONFTEST = """
 import pytest
 from flask import Flask
@@ -288,3 +299,40 @@ def test_the_plugin_is_not_loaded_unless_asked(pytester: pytest.Pytester) -> Non
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=2)
     result.stdout.fnmatch_lines(["*fixture 'celery_eager' not found*"])
+
+
+EAGER_AFTER_INIT_TESTS = """
+import pytest
+from conftest import double
+
+
+def test_eager_set_after_init_app(app):
+    # As pytest-flask's 'options' marker and many conftests do.
+    app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    with pytest.raises(RuntimeError) as info:
+        double.delay(2)
+    message = str(info.value)
+    assert "Task 'conftest.double' was sent while" in message
+    assert "app.config['CELERY_TASK_ALWAYS_EAGER'] is True" in message
+    assert "init_app read the config when it was None" in message
+    assert "would send it to the broker 'redis://someone:**@" in message
+    assert "'celery_eager' fixture" in message
+    app.config.pop("CELERY_TASK_ALWAYS_EAGER")
+
+
+def test_the_fixture_is_the_way(app, celery_eager):
+    app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    assert double.delay(2).get() == 4
+    app.config.pop("CELERY_TASK_ALWAYS_EAGER")
+"""
+
+
+def test_eager_set_after_init_app_is_refused(pytester: pytest.Pytester) -> None:
+    """The config is read once, by init_app: a test that turns eager mode on
+    afterwards would send its tasks to the developer's broker."""
+    pytester.makeconftest(
+        USER_CONFTEST.replace('"memory://"', '"redis://someone:s3cret@127.0.0.1:1/0"')
+    )
+    pytester.makepyfile(test_user=EAGER_AFTER_INIT_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import typing as t
+import uuid
 
 import pytest
 from celery.result import AsyncResult
@@ -36,23 +37,37 @@ def test_fresh_context_per_task(
     assert not any(state["request"] for state in states)
 
 
-def test_testing_runs_in_a_request_context(workers: WorkerFactory) -> None:
-    workers(TESTING=True).client()
-    state = taskapp.context_state.delay("m").get(timeout=20)
-    assert state["request"] is True
-    assert state["g"] is None
+@STATE_TASKS
+@pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("prefork", 2)])
+def test_testing_gives_each_task_a_fresh_request_context(
+    workers: WorkerFactory, pool: str, concurrency: int, task: t.Any
+) -> None:
+    """Under TESTING each task pushes an app context of its own under its test
+    request context: ``g`` is not shared and teardown_appcontext runs."""
+    worker = workers(pool=pool, concurrency=concurrency, TESTING=True)
+    worker.client()
+    # One after another: with two processes, at least one runs several.
+    markers = [f"{pool}-{task.name}-{uuid.uuid4().hex[:6]}-{i}" for i in range(6)]
+    states = [task.delay(marker).get(timeout=20) for marker in markers]
+    assert [state["g"] for state in states] == [None] * 6
+    assert [state["session"] for state in states] == [None] * 6
+    assert all(state["request"] for state in states)
+    for marker in markers:
+        worker.wait_for(f"teardown_appcontext saw marker {marker}\n", timeout=10)
 
 
 @STATE_TASKS
+@pytest.mark.parametrize("testing", [False, True], ids=["app", "TESTING"])
 def test_context_pushed_at_worker_start_is_not_reused(
-    workers: WorkerFactory, task: t.Any
+    workers: WorkerFactory, task: t.Any, testing: bool
 ) -> None:
     """``celery -A module worker``, from a module that leaves a context
-    pushed, as tutorials do: the solo pool runs tasks in that very thread."""
+    pushed, as tutorials do: the solo pool runs tasks in that very thread.
+    Under TESTING the task's request context must not settle on it."""
     worker = workers.start(
         "redis",
         "postgres",
-        {},
+        {"TESTING": testing},
         command=(FLASK.replace("flask", "celery"), "-A", "pushed_context"),
     )
     worker.wait_ready()
@@ -60,6 +75,7 @@ def test_context_pushed_at_worker_start_is_not_reused(
     states = [task.delay(f"m{i}").get(timeout=20) for i in range(3)]
     assert [state["g"] for state in states] == [None] * 3
     assert [state["session"] for state in states] == [None] * 3
+    assert [state["request"] for state in states] == [testing] * 3
 
 
 def hooks_seen(app: t.Any, task_id: str) -> dict[str, tuple[str | None, str | None]]:

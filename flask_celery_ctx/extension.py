@@ -95,8 +95,14 @@ class FlaskCelery:
         """Configure :attr:`celery` from the app's config, bind it to the app
         and add the ``flask celery`` command.
 
+        :attr:`celery` becomes Celery's current app in every thread of the
+        process, as ``celery_app.set_default()`` makes it in Flask's own
+        pattern: ``AsyncResult(id)`` and ``@shared_task`` tasks find it in the
+        threads that serve requests too.
+
         Calling it with another app rebinds: the last app wins, for the
-        configuration and for the context tasks run in.
+        configuration and for the context tasks run in. With several
+        extensions, the one bound last is the current Celery app.
 
         :param app: The Flask application.
         :raises ValueError: The config has a key meant for Celery that Celery
@@ -113,6 +119,10 @@ class FlaskCelery:
         app.cli.add_command(celery_command)
         self._configure(settings, app.import_name)
         self._app = app
+        # Celery keeps its current app per thread, falling back to the
+        # default app in threads that set none.
+        self.celery.set_default()
+        self.celery.set_current()
 
     def _configure(self, settings: dict[str, t.Any], main: str) -> None:
         # Typed as Any: this reaches into Celery's caches, which its type

@@ -9,13 +9,13 @@ from contextvars import ContextVar
 from celery import Celery
 from celery import signals
 from celery import Task
-from celery.app.registry import TaskRegistry
 from flask import Flask
 
 from .cli import celery_command
 from .config import celery_settings
 from .context import in_app_context
 from .context import TaskContext
+from .registry import Registry
 from .task import ContextTask
 from .tracing import TaskLoader
 from .worker import install as install_worker_signals
@@ -66,7 +66,7 @@ class FlaskCelery:
             task_cls=ContextTask,
             loader=TaskLoader,
             # Celery takes a registry instance; its type stubs say a class.
-            tasks=_Registry(self._cover_other_tasks),  # type: ignore[arg-type]
+            tasks=Registry(self._cover_other_tasks),  # type: ignore[arg-type]
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
@@ -144,6 +144,9 @@ class FlaskCelery:
             if consumer is not None:
                 consumer.stop()  # it holds a connection of its own
             celery._local = threading.local()
+        # Options that Celery copied from the previous config onto the tasks
+        # bound so far, and the annotations they got, are derived anew.
+        celery._tasks.rebind(celery.__dict__.pop("annotations", None))
 
     def _cover_other_tasks(self) -> None:
         """Give a context to tasks whose base class is not ContextTask, from
@@ -177,20 +180,3 @@ class FlaskCelery:
         ctx = pushed[-1][1]
         if ctx is not None:
             ctx.pop(retval if isinstance(retval, BaseException) else None)
-
-
-class _Registry(TaskRegistry):
-    """The task registry of a FlaskCelery app, which notices the first task
-    registered whose base class is not :class:`ContextTask`.
-
-    :param on_other_task: Called when such a task is registered.
-    """
-
-    def __init__(self, on_other_task: t.Callable[[], None]) -> None:
-        super().__init__()
-        self._on_other_task = on_other_task
-
-    def __setitem__(self, name: str, task: Task[t.Any, t.Any]) -> None:
-        super().__setitem__(name, task)
-        if not isinstance(task, ContextTask):
-            self._on_other_task()

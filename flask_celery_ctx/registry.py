@@ -32,13 +32,13 @@ class Registry(TaskRegistry):
         super().__init__()
         self._on_other_task = on_other_task
         # The attributes of each task's own class before it was bound.
-        self._declared: dict[str, dict[str, t.Any]] = {}
+        self._declared: dict[type[t.Any], dict[str, t.Any]] = {}
 
     def __setitem__(self, name: str, task: Task[t.Any, t.Any]) -> None:
         super().__setitem__(name, task)
-        attributes = vars(type(task))
-        if "__bound__" not in attributes:
-            self._declared[name] = dict(attributes)
+        cls = type(task)
+        if "__bound__" not in vars(cls):
+            self._declared.setdefault(cls, dict(vars(cls)))
         if not isinstance(task, ContextTask):
             self._on_other_task()
 
@@ -51,9 +51,9 @@ class Registry(TaskRegistry):
         :param previous_annotations: The app's annotations before the config
             changed, which the tasks were annotated with.
         """
-        for name, task in self.items():
+        for task in self.values():
             cls = type(task)
-            declared = self._declared.get(name)
+            declared = self._declared.get(cls)
             if declared is None or not vars(cls).get("__bound__"):
                 continue  # not bound yet: it will be, to the current config
             derived = {attr for attr, _ in cls.from_config}

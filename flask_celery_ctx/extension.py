@@ -10,7 +10,6 @@ from contextvars import ContextVar
 from celery import Celery
 from celery import signals
 from celery import Task
-from celery.app.registry import TaskRegistry
 from flask import Flask
 from kombu.utils.url import maybe_sanitize_url
 
@@ -23,6 +22,7 @@ from .context import TaskContext
 from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
+from .registry import Registry
 from .task import ContextTask
 from .tracing import TaskLoader
 from .worker import install as install_worker_signals
@@ -89,7 +89,7 @@ class FlaskCelery:
             task_cls=ContextTask,
             loader=TaskLoader,
             # Celery takes a registry instance; its type stubs say a class.
-            tasks=_Registry(self._cover_other_tasks),  # type: ignore[arg-type]
+            tasks=Registry(self._cover_other_tasks),  # type: ignore[arg-type]
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
@@ -143,8 +143,14 @@ class FlaskCelery:
         """Configure :attr:`celery` from the app's config, bind it to the app
         and add the ``flask celery`` command.
 
+        :attr:`celery` becomes Celery's current app in every thread of the
+        process, as ``celery_app.set_default()`` makes it in Flask's own
+        pattern: ``AsyncResult(id)`` and ``@shared_task`` tasks find it in the
+        threads that serve requests too.
+
         Calling it with another app rebinds: the last app wins, for the
-        configuration and for the context tasks run in.
+        configuration and for the context tasks run in. With several
+        extensions, the one bound last is the current Celery app.
 
         :param app: The Flask application.
         :param session: A SQLAlchemy ``sessionmaker`` or ``scoped_session``
@@ -175,6 +181,10 @@ class FlaskCelery:
         self._configure(settings, app.import_name)
         self._app = app
         self._eager_read = app.config.get(EAGER_KEY)
+        # Celery keeps its current app per thread, falling back to the
+        # default app in threads that set none.
+        self.celery.set_default()
+        self.celery.set_current()
 
     def check_config_unchanged(self, task_name: str) -> None:
         """Refuse to send a task when the app's config says
@@ -228,6 +238,9 @@ class FlaskCelery:
             if consumer is not None:
                 consumer.stop()  # it holds a connection of its own
             celery._local = threading.local()
+        # Options that Celery copied from the previous config onto the tasks
+        # bound so far, and the annotations they got, are derived anew.
+        celery._tasks.rebind(celery.__dict__.pop("annotations", None))
 
     def _cover_other_tasks(self) -> None:
         """Give a context to tasks whose base class is not ContextTask, from
@@ -261,20 +274,3 @@ class FlaskCelery:
         ctx = pushed[-1][1]
         if ctx is not None:
             ctx.pop(retval if isinstance(retval, BaseException) else None)
-
-
-class _Registry(TaskRegistry):
-    """The task registry of a FlaskCelery app, which notices the first task
-    registered whose base class is not :class:`ContextTask`.
-
-    :param on_other_task: Called when such a task is registered.
-    """
-
-    def __init__(self, on_other_task: t.Callable[[], None]) -> None:
-        super().__init__()
-        self._on_other_task = on_other_task
-
-    def __setitem__(self, name: str, task: Task[t.Any, t.Any]) -> None:
-        super().__setitem__(name, task)
-        if not isinstance(task, ContextTask):
-            self._on_other_task()

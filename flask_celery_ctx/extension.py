@@ -139,6 +139,13 @@ class FlaskCelery:
                 # backend skips unsubscribing once this is None).
                 consumer._pubsub = None
             celery._local = threading.local()
+            # Tasks take some options from the settings when they are bound.
+            for task in celery._tasks.values():
+                if isinstance(task, ContextTask):
+                    type(task).bind(celery)
+                    # Celery caches them on the task too; before 5.7 its
+                    # first send even writes ignore_result into the cache.
+                    vars(task).pop("_exec_options", None)
 
     def _cover_other_tasks(self) -> None:
         """Give a context to tasks whose base class is not ContextTask, from

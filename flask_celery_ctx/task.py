@@ -19,6 +19,7 @@ from .context import TaskContext
 from .sqlalchemy import get_db
 
 if t.TYPE_CHECKING:
+    from celery import Celery
     from celery.result import AsyncResult
     from celery.result import EagerResult
     from sqlalchemy.orm import Session
@@ -68,6 +69,30 @@ class ContextTask(Task):  # type: ignore[type-arg]
     allow_missing_instances: bool = False
 
     _context_tracer: t.Callable[..., t.Any] | None = None
+    _unset_options: list[str]
+
+    @classmethod
+    def bind(cls, app: Celery) -> Celery:
+        """Bind the task to ``app``, as Celery does: fill in from its
+        settings the attributes the task's options leave unset, such as
+        ``ignore_result`` and ``acks_late``. Called again when
+        :meth:`~flask_celery_ctx.FlaskCelery.init_app` rebinds, so that they
+        follow the last app's settings.
+
+        :param app: The Celery app.
+        :return: ``app``.
+        :meta private:
+        """
+        # Celery fills in only what is None: remember what was, to fill it
+        # in again from other settings.
+        if "_unset_options" not in cls.__dict__:
+            cls._unset_options = [
+                name for name, _ in cls.from_config if getattr(cls, name, None) is None
+            ]
+        else:
+            for name in cls._unset_options:
+                setattr(cls, name, None)
+        return super().bind(app)
 
     @property
     def __trace__(self) -> t.Callable[..., t.Any] | None:

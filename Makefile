@@ -3,9 +3,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test example check lint typecheck docs bench clean
+.PHONY: test lowest newest example check lint typecheck docs bench clean
 
-$(STAMP): pyproject.toml requirements/dev.txt
+# pyenv's shims run python3.10 and python3.13, which tox needs, only when
+# they are selected; the first version stays the default python3.
+ifneq ($(shell command -v pyenv),)
+export PYENV_VERSION := $(shell pyenv version-name):3.10:3.13
+endif
+
+$(STAMP): pyproject.toml requirements/dev.txt requirements/tests.txt
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/dev.txt -e .
@@ -13,6 +19,12 @@ $(STAMP): pyproject.toml requirements/dev.txt
 
 test: $(STAMP)  ## Run the test suite
 	$(BIN)/pytest
+
+lowest: $(STAMP)  ## The tests on the oldest supported versions, Python 3.10
+	$(BIN)/tox -e lowest
+
+newest: $(STAMP)  ## The tests on the newest versions, Python 3.13
+	$(BIN)/tox -e newest
 
 example: $(STAMP)  ## Run the example application, web server and worker
 	$(BIN)/python -m example_app
@@ -37,4 +49,4 @@ bench: $(VENV)/.bench-installed  ## Benchmark against the alternatives (Redis, P
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) docs/_build
+	rm -rf $(VENV) .tox docs/_build

@@ -237,6 +237,11 @@ class FlaskCelery:
             consumer = getattr(backend, "result_consumer", None)
             if consumer is not None:
                 consumer.stop()  # it holds a connection of its own
+                # The old backend's results unsubscribe when they are
+                # collected; on a stopped pubsub, redis-py opens a new
+                # connection for that, which nothing closes (the Redis
+                # backend skips unsubscribing once this is None).
+                consumer._pubsub = None
             celery._local = threading.local()
         # Options that Celery copied from the previous config onto the tasks
         # bound so far, and the annotations they got, are derived anew.

@@ -264,7 +264,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
         if not (in_args or in_kwargs):
             return args, kwargs
         amqp = self.app.amqp
-        maxlevels = self.app.conf.task_repr_maxlevels
+        # Celery 5.7 added the task_repr_maxlevels setting; before it,
+        # messages show 3 levels, saferepr's default.
+        maxlevels = self.app.conf.get("task_repr_maxlevels", 3)
         if type(args) is tuple:
             shown_args = tuple(shown_args)
         options.setdefault(

@@ -4,6 +4,7 @@ app starts, and when it forks its pool processes."""
 from __future__ import annotations
 
 import logging
+import os
 import typing as t
 
 from celery import Celery
@@ -29,10 +30,13 @@ def install(ext: FlaskCelery) -> None:
     :param ext: The extension.
     """
     celery = ext.celery
+    worker_pid: int | None = None
 
     def on_worker_init(sender: t.Any = None, **kwargs: t.Any) -> None:
+        nonlocal worker_pid
         if getattr(sender, "app", None) is not celery:
             return
+        worker_pid = os.getpid()
         pool = pool_name(sender.pool_cls)
         check_pool(pool)
         check_broker(celery)
@@ -40,7 +44,11 @@ def install(ext: FlaskCelery) -> None:
             check_engine_pools(ext, pool, sender.concurrency)
 
     def on_worker_process_init(**kwargs: t.Any) -> None:
-        # Sent in each prefork child, whose app is the current one.
+        # Sent in each prefork child, whose app is the current one; the solo
+        # pool sends it too, in the worker's own process, whose connections
+        # are not inherited: dropping them unclosed would leak them.
+        if os.getpid() == worker_pid:
+            return
         if current_celery._get_current_object() is not celery:  # type: ignore[attr-defined]
             return
         found = database(ext.app)

@@ -14,6 +14,7 @@ from kombu.exceptions import EncodeError
 
 from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
+from flask_celery_ctx.testing import start_worker
 
 from conftest import FLASK
 from conftest import WorkerFactory
@@ -88,6 +89,34 @@ def test_last_app_wins() -> None:
     assert ext.celery.conf.task_always_eager is False
     assert broker_host(ext) == "second"
     assert which.apply().get() == ("second", True)
+
+
+def test_last_app_wins_for_settings_of_tasks() -> None:
+    """What Celery fills in on a task from the settings follows the last app;
+    what the task's options give stays."""
+    ext = FlaskCelery()
+
+    @ext.celery.task(shared=False)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @ext.celery.task(shared=False, acks_late=False)
+    def given() -> None: ...
+
+    memory = {
+        "CELERY_BROKER_URL": "memory://",
+        "CELERY_RESULT_BACKEND": "cache+memory://",
+    }
+    first = Flask("first")
+    first.config.update(memory, CELERY_TASK_IGNORE_RESULT=True)
+    ext.init_app(first)
+    assert add.delay(1, 1).ignored
+    second = Flask("second")
+    second.config.update(memory, CELERY_TASK_ACKS_LATE=True)
+    ext.init_app(second)
+    with start_worker(second):
+        assert add.delay(20, 22).get(timeout=10) == 42
+    assert (add.acks_late, given.acks_late) == (True, False)
 
 
 @pytest.mark.parametrize(

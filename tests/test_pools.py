@@ -122,3 +122,19 @@ def test_eventlet_is_refused(workers: WorkerFactory) -> None:
     worker = workers.start("redis", "postgres", {}, pool="eventlet")
     assert worker.process.wait(30) != 0
     assert "The eventlet pool is not supported" in worker.log
+
+
+def test_solo_worker_keeps_the_factorys_connection(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """The solo pool runs tasks in the worker's own process: the connection
+    the factory pooled is not inherited, and is reused rather than dropped
+    unclosed for a new one."""
+    worker = workers(pool="solo", FCC_CREATE_ALL=True)
+    before = backends(pg_admin, worker)
+    assert len(before) == 1, "the factory's connection is pooled"
+    worker.client()
+    assert (
+        taskapp.count_items.delay(f"solo-{uuid.uuid4().hex[:6]}").get(timeout=20) == 0
+    )
+    assert backends(pg_admin, worker) == before

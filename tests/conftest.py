@@ -130,6 +130,19 @@ def idle_in_transaction(engine: Engine, application_name: str) -> int:
         time.sleep(0.1)
 
 
+def backends(engine: Engine, worker: Worker) -> set[int]:
+    """Backend pids of the worker's connections to this run's database."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = :name"
+            ),
+            {"name": worker.application_name},
+        )
+        return {row.pid for row in rows}
+
+
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("sqlite") / "app.sqlite"

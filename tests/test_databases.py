@@ -25,6 +25,7 @@ from flask_celery_ctx.db import database
 from flask_celery_ctx.testing import start_worker
 
 import dbapp
+from conftest import backends
 from conftest import FLASK
 from conftest import idle_in_transaction
 from conftest import TESTS
@@ -149,19 +150,6 @@ def settle(engine: Engine, worker: Worker) -> int:
     ):
         time.sleep(0.1)
     return count
-
-
-def backends(engine: Engine, worker: Worker) -> set[int]:
-    """Backend pids of the worker's connections to this run's database."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name = :name"
-            ),
-            {"name": worker.application_name},
-        )
-        return {row.pid for row in rows}
 
 
 def test_each_task_gets_a_fresh_session(

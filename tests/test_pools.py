@@ -6,26 +6,12 @@ import os
 import uuid
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import taskapp
+from conftest import backends
 from conftest import FLASK
-from conftest import Worker
 from conftest import WorkerFactory
-
-
-def backends(engine: Engine, worker: Worker) -> set[int]:
-    """Backend pids of the worker's connections to this run's database."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name = :name"
-            ),
-            {"name": worker.application_name},
-        )
-        return {row.pid for row in rows}
 
 
 def test_prefork_children_never_share_a_connection(

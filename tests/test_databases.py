@@ -299,6 +299,7 @@ app = dbapp.create_app({
     "CELERY_TASK_EAGER_PROPAGATES": True,
     "CELERY_TASK_STORE_EAGER_RESULT": True,
     "CELERY_RESULT_BACKEND": "cache+memory://",
+    "SECRET_KEY": "sender",
 })
 ext = dbapp.ext
 with app.app_context():

@@ -244,13 +244,14 @@ def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:
 
 
 def dump(
-    task_name: str, value: t.Any, sign: Signer | None, embedded: bool = False
+    task_name: str, value: t.Any, app: Flask, embedded: bool = False
 ) -> tuple[t.Any, t.Any, bool]:
     """Replace the mapped instances in a value by signed references.
 
     :param task_name: The task, for the error messages.
     :param value: Arguments, or one of them.
-    :param sign: The app's :func:`signer`.
+    :param app: The app whose :func:`signer` signs them, made only when the
+        value holds an instance: most sends hold none.
     :param embedded: Look into signatures too, as in ``_replace_instances``.
     :return: The value to send, the value to show in ``argsrepr``, and
         whether any instance was replaced. Containers without instances are
@@ -259,7 +260,12 @@ def dump(
     :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
 
+    signers: list[Signer | None] = []
+
     def reference(instance: t.Any, state: InstanceState[t.Any]) -> dict[str, t.Any]:
+        if not signers:
+            signers.append(signer(app))
+        sign = signers[0]
         if state.key is None:
             what = "pending (added, not flushed)" if state.pending else "not saved"
             raise ValueError(

@@ -22,7 +22,7 @@ from .db import database
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
     from celery.result import EagerResult
-    from itsdangerous import Signer
+    from flask import Flask
     from sqlalchemy.orm import Session
 
     from .extension import FlaskCelery
@@ -255,11 +255,11 @@ class ContextTask(Task):  # type: ignore[type-arg]
     def _dump_instances(
         self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> tuple[t.Any, t.Any]:
-        sign = models.signer(extension_of(self).app)
-        self._dump_signatures(options, sign)
-        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), sign)
+        app = extension_of(self).app
+        self._dump_signatures(options, app)
+        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), app)
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, dict(kwargs or {}), sign
+            self.name, dict(kwargs or {}), app
         )
         if not (in_args or in_kwargs):
             return args, kwargs
@@ -278,7 +278,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         )
         return sent_args, sent_kwargs
 
-    def _dump_signatures(self, options: dict[str, t.Any], sign: Signer | None) -> None:
+    def _dump_signatures(self, options: dict[str, t.Any], app: Flask) -> None:
         """Make references of the instances in the arguments of the signatures
         that the worker sends when this task is done, those of ``link``,
         ``chain`` and ``chord`` (the body of a chord this task is part of):
@@ -293,7 +293,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
                 task = self.app.tasks.get(signature["task"])
                 if isinstance(task, ContextTask):
                     signatures[index] = models.dump(
-                        task.name, signature, sign, embedded=True
+                        task.name, signature, app, embedded=True
                     )[0]
                 elif models.has_instances(signature):
                     raise ValueError(

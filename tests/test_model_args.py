@@ -222,7 +222,7 @@ def test_apply_with_references_leaves_the_callers_arguments(app: Flask) -> None:
     with app.app_context():
         item = Item(name=unique("refs"))
         saved(item)
-        reference = models.dump("same", item, models.signer(app))[0]
+        reference = models.dump("same", item, app)[0]
         args = [reference, [reference]]
         assert ormtasks.same.apply(args).get() == [item, [item]]
         assert args == [reference, [reference]]
@@ -233,7 +233,7 @@ def test_a_reference_to_an_app_without_secret_key_fails(app: Flask) -> None:
     with app.app_context():
         item = Item(name=unique("keyless"))
         saved(item)
-        reference = models.dump("same", item, models.signer(app))[0]
+        reference = models.dump("same", item, app)[0]
         app.config["SECRET_KEY"] = None
         with pytest.raises(InvalidReferenceError, match="SECRET_KEY is not set here"):
             ormtasks.same.apply([reference])

@@ -197,6 +197,11 @@ def check_markers(blocks: list[Block]) -> None:
     for block in blocks:
         marker = block.marker
         if marker is None:
+            if block.path is None and re.search(r"^def test_", block.code, re.M):
+                raise SnippetError(
+                    f"{block.where}: a test runs when its file is named: begin the"
+                    " block with '# tests/test_<name>.py'"
+                )
             if block.language not in SHOWN | {"python", "console"}:
                 raise SnippetError(
                     f"{block.where}: a {block.language!r} block is neither run nor"

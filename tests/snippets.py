@@ -1,6 +1,7 @@
 """The code blocks of the documentation, read from its pages and run.
 
-Every page runs in a project of its own: the files that the quickstart and
+Every page, and the docstrings of every module of the package, which the
+API page shows, runs in a project of its own: the files that the quickstart and
 testing pages show (``myapp/`` and ``tests/``), written to a temporary
 directory, in which the page's own blocks then run as a reader runs them:
 
@@ -35,6 +36,7 @@ replaces the port ``5000`` of the commands shown.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -136,9 +138,30 @@ def _content(lines: list[str], start: int, column: int) -> tuple[int, int]:
     return first, end
 
 
+def docstrings(module: Path) -> list[str]:
+    """The lines of a module that its docstrings span, the others blank:
+    the docstrings of the API page, at their lines in the module."""
+    source = module.read_text()
+    lines = source.splitlines()
+    kept = [""] * len(lines)
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            first, last = body[0].lineno - 1, t.cast(int, body[0].end_lineno)
+            kept[first + 1 : last - 1] = lines[first + 1 : last - 1]
+    return kept
+
+
 def read(page: Path) -> list[Block]:
-    """The code blocks of a page, each with the marker that applies to it."""
-    lines = page.read_text().splitlines()
+    """The code blocks of a page, or of the docstrings of a module, each with
+    the marker that applies to it."""
+    lines = docstrings(page) if page.suffix == ".py" else page.read_text().splitlines()
     blocks: list[Block] = []
     markers: list[tuple[Marker, int, int | None]] = []
     literal = "python"

@@ -12,6 +12,7 @@ from conftest import require
 from conftest import RUN
 
 PAGES = sorted(snippets.DOCS.glob("*.rst"))
+MODULES = sorted((snippets.DOCS.parent / "flask_celery_ctx").rglob("*.py"))
 
 
 def env() -> dict[str, str]:
@@ -28,6 +29,15 @@ def test_page_runs_as_shown(page: Path, tmp_path: Path) -> None:
     if any(b.language == "console" for b in snippets.read(page)):
         require("Redis", REDIS_URL, 6379)
     snippets.run(page, tmp_path, env())
+
+
+@pytest.mark.parametrize(
+    "module",
+    MODULES,
+    ids=[str(m.relative_to(snippets.DOCS.parent)) for m in MODULES],
+)
+def test_docstrings_run_as_shown(module: Path, tmp_path: Path) -> None:
+    snippets.run(module, tmp_path, env())
 
 
 def page(tmp_path: Path, text: str) -> Path:

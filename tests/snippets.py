@@ -14,7 +14,8 @@ directory, in which the page's own blocks then run as a reader runs them:
 - a ``console`` block is a shell session: each ``$`` command runs in the
   project and must succeed, and print the lines shown under it (``...``
   matches anything);
-- a ``text`` block is output or a figure, never run.
+- a ``text`` block is output or a figure, never run; a shell session
+  (``$ ...``) in one is an error.
 
 A comment before a block, or before a table of blocks, says how it runs
 instead, with the reason::
@@ -26,7 +27,7 @@ instead, with the reason::
 ``skip`` leaves it out; ``background`` starts the commands of a ``console``
 block and keeps them running for the rest of the page (a worker, a server),
 while the commands after it are tried again, for a while, until they
-succeed.
+succeed; each must still be running when the page ends.
 
 The commands run with the project's own settings read from the environment
 by the quickstart's factory (``FLASK_CELERY_BROKER_URL`` and a queue of
@@ -61,6 +62,8 @@ VERBS = {"skip", "background"}
 DOCS_PORT = "5000"
 #: How long a command is tried again while a background command starts.
 RETRY_SECONDS = 60
+#: How long a background command must have run when the page ends.
+SETTLE_SECONDS = 10
 
 _DIRECTIVE = re.compile(
     r"^(?P<indent>(?:[ *-]*)?)\.\. (?:code-block|code|sourcecode)::\s*(?P<language>\S*)\s*$"
@@ -225,6 +228,11 @@ def check_markers(blocks: list[Block]) -> None:
                     f"{block.where}: a test runs when its file is named: begin the"
                     " block with '# tests/test_<name>.py'"
                 )
+            if block.language in SHOWN and re.search(r"^\$ ", block.code, re.M):
+                raise SnippetError(
+                    f"{block.where}: a shell session: make it a 'console' block,"
+                    " run or marked '.. snippet: skip, <why>'"
+                )
             if block.language not in SHOWN | {"python", "console"}:
                 raise SnippetError(
                     f"{block.where}: a {block.language!r} block is neither run nor"
@@ -312,6 +320,7 @@ class Project:
         for name in ("FLASK_APP", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
             self.env.pop(name, None)
         self._background: list[tuple[subprocess.Popen[bytes], Path, Block, str]] = []
+        self._started = 0.0
 
     def write(self, blocks: t.Iterable[Block]) -> list[str]:
         """Write the file blocks; return the files written."""
@@ -362,6 +371,7 @@ class Project:
                         start_new_session=True,
                     )
                 self._background.append((process, log, block, line))
+                self._started = time.monotonic()
                 continue
             self._run(block, command, line)
 
@@ -417,6 +427,14 @@ class Project:
                 f"the tests {paths} do not pass:\n{done.stdout}{done.stderr}"
             )
 
+    def settle(self) -> None:
+        """Check that the background commands still run, some seconds after
+        the last one started: long enough for a command that cannot start
+        (an import error, a wrong option) to have exited."""
+        if self._background:
+            time.sleep(max(0.0, self._started + SETTLE_SECONDS - time.monotonic()))
+            self._check_background()
+
     def stop(self) -> None:
         """Stop the background commands, as Ctrl-C would, then at once."""
         for process, *_ in self._background:
@@ -459,5 +477,6 @@ def run(page: Path, root: Path, env: t.Mapping[str, str]) -> None:
                 project.run_console(block)
         if tests:
             project.run_tests(tests)
+        project.settle()
     finally:
         project.stop()

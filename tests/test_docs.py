@@ -104,3 +104,17 @@ def test_a_marker_before_a_table_covers_its_blocks(tmp_path: Path) -> None:
         ("after", True),
         ("ran", False),
     ]
+
+
+def test_a_shell_session_is_run_or_marked(tmp_path: Path) -> None:
+    text = ".. code-block:: text\n\n    $ flask --app myapp routes\n"
+    with pytest.raises(snippets.SnippetError, match="make it a 'console' block"):
+        snippets.run(page(tmp_path, text), tmp_path, env())
+
+
+def test_a_background_command_that_exits_fails(tmp_path: Path) -> None:
+    text = ".. snippet: background\n\n.. code-block:: console\n\n    $ flask --app myapp nothing\n"
+    with pytest.raises(
+        snippets.SnippetError, match=r"(?s)exited with 2.*No such command"
+    ):
+        snippets.run(page(tmp_path, text), tmp_path, env())

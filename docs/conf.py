@@ -1,6 +1,13 @@
 """Sphinx configuration."""
 
+import ast
+import contextlib
+import importlib
+import inspect
+import pkgutil
 from importlib.metadata import version as _version
+
+import flask_celery_ctx
 
 project = "Flask-Celery-Ctx"
 copyright = "Flask-Celery-Ctx contributors"
@@ -9,6 +16,7 @@ version = ".".join(release.split(".")[:2])
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -22,3 +30,28 @@ html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_title = f"Flask-Celery-Ctx {version}"
 exclude_patterns = ["_build"]
+
+
+def _import_type_checking_names() -> None:
+    """Run the ``if t.TYPE_CHECKING:`` imports of each module of the package
+    in its namespace, now that every module is loaded: autodoc can then
+    evaluate the annotations, and shows the types (``Any``,
+    ``AsyncResult[Any]``) rather than their source text (``t.Any``)."""
+    prefix = f"{flask_celery_ctx.__name__}."
+    for info in pkgutil.walk_packages(flask_celery_ctx.__path__, prefix):
+        module = importlib.import_module(info.name)
+        for node in ast.parse(inspect.getsource(module)).body:
+            if isinstance(node, ast.If) and ast.unparse(node.test).endswith(
+                "TYPE_CHECKING"
+            ):
+                code = compile(ast.Module(node.body, []), module.__file__, "exec")
+                exec(code, vars(module))
+        # autodoc evaluates the annotations of functions, not those of a
+        # class's constructor: give it the evaluated signature.
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and cls.__module__ == module.__name__:
+                with contextlib.suppress(TypeError, ValueError, NameError):
+                    cls.__signature__ = inspect.signature(cls, eval_str=True)
+
+
+_import_type_checking_names()

@@ -52,6 +52,9 @@ class FlaskCelery:
 
     .. code-block:: python
 
+        from flask import Flask
+        from flask_celery_ctx import FlaskCelery
+
         ext = FlaskCelery()
 
         @ext.celery.task

@@ -11,6 +11,7 @@ from celery.utils.saferepr import saferepr
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
+from . import carry
 from . import models
 from . import oncommit
 from . import tracing
@@ -154,8 +155,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
             callback, or a task that is not a ContextTask.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
+            Or a value of ``g`` to carry is not JSON (see :doc:`/carry`).
         """
-        extension_of(self).check_config_unchanged(self.name)
+        ext = extension_of(self)
+        ext.check_config_unchanged(self.name)
+        if ext.carry_g:
+            carry.attach(ext.carry_g, self.name, options)
         args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
@@ -187,8 +192,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :raises ValueError: An instance in the arguments is not saved and is
             not pending in the session.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
-            arguments.
+            arguments, or a value of ``g`` to carry is not JSON.
         """
+        names = extension_of(self).carry_g
+        if names:
+            # Captured now: the commit may come in another context.
+            carry.attach(names, self.name, options)
         return oncommit.send_on_commit(self, args, kwargs, options)
 
     def check_sendable(

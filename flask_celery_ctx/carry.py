@@ -18,12 +18,16 @@ import json
 import logging
 import typing as t
 
+from celery import signals
+from flask import current_app
 from flask import g
 from flask import has_app_context
 from kombu.exceptions import EncodeError
 
 if t.TYPE_CHECKING:
     from celery import Task
+
+    from .extension import FlaskCelery
 
 logger = logging.getLogger("flask_celery_ctx")
 
@@ -107,6 +111,32 @@ def attach(names: tuple[str, ...], task_name: str, options: dict[str, t.Any]) ->
     value = capture(names, task_name)
     if value is not None:
         options["headers"] = {**(headers or {}), HEADER: value}
+
+
+def carry_other_sends(ext: FlaskCelery) -> None:
+    """Carry the values in the messages of the extension's tasks that are not
+    sent by :meth:`~flask_celery_ctx.ContextTask.apply_async`: tasks of
+    another base class, and ``send_task()`` by name. Connected only for an
+    extension that carries values, so that other sends pay nothing.
+
+    :param ext: The extension.
+    """
+
+    def on_before_publish(
+        sender: str | None = None,
+        headers: dict[str, t.Any] | None = None,
+        **kwargs: t.Any,
+    ) -> None:
+        if headers is None or HEADER in headers or not has_app_context():
+            return
+        app = ext._app
+        if app is None or current_app._get_current_object() is not app:  # type: ignore[attr-defined]
+            return
+        value = capture(ext.carry_g, str(sender))
+        if value is not None:
+            headers[HEADER] = value
+
+    signals.before_task_publish.connect(on_before_publish, weak=False)
 
 
 def restore(names: tuple[str, ...], task: Task[t.Any, t.Any]) -> None:

@@ -13,6 +13,7 @@ from celery import Task
 from flask import Flask
 from kombu.utils.url import maybe_sanitize_url
 
+from .carry import carry_other_sends
 from .carry import check_names
 from .cli import celery_command
 from .config import celery_settings
@@ -101,6 +102,8 @@ class FlaskCelery:
         #: The names of the attributes of ``g`` that tasks carry from where
         #: they are sent (see :doc:`/carry`).
         self.carry_g: tuple[str, ...] = check_names(carry_g)
+        if self.carry_g:
+            carry_other_sends(self)
         self._session_factory = session
         self._app: Flask | None = None
         self._eager_read: t.Any = None

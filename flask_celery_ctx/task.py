@@ -12,6 +12,7 @@ from kombu import serialization
 from kombu.exceptions import EncodeError
 
 from . import carry
+from . import coroutines
 from . import models
 from . import oncommit
 from . import tracing
@@ -65,6 +66,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
       the commit of the session's transaction (see :doc:`/on-commit`).
     - Model instances in the arguments travel as references and arrive
       loaded in the task's session (see :doc:`/models`).
+    - A task declared with ``async def`` runs its coroutine to completion
+      through the app's ``ensure_sync`` (see :doc:`/async`).
     """
 
     #: What an argument that refers to a deleted row becomes: when false, the
@@ -74,6 +77,10 @@ class ContextTask(Task):  # type: ignore[type-arg]
     allow_missing_instances: bool = False
 
     _context_tracer: t.Callable[..., t.Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: t.Any) -> None:
+        super().__init_subclass__(**kwargs)
+        coroutines.adapt(cls)
 
     @property
     def __trace__(self) -> t.Callable[..., t.Any] | None:

@@ -114,6 +114,15 @@ def test_a_chain_carries_them_to_every_task(client: Flask) -> None:
     assert result.get(timeout=30) == ["req-chain"] * 3
 
 
+def test_a_link_callback_gets_them(client: Flask) -> None:
+    callback = taskapp.collect.s()
+    linked = callback.freeze()
+    with client.app_context():
+        g.request_id = "req-link"
+        taskapp.collect.apply_async(link=callback)
+    assert linked.get(timeout=30) == ["req-link", "req-link"]
+
+
 def test_a_group_and_a_chord_carry_them(client: Flask) -> None:
     with client.app_context():
         g.request_id = "req-group"

@@ -129,9 +129,8 @@ def carry_other_sends(ext: FlaskCelery) -> None:
     ) -> None:
         if headers is None or HEADER in headers or not has_app_context():
             return
-        app = ext._app
-        if app is None or current_app._get_current_object() is not app:  # type: ignore[attr-defined]
-            return
+        if current_app.extensions.get("celery") is not ext:
+            return  # a context of another app
         value = capture(ext.carry_g, str(sender))
         if value is not None:
             headers[HEADER] = value

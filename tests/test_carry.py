@@ -98,6 +98,13 @@ def test_a_task_of_another_base_class_gets_them(client: Flask) -> None:
     assert result.get(timeout=30) == {"request_id": "req-foreign"}
 
 
+def test_a_task_sent_by_name_gets_them(client: Flask) -> None:
+    with client.app_context():
+        g.request_id = "req-by-name"
+        result = taskapp.ext.celery.send_task("taskapp.carried")
+    assert result.get(timeout=30) == {"request_id": "req-by-name"}
+
+
 def test_a_task_sending_a_task_passes_its_values_on(client: Flask) -> None:
     with client.app_context():
         g.request_id = "req-parent"

@@ -7,7 +7,9 @@ in the task's context (see :doc:`/async`). Flask's ``async_to_sync``, from
 asgiref, runs the coroutine on an event loop in a thread of its own and
 copies the context variables there, so ``current_app``, ``g`` and the
 database session are the task's; Celery keeps the running task and its
-request in thread-local stacks, which the coroutine's thread gets too.
+request in thread-local stacks, which the coroutine's thread gets too, and
+so does a ``scoped_session`` scoped by thread
+(:meth:`~flask_celery_ctx.db.base.Database.lend_session`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import typing as t
 from celery._state import _task_stack  # type: ignore[attr-defined]
 from flask import current_app
 
+from .db import database
 from .worker import greenlets_patched
 
 if t.TYPE_CHECKING:
@@ -87,6 +90,8 @@ def run_coroutine(
             " apart), or declare it with 'def' for gevent."
         )
     request = task.request
+    found = database(current_app._get_current_object())  # type: ignore[attr-defined]
+    lent = None if found is None else found.lend_session()
 
     async def in_task() -> t.Any:
         # Another thread, whose stacks are empty: push the task's.
@@ -95,7 +100,10 @@ def run_coroutine(
             task.request_stack.push(request)
             _task_stack.push(task)
         try:
-            return await func(*args, **kwargs)
+            if lent is None:
+                return await func(*args, **kwargs)
+            with lent:
+                return await func(*args, **kwargs)
         finally:
             if pushed:
                 _task_stack.pop()

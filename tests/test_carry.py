@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 
 from flask_celery_ctx import CarriedValuesFilter
 from flask_celery_ctx import FlaskCelery
+from flask_celery_ctx.testing import OnCommitRecorder
 
 import taskapp
 from conftest import WorkerFactory
@@ -264,3 +265,16 @@ def test_the_log_filter_in_the_worker(workers: WorkerFactory) -> None:
     line = f"WARNING [req-worker-log {result.id}] taskapp: logged by the task"
     worker.wait_for(line)
     workers.stop(worker)
+
+
+def test_the_on_commit_recorder_runs_tasks_with_them(
+    app: Flask, celery_on_commit: OnCommitRecorder
+) -> None:
+    with app.test_request_context():
+        g.request_id = "req-recorded"
+        db.session.execute(select(1))
+        taskapp.carried.delay_on_commit()
+        db.session.commit()
+    # Outside any context, as a worker runs it: in a context of its own.
+    (result,) = celery_on_commit.run()
+    assert result.get() == {"request_id": "req-recorded"}

@@ -13,6 +13,8 @@ from celery import Task
 from flask import Flask
 from kombu.utils.url import maybe_sanitize_url
 
+from .carry import carry_other_sends
+from .carry import check_names
 from .cli import celery_command
 from .config import celery_settings
 from .config import check_environment
@@ -76,6 +78,9 @@ class FlaskCelery:
     :param extra_settings: Names of settings that Celery does not know but a
         Celery plugin reads from ``app.conf``, spelled as the plugin reads
         them. Any other unknown ``CELERY_`` key is an error.
+    :param carry_g: Names of attributes of ``g`` that a task sent from an
+        application context carries into its own ``g`` (see :doc:`/carry`).
+    :raises TypeError: ``carry_g`` is a string, not a list of names.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class FlaskCelery:
         *,
         session: SessionFactoryArg | None = None,
         extra_settings: t.Iterable[str] = (),
+        carry_g: t.Iterable[str] = (),
     ) -> None:
         #: The Celery application. Tasks declared on it get
         #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
@@ -96,6 +102,11 @@ class FlaskCelery:
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
         self._extra_settings = tuple(extra_settings)
+        #: The names of the attributes of ``g`` that tasks carry from where
+        #: they are sent (see :doc:`/carry`).
+        self.carry_g: tuple[str, ...] = check_names(carry_g)
+        if self.carry_g:
+            carry_other_sends(self)
         self._session_factory = session
         self._app: Flask | None = None
         self._eager_read: t.Any = None

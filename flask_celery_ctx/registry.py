@@ -16,6 +16,7 @@ from celery import Task
 from celery.app.annotations import resolve_all
 from celery.app.registry import TaskRegistry
 
+from .coroutines import is_coroutine_task
 from .task import ContextTask
 
 _MISSING = object()
@@ -23,7 +24,8 @@ _MISSING = object()
 
 class Registry(TaskRegistry):
     """The task registry of a FlaskCelery app, which also notices the first
-    task registered whose base class is not :class:`ContextTask`.
+    task registered whose base class is not :class:`ContextTask`, and refuses
+    such a task declared with ``async def``.
 
     :param on_other_task: Called when such a task is registered.
     """
@@ -35,11 +37,20 @@ class Registry(TaskRegistry):
         self._declared: dict[type[t.Any], dict[str, t.Any]] = {}
 
     def __setitem__(self, name: str, task: Task[t.Any, t.Any]) -> None:
+        other = not isinstance(task, ContextTask)
+        if other and is_coroutine_task(task):
+            raise TypeError(
+                f"Task {name!r} is declared with 'async def' on a base class"
+                f" that is not a ContextTask ({type(task).__mro__[1].__qualname__}):"
+                " Celery would return the coroutine without running it. Derive"
+                " the base class from flask_celery_ctx.ContextTask, or declare"
+                " the task with 'def'."
+            )
         super().__setitem__(name, task)
         cls = type(task)
         if "__bound__" not in vars(cls):
             self._declared.setdefault(cls, dict(vars(cls)))
-        if not isinstance(task, ContextTask):
+        if other:
             self._on_other_task()
 
     def rebind(self, previous_annotations: t.Any) -> None:

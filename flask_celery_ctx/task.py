@@ -11,6 +11,8 @@ from celery.utils.saferepr import saferepr
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
+from . import carry
+from . import coroutines
 from . import models
 from . import oncommit
 from . import tracing
@@ -64,6 +66,8 @@ class ContextTask(Task):  # type: ignore[type-arg]
       the commit of the session's transaction (see :doc:`/on-commit`).
     - Model instances in the arguments travel as references and arrive
       loaded in the task's session (see :doc:`/models`).
+    - A task declared with ``async def`` runs its coroutine to completion
+      through the app's ``ensure_sync`` (see :doc:`/async`).
     """
 
     #: What an argument that refers to a deleted row becomes: when false, the
@@ -73,6 +77,10 @@ class ContextTask(Task):  # type: ignore[type-arg]
     allow_missing_instances: bool = False
 
     _context_tracer: t.Callable[..., t.Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: t.Any) -> None:
+        super().__init_subclass__(**kwargs)
+        coroutines.adapt(cls)
 
     @property
     def __trace__(self) -> t.Callable[..., t.Any] | None:
@@ -154,8 +162,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
             callback, or a task that is not a ContextTask.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments; the message names the task and what to pass instead.
+            Or a value of ``g`` to carry is not JSON (see :doc:`/carry`).
         """
-        extension_of(self).check_config_unchanged(self.name)
+        ext = extension_of(self)
+        ext.check_config_unchanged(self.name)
+        if ext.carry_g:
+            carry.attach(ext.carry_g, self.name, options)
         args, kwargs = self._dump_instances(args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
@@ -187,8 +199,12 @@ class ContextTask(Task):  # type: ignore[type-arg]
         :raises ValueError: An instance in the arguments is not saved and is
             not pending in the session.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
-            arguments.
+            arguments, or a value of ``g`` to carry is not JSON.
         """
+        names = extension_of(self).carry_g
+        if names:
+            # Captured now: the commit may come in another context.
+            carry.attach(names, self.name, options)
         return oncommit.send_on_commit(self, args, kwargs, options)
 
     def check_sendable(

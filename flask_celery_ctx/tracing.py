@@ -39,6 +39,7 @@ from types import TracebackType
 from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
+from . import carry
 from .context import TaskContext
 from .db import database
 
@@ -213,7 +214,8 @@ def trace_in_context(
 
 class TaskLoader(AppLoader):
     """Celery's loader of a :class:`~flask_celery_ctx.FlaskCelery` app: the
-    default one, which also loads the model instances in the arguments of a
+    default one, which also sets the values a task carries on its ``g`` (see
+    :doc:`/carry`), and loads the model instances in the arguments of a
     traced :class:`~flask_celery_ctx.ContextTask` (see :doc:`/models`).
     """
 
@@ -228,6 +230,9 @@ class TaskLoader(AppLoader):
         :param task: The task.
         """
         super().on_task_init(task_id, task)
+        names = self.app.flask_celery.carry_g  # type: ignore[attr-defined]
+        if names:
+            carry.restore(names, task)
         call = _current.get()
         if call is None or call.task is not task:
             return

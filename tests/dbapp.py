@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
 from flask_celery_ctx.db import database
 
@@ -199,4 +200,21 @@ def describe(self: Task, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:  # 
         "args": describe_value(list(args)),
         "kwargs": describe_value(kwargs),
         "statements": list(g.get("statements", [])),
+    }
+
+
+class NotesHookSession(ContextTask):
+    def before_start(self, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+        g.hook_session = id(ext.session)
+
+
+@ext.celery.task(base=NotesHookSession)
+async def async_session(name: str) -> dict[str, t.Any]:
+    """Write a note in the session the coroutine sees, which the hook saw."""
+    await asyncio.sleep(0)
+    ext.session.add(Note(name=name))
+    ext.session.commit()
+    return {
+        "integration": database(ext.app).name,  # type: ignore[union-attr]
+        "hook_session": id(ext.session) == g.hook_session,
     }

@@ -6,11 +6,14 @@ worker and the test that talks to it share one config.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import sys
 import time
 import typing as t
+from logging.config import dictConfig
 
 from celery import current_task
 from celery import signals
@@ -21,6 +24,7 @@ from flask import Flask
 from flask import g
 from flask import has_app_context
 from flask import has_request_context
+from flask import request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import func
 from sqlalchemy import insert
@@ -32,7 +36,39 @@ from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
 
 db = SQLAlchemy()
-ext = FlaskCelery()
+ext = FlaskCelery(carry_g=["request_id", "user_id"])
+
+#: The logging config of the docs' example, which a worker started with
+#: ``FCC_LOG_CARRIED=1`` in its environment uses.
+LOGGING = {
+    "version": 1,
+    "filters": {
+        "carried": {
+            "()": "flask_celery_ctx.CarriedValuesFilter",
+            "names": ["request_id"],
+        }
+    },
+    "formatters": {
+        "carried": {
+            "format": "%(levelname)s [%(request_id)s %(task_id)s] %(name)s: %(message)s"
+        }
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["carried"],
+            "formatter": "carried",
+        }
+    },
+    "root": {"level": "INFO", "handlers": ["console"]},
+}
+
+if os.environ.get("FCC_LOG_CARRIED"):
+    dictConfig(LOGGING)
+
+    @signals.setup_logging.connect
+    def keep_logging_config(**kwargs: t.Any) -> None:
+        """Celery configures no logging when this signal has a receiver."""
 
 
 class Item(db.Model):  # type: ignore[name-defined,misc]
@@ -74,6 +110,15 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         # What a context_state task left in g, seen in the worker's log.
         if "marker" in g:
             print(f"teardown_appcontext saw marker {g.marker}", file=sys.stderr)
+
+    @app.before_request
+    def take_request_id() -> None:
+        if "X-Request-Id" in request.headers:
+            g.request_id = request.headers["X-Request-Id"]
+
+    @app.post("/carried")
+    def send_carried_from_view() -> dict[str, str]:
+        return {"id": carried.delay().id}
 
     if app.config.get("FCC_CREATE_ALL"):
         # Touch the database in the factory, as many apps do.
@@ -354,3 +399,97 @@ def retry_twice(self: Task, name: str) -> int:  # type: ignore[type-arg]
         raise self.retry()
     db.session.commit()
     return attempt
+
+
+def carried_values() -> dict[str, t.Any]:
+    """The carried attributes that the task's ``g`` has."""
+    return {name: g.get(name) for name in ("request_id", "user_id") if name in g}
+
+
+@ext.celery.task
+def carried() -> dict[str, t.Any]:
+    return carried_values()
+
+
+@ext.celery.task(base=LibraryTask)
+def foreign_carried() -> dict[str, t.Any]:
+    return carried_values()
+
+
+@ext.celery.task
+def collect(seen: list[t.Any] | None = None) -> list[t.Any]:
+    """Add the request id the task sees to those seen before it."""
+    return [*(seen or []), g.get("request_id")]
+
+
+@ext.celery.task
+def gather(results: list[t.Any]) -> list[t.Any]:
+    """The body of a chord: its header's results and its own request id."""
+    return [results, g.get("request_id")]
+
+
+@ext.celery.task
+def send_carried() -> str:
+    """Send a task from a task, whose ``g`` carries values."""
+    return str(carried.delay().id)
+
+
+@ext.celery.task
+def send_carried_on_commit() -> str:
+    """Send a task from a task when its transaction commits."""
+    db.session.execute(select(1))
+    result = carried.delay_on_commit()
+    db.session.commit()
+    return str(result.id)
+
+
+@ext.celery.task(bind=True, max_retries=1, default_retry_delay=0)
+def carried_after_retry(self: Task) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    """Change ``g`` in the first attempt, then retry."""
+    if not self.request.retries:
+        g.request_id = "changed by the first attempt"
+        raise self.retry()
+    return carried_values()
+
+
+@ext.celery.task
+def log_carried(message: str) -> None:
+    logging.getLogger("taskapp").warning(message)
+
+
+@ext.celery.task
+async def async_add(x: int, y: int) -> int:
+    await asyncio.sleep(0)
+    return x + y
+
+
+@ext.celery.task(base=HookedTask, bind=True)
+async def async_state(self: Task, name: str) -> dict[str, t.Any]:  # type: ignore[type-arg]
+    """Report, from the coroutine, the task, ``g`` and session it sees, write
+    an item in the task's session and commit."""
+    await asyncio.sleep(0.01)
+    record("body")
+    db.session.add(Item(name=name))
+    db.session.commit()
+    return {
+        "id": self.request.id,
+        "current": current_task.request.id,
+        "g": g.get("token"),
+        "session": db.session.info.get("token"),
+        "carried": carried_values(),
+        "pid": os.getpid(),
+    }
+
+
+@ext.celery.task(base=HookedTask, bind=True, max_retries=2, default_retry_delay=0)
+async def async_retry(self: Task) -> int:  # type: ignore[type-arg]
+    await asyncio.sleep(0)
+    if self.request.retries < 2:
+        raise self.retry()
+    return int(self.request.retries)
+
+
+@ext.celery.task
+async def async_fail() -> None:
+    await asyncio.sleep(0)
+    raise ValueError("the coroutine failed")

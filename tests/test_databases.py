@@ -499,3 +499,17 @@ def test_rollback_opens_no_session_and_drops_sends(
         found.rollback()
         dbapp.ext.session.commit()
         assert dbapp.count(name) == 0
+
+
+def test_async_task_uses_the_context_session(
+    solo_client: Flask, integration: str
+) -> None:
+    """An ``async def`` task runs in another thread than its hooks, and sees
+    the same session, a ``scoped_session`` scoped by thread included."""
+    name = f"async-{uuid.uuid4().hex[:8]}"
+    seen = dbapp.async_session.delay(name).get(timeout=30)
+    assert seen == {
+        "integration": NAMES[integration],
+        "hook_session": True,
+    }
+    assert dbapp.count(name) == 1

@@ -17,6 +17,8 @@ import sys
 import typing as t
 from abc import ABC
 from abc import abstractmethod
+from contextlib import AbstractContextManager
+from contextlib import nullcontext
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
@@ -104,6 +106,15 @@ class Database(ABC):
             return None
         session = self.existing_session(app_ctx._get_current_object())  # type: ignore[attr-defined]
         return session if session is not None and session.in_transaction() else None
+
+    def lend_session(self) -> AbstractContextManager[None]:
+        """Called in a task's thread before the task's coroutine runs in
+        another (see :mod:`flask_celery_ctx.coroutines`): return what the
+        other thread enters so that :meth:`session` gives it the task's
+        session there. Sessions kept by the application context need
+        nothing.
+        """
+        return nullcontext()
 
     def rollback(self) -> None:
         """Roll back the sessions the current application context has

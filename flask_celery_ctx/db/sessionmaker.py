@@ -12,6 +12,9 @@ The engines are those the factory is bound to, ``bind`` and ``binds``.
 from __future__ import annotations
 
 import typing as t
+from contextlib import AbstractContextManager
+from contextlib import contextmanager
+from contextlib import nullcontext
 
 from flask import Flask
 from flask import g
@@ -24,6 +27,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.orm import scoped_session
     from sqlalchemy.orm import Session
     from sqlalchemy.orm import sessionmaker
+    from sqlalchemy.util import ScopedRegistry
 
 # Where a context keeps the session of a ``sessionmaker``, in ``g``.
 _SESSION = "_flask_celery_ctx_session"
@@ -66,6 +70,11 @@ class SessionFactory(Database):
             session = self.factory()
             setattr(g, _SESSION, session)
         return session
+
+    def lend_session(self) -> AbstractContextManager[None]:
+        if self.scoped is None:
+            return nullcontext()
+        return _lent(self.scoped.registry, self.session())
 
     def existing_session(self, ctx: AppContext) -> Session | None:
         if self.scoped is not None:
@@ -115,3 +124,18 @@ class SessionFactory(Database):
             )
             for engine in engines
         ]
+
+
+@contextmanager
+def _lent(registry: ScopedRegistry[Session], session: Session) -> t.Iterator[None]:
+    """Make ``session`` the one a ``scoped_session``'s registry gives in this
+    thread, for a while: a coroutine's thread, when the registry is scoped
+    by thread."""
+    if registry.has():
+        yield  # the same scope
+        return
+    registry.set(session)
+    try:
+        yield
+    finally:
+        registry.clear()

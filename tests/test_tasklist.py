@@ -196,3 +196,11 @@ def test_a_worker_delivers_as_listed(workers: WorkerFactory) -> None:
     finally:
         client.delete(slow)
         client.close()
+
+
+def test_lists_the_modules_of_the_imports_setting() -> None:
+    """A worker imports the modules of ``imports`` at start; so does the
+    command."""
+    assert "imported_tasks.imported" not in listed({})
+    tasks = listed({"CELERY_IMPORTS": ["imported_tasks"]})
+    assert tasks["imported_tasks.imported"]["base"] == CONTEXT_TASK

@@ -1,3 +1,4 @@
+from .celery_app import ContextCelery as ContextCelery
 from .extension import FlaskCelery as FlaskCelery
 from .logs import CarriedValuesFilter as CarriedValuesFilter
 from .models import InvalidReferenceError as InvalidReferenceError
@@ -6,6 +7,7 @@ from .task import ContextTask as ContextTask
 
 __all__ = [
     "CarriedValuesFilter",
+    "ContextCelery",
     "ContextTask",
     "FlaskCelery",
     "InvalidReferenceError",

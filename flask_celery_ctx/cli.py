@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from flask.cli import ScriptInfo
 
 from .config import override_problem
+from .tasklist import tasks_command
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -42,6 +43,7 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
     """
     from celery.bin.celery import celery as celery_main
 
+    celery_main.add_command(tasks_command)
     app = ctx.ensure_object(ScriptInfo).load_app()
     ext: FlaskCelery = app.extensions["celery"]
     _check_overrides(celery_main, args, ext.celery)

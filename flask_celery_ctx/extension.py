@@ -7,7 +7,6 @@ import threading
 import typing as t
 from contextvars import ContextVar
 
-from celery import Celery
 from celery import signals
 from celery import Task
 from flask import Flask
@@ -15,6 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .carry import carry_other_sends
 from .carry import check_names
+from .celery_app import ContextCelery
 from .cli import celery_command
 from .config import celery_settings
 from .config import check_environment
@@ -93,8 +93,9 @@ class FlaskCelery:
     ) -> None:
         #: The Celery application. Tasks declared on it get
         #: :class:`~flask_celery_ctx.ContextTask` as their base class unless
-        #: they name another with ``base=``.
-        self.celery: Celery[ContextTask] = Celery(
+        #: they name another with ``base=``, and keep the types of their
+        #: function for type checkers (see :doc:`/typing`).
+        self.celery = ContextCelery(
             task_cls=ContextTask,
             loader=TaskLoader,
             # Celery takes a registry instance; its type stubs say a class.

@@ -26,8 +26,22 @@ if t.TYPE_CHECKING:
     from celery.result import EagerResult
     from flask import Flask
     from sqlalchemy.orm import Session
+    from typing_extensions import ParamSpec
+    from typing_extensions import TypeVar
 
     from .extension import FlaskCelery
+
+    # Defaults, for ``ContextTask`` without type arguments: any arguments.
+    _P = ParamSpec("_P", default=...)
+    _R_co = TypeVar("_R_co", covariant=True, default=t.Any)
+    _GenericTask = Task
+else:
+    _P = t.ParamSpec("_P")
+    _R_co = t.TypeVar("_R_co", covariant=True)
+
+    class _GenericTask(Task, t.Generic[_P, _R_co]):
+        """Celery's Task, generic in its parameters and result as in its
+        type stubs; Celery's own takes type arguments from 5.5 on only."""
 
 
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
@@ -48,7 +62,7 @@ def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
     return ext
 
 
-class ContextTask(Task):  # type: ignore[type-arg]
+class ContextTask(_GenericTask[_P, _R_co]):
     """The default base class of tasks declared with ``@ext.celery.task``.
 
     - Run by a worker or inline with :meth:`apply`, the task runs in a Flask
@@ -68,6 +82,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
       loaded in the task's session (see :doc:`/models`).
     - A task declared with ``async def`` runs its coroutine to completion
       through the app's ``ensure_sync`` (see :doc:`/async`).
+    - For type checkers it is generic, as Celery's ``Task`` is in its type
+      stubs: ``ContextTask[[int, int], int]`` takes two ints and returns an
+      int; ``ContextTask`` alone takes anything (see :doc:`/typing`).
     """
 
     #: What an argument that refers to a deleted row becomes: when false, the
@@ -102,7 +119,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
             else partial(tracing.trace_in_context, extension_of(self), self, tracer)
         )
 
-    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co:
         call = tracing.start(self)
         if call is not None:
             # Traced by Celery, in the context pushed for it.
@@ -122,7 +139,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         kwargs: t.Any = None,
         *arguments: t.Any,
         **options: t.Any,
-    ) -> EagerResult[t.Any]:
+    ) -> EagerResult[_R_co]:
         """Run the task inline, as :meth:`celery.app.task.Task.apply` does, in
         the caller's context of the bound app or in one pushed for it. Each
         attempt of a task that retries in a context pushed for it runs in a
@@ -147,7 +164,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
         kwargs: t.Any = None,
         *arguments: t.Any,
         **options: t.Any,
-    ) -> AsyncResult[t.Any]:
+    ) -> AsyncResult[_R_co]:
         """Send the task, as :meth:`celery.app.task.Task.apply_async` does.
         Model instances in the arguments, and in those of the signatures of
         the ``link``, ``chain`` and ``chord`` options, are sent as signed
@@ -174,7 +191,9 @@ class ContextTask(Task):  # type: ignore[type-arg]
         except EncodeError as exc:
             raise self._encode_error(exc, options) from exc
 
-    def delay_on_commit(self, *args: t.Any, **kwargs: t.Any) -> AsyncResult[t.Any]:
+    def delay_on_commit(
+        self, *args: _P.args, **kwargs: _P.kwargs
+    ) -> AsyncResult[_R_co]:
         """Send the task once the current transaction commits, as
         :meth:`apply_async_on_commit` does.
 
@@ -186,7 +205,7 @@ class ContextTask(Task):  # type: ignore[type-arg]
 
     def apply_async_on_commit(
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
-    ) -> AsyncResult[t.Any]:
+    ) -> AsyncResult[_R_co]:
         """Send the task after the outermost transaction of the current app
         context's session commits; at once when no transaction is in
         progress. A rollback drops it. See :doc:`/on-commit` for the rules.

@@ -181,7 +181,7 @@ def count_named(name: str) -> int:
 
 
 @ext.celery.task(count_statements=True)
-def count_loaded(items: list[Item]) -> dict[str, t.Any]:
+def count_loaded(items: t.Sequence[Item]) -> dict[str, t.Any]:
     """What the task got of many instances, and the queries that loaded them."""
     return {
         "ids": len({item.id for item in items}),

@@ -16,10 +16,10 @@ ext = FlaskCelery()
 
 
 @ext.celery.task
-def app_name() -> tuple[str, str | None]:
+def app_name() -> list[str | None]:  # JSON makes a list of a tuple
     seen = g.get("seen")
     g.seen = "yes"
-    return current_app.name, seen
+    return [current_app.name, seen]
 
 
 def create_app(config: dict[str, t.Any] | None = None) -> Flask:

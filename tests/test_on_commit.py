@@ -195,9 +195,9 @@ def test_errors_are_raised_when_queued(orm_client: Flask) -> None:
         with pytest.raises(ValueError, match=r"not pending in db\.session"):
             ormtasks.describe.delay_on_commit(Item(name="transient"))
         with pytest.raises(TypeError):
-            ormtasks.seen_item.delay_on_commit(1, 2)
+            ormtasks.seen_item.delay_on_commit(1, 2)  # type: ignore[call-arg]
         with pytest.raises(Exception, match="cannot be serialized with 'json'"):
-            ormtasks.seen_item.delay_on_commit(object())
+            ormtasks.seen_item.delay_on_commit(object())  # type: ignore[arg-type]
         db.session.rollback()
 
 

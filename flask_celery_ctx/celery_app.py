@@ -1,0 +1,57 @@
+"""The Celery app class of :attr:`FlaskCelery.celery
+<flask_celery_ctx.FlaskCelery.celery>`, whose ``task`` decorator keeps the
+types of the function it makes a task of."""
+
+from __future__ import annotations
+
+import typing as t
+
+from celery import Celery
+from celery import Task
+
+from .task import ContextTask
+
+if t.TYPE_CHECKING:
+    _P = t.ParamSpec("_P")
+    _R = t.TypeVar("_R")
+    _T = t.TypeVar("_T", bound=Task[t.Any, t.Any])
+    _Celery = Celery[ContextTask]
+else:
+    _Celery = Celery
+
+
+class ContextCelery(_Celery):
+    """Celery's app class, with :class:`~flask_celery_ctx.ContextTask` as the
+    default task class, and, for type checkers, a ``task`` decorator that
+    keeps the parameters and the return type of the function: with
+    ``def add(x: int, y: int) -> int``, ``add.delay(1, "x")`` is an error
+    and ``add.delay(1, 2)`` an ``AsyncResult[int]``. Celery's type stubs
+    (celery-types) type every task as ``Task[Any, Any]``. At run time it is
+    Celery's app class unchanged. See :doc:`/typing`.
+    """
+
+    if t.TYPE_CHECKING:
+        # Celery's stubs have an overload per value of bind and base, each
+        # with every option spelled out, and lose the function's types; these
+        # take the same arguments, typed by the function where they can be.
+        @t.overload  # type: ignore[override]
+        def task(self, fun: t.Callable[_P, _R]) -> ContextTask[_P, _R]: ...
+        @t.overload
+        def task(
+            self, *, bind: t.Literal[False] = False, base: None = None, **options: t.Any
+        ) -> t.Callable[[t.Callable[_P, _R]], ContextTask[_P, _R]]: ...
+        @t.overload
+        def task(
+            self, *, bind: t.Literal[True], base: None = None, **options: t.Any
+        ) -> t.Callable[
+            [t.Callable[t.Concatenate[ContextTask, _P], _R]], ContextTask[_P, _R]
+        ]: ...
+        @t.overload
+        def task(
+            self, *, bind: bool, base: None = None, **options: t.Any
+        ) -> t.Callable[[t.Callable[..., t.Any]], ContextTask]: ...
+        @t.overload
+        def task(
+            self, *, base: type[_T], bind: bool = False, **options: t.Any
+        ) -> t.Callable[[t.Callable[..., t.Any]], _T]: ...
+        def task(self, *args: t.Any, **options: t.Any) -> t.Any: ...

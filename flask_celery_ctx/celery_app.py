@@ -16,6 +16,33 @@ if t.TYPE_CHECKING:
     _R = t.TypeVar("_R")
     _T = t.TypeVar("_T", bound=Task[t.Any, t.Any])
     _Celery = Celery[ContextTask]
+
+    class _Decorator(t.Protocol):
+        """What ``task(...)`` returns: makes a task of a function, or of an
+        ``async def`` function, which returns what its coroutine returns."""
+
+        @t.overload
+        def __call__(
+            self, fun: t.Callable[_P, t.Coroutine[t.Any, t.Any, _R]]
+        ) -> ContextTask[_P, _R]: ...
+        @t.overload
+        def __call__(self, fun: t.Callable[_P, _R]) -> ContextTask[_P, _R]: ...
+
+    class _BoundDecorator(t.Protocol):
+        """What ``task(bind=True, ...)`` returns: the task's parameters are
+        the function's, without ``self``."""
+
+        @t.overload
+        def __call__(
+            self,
+            fun: t.Callable[
+                t.Concatenate[ContextTask, _P], t.Coroutine[t.Any, t.Any, _R]
+            ],
+        ) -> ContextTask[_P, _R]: ...
+        @t.overload
+        def __call__(
+            self, fun: t.Callable[t.Concatenate[ContextTask, _P], _R]
+        ) -> ContextTask[_P, _R]: ...
 else:
     _Celery = Celery
 
@@ -34,18 +61,21 @@ class ContextCelery(_Celery):
         # Celery's stubs have an overload per value of bind and base, each
         # with every option spelled out, and lose the function's types; these
         # take the same arguments, typed by the function where they can be.
+        # An ``async def`` task returns what its coroutine returns.
         @t.overload  # type: ignore[override]
+        def task(
+            self, fun: t.Callable[_P, t.Coroutine[t.Any, t.Any, _R]]
+        ) -> ContextTask[_P, _R]: ...
+        @t.overload
         def task(self, fun: t.Callable[_P, _R]) -> ContextTask[_P, _R]: ...
         @t.overload
         def task(
             self, *, bind: t.Literal[False] = False, base: None = None, **options: t.Any
-        ) -> t.Callable[[t.Callable[_P, _R]], ContextTask[_P, _R]]: ...
+        ) -> _Decorator: ...
         @t.overload
         def task(
             self, *, bind: t.Literal[True], base: None = None, **options: t.Any
-        ) -> t.Callable[
-            [t.Callable[t.Concatenate[ContextTask, _P], _R]], ContextTask[_P, _R]
-        ]: ...
+        ) -> _BoundDecorator: ...
         @t.overload
         def task(
             self, *, bind: bool, base: None = None, **options: t.Any

@@ -32,6 +32,16 @@ def plain_self(self: Task[t.Any, t.Any], n: int) -> str:
     return str(n)
 
 
+@ext.celery.task
+async def fetch(n: int) -> str:
+    return str(n)
+
+
+@ext.celery.task(bind=True, acks_late=True)
+async def bound_fetch(self: ContextTask, n: int) -> bytes:
+    return bytes(n)
+
+
 class Hooked(ContextTask):
     def on_success(
         self, retval: t.Any, task_id: str, args: t.Any, kwargs: t.Any
@@ -49,6 +59,8 @@ total: int = add.delay(1, 2).get()
 committed: AsyncResult[int] = add.delay_on_commit(1, 2)
 called: int = add(1, 2)
 names: list[str] = retried.delay("a", times=2).get()
+fetched: AsyncResult[str] = fetch.delay(1)
+got: bytes = bound_fetch.delay(1).get()
 hooked.delay("anything")  # the base class decides: no types from the function
 
 # error: Argument 2 to "delay" of "Task" has incompatible type "str"; expected "int"  [arg-type]
@@ -65,3 +77,7 @@ retried.delay(1)
 retried.delay_on_commit("a", times="2")
 # error: Too many arguments for "delay" of "Task"  [call-arg]
 plain_self.delay(1, 2)
+# error: Argument 1 to "delay" of "Task" has incompatible type "str"; expected "int"  [arg-type]
+fetch.delay("1")
+# error: Incompatible types in assignment (expression has type "bytes", variable has type "str")  [assignment]
+fetched_bytes: str = bound_fetch.delay(1).get()

@@ -15,7 +15,9 @@ def test_a_blank_text_is_refused_in_the_form(
     response = client.post("/analyses", data={"text": "  \n "})
     assert response.status_code == 400
     page = response.text
-    assert '<p class="error" id="error" role="alert">Give a text to analyse.</p>' in page
+    assert (
+        '<p class="error" id="error" role="alert">Give a text to analyse.</p>' in page
+    )
     assert 'aria-invalid="true"' in page
     # The page itself, styled, with its form and list.
     assert "<form" in page

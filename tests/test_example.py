@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CI
 from conftest import RABBITMQ_URL
 from conftest import REDIS_URL
 from conftest import require
@@ -79,12 +80,16 @@ class Example:
     a session of its own, and is found as the server's child."""
 
     def __init__(
-        self, tmp: Path, env: dict[str, str], command: list[str] | None = None
+        self,
+        tmp: Path,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.instance = tmp / "instance"
-        self.log_path = tmp / "example.log"
+        self.log_path = tmp / f"example-{len(list(tmp.glob('example-*.log')))}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             command or make_example(),
@@ -180,8 +185,10 @@ def example(
 ) -> t.Iterator[t.Callable[..., Example]]:
     started: list[Example] = []
 
-    def start(env: dict[str, str], command: list[str] | None = None) -> Example:
-        example = Example(tmp_path, env, command)
+    def start(
+        env: dict[str, str], command: list[str] | None = None, port: int | None = None
+    ) -> Example:
+        example = Example(tmp_path, env, command, port)
         started.append(example)
         example.wait_up()
         return example
@@ -301,6 +308,91 @@ def test_the_terminal_shows_no_polling(example: t.Any) -> None:
     assert '"POST /api/analyses HTTP/1.1" 201' in log
     assert '"POST /api/analyses HTTP/1.1" 400' in log
     assert '"GET / HTTP/1.1" 200' in log
+
+
+#: jsdom, installed with npm where the tests run, the first time.
+JSDOM = "jsdom@26.1.0"
+NODE_MODULES = ROOT / ".node" / "node_modules"
+
+
+def require_jsdom() -> None:
+    """Install jsdom if needed; skip, or under ``CI=true`` fail, without
+    Node.js and npm."""
+    if (NODE_MODULES / "jsdom").is_dir():
+        return
+    if not (shutil.which("node") and shutil.which("npm")):
+        message = "Node.js and npm are not installed"
+        if CI:
+            pytest.fail(f"{message} (CI=true: every tool must be there)")
+        pytest.skip(f"needs Node.js: {message}")
+    subprocess.run(
+        ["npm", "install", "--prefix", str(NODE_MODULES.parent), "--no-audit",
+         "--no-fund", "--silent", JSDOM],
+        check=True,
+    )  # fmt: skip
+
+
+class Page:
+    """The page in a browser: jsdom runs its script, on Node.js, against
+    the server (see ``page.js``); what it shows is read as it changes."""
+
+    def __init__(self, url: str) -> None:
+        self.process = subprocess.Popen(
+            ["node", str(TESTS / "page.js"), url],
+            env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.shown: dict[str, t.Any] = {}
+
+    def wait_for(
+        self, check: t.Callable[[dict[str, t.Any]], bool], timeout: float = 60
+    ) -> dict[str, t.Any]:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                pytest.fail(f"the page's script exited: {self.process.wait()}")
+            self.shown = json.loads(line)
+            if check(self.shown):
+                return self.shown
+        pytest.fail(f"the page did not show it in {timeout}s: {self.shown}")
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.communicate()
+
+
+def test_the_page_says_when_the_server_is_gone_and_recovers(example: t.Any) -> None:
+    require_jsdom()
+    command = [sys.executable, "-m", "example_app"]
+    running = example({}, command)
+    first = analyse(running)[-1]
+    page = Page(running.url + "/")
+    try:
+        page.wait_for(lambda shown: shown["statuses"] == ["done"])
+        assert page.shown["offline"] is None
+
+        running.process.terminate()
+        running.wait_exit()
+        shown = page.wait_for(lambda shown: shown["offline"] is not None)
+        assert shown["offline"].startswith(
+            "Cannot reach the server: is the example still running?"
+        )
+        # What it showed stays, said to be possibly out of date.
+        assert "may be out of date" in shown["offline"]
+        assert shown["statuses"] == ["done"]
+
+        again = example({}, command, running.port)
+        page.wait_for(lambda shown: shown["offline"] is None)
+        second = submit(again)
+        page.wait_for(lambda shown: shown["statuses"] == ["done", "done"])
+        assert [second["id"], first["id"]] == [
+            a["id"] for a in again.request("/api/analyses")["analyses"]
+        ]
+    finally:
+        page.close()
 
 
 @pytest.mark.parametrize(

@@ -56,8 +56,8 @@ class RequestHandler(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         path = getattr(self, "path", "").split("?")[0]
-        quiet = self.command == "GET" and path.startswith(QUIET_PATHS)
-        if quiet and str(code) < "400":
+        succeeded = str(code).startswith(("2", "3"))
+        if succeeded and self.command == "GET" and path.startswith(QUIET_PATHS):
             return
         super().log_request(code, size)
 

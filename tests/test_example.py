@@ -272,6 +272,16 @@ def test_make_example_runs_and_stops_with_ctrl_c(example: t.Any) -> None:
     assert "The worker stopped" not in printed
     with pytest.raises(urllib.error.URLError):
         running.request("/api/analyses")
+    if make_example()[0] == "make":
+        # Its environment has the package, and none of the development tools.
+        listed = subprocess.run(
+            [ROOT / ".venv-example/bin/python", "-m", "pip", "list", "--format=json"],
+            capture_output=True,
+            check=True,
+        )
+        installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+        assert "flask-celery-ctx" in installed
+        assert not installed & {"mypy", "ruff", "sphinx", "tox", "gevent", "pytest"}
 
 
 def test_a_second_ctrl_c_stops_at_once(example: t.Any) -> None:

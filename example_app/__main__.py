@@ -131,7 +131,7 @@ def stop_worker(worker: subprocess.Popen[bytes], signals: Signals) -> None:
             if signals.count > 1 and not killed:
                 _kill_group(worker.pid)
                 killed = True
-                print("Stopped the worker at once.", flush=True)
+                print("\nStopped the worker at once.", flush=True)
             time.sleep(0.1)
     # Prefork's pool processes, if the worker left any: they die with their
     # group, and are gone once their new parent reaps them.

@@ -1,7 +1,10 @@
-# `make test` and `make example` each create the virtual environment they need.
+# `make test` and `make example` each create the virtual environment they need:
+# the example's has the package and its runtime dependencies alone.
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXAMPLE_VENV := .venv-example
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
 
 .PHONY: test lowest newest example check lint typecheck docs bench clean
 
@@ -26,8 +29,13 @@ lowest: $(STAMP)  ## The tests on the oldest supported versions, Python 3.10
 newest: $(STAMP)  ## The tests on the newest versions, Python 3.13
 	$(BIN)/tox -e newest
 
-example: $(STAMP)  ## Run the example application, web server and worker
-	$(BIN)/python -m example_app
+$(EXAMPLE_STAMP): pyproject.toml requirements/example.txt
+	python3 -m venv $(EXAMPLE_VENV)
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -r requirements/example.txt -e .
+	touch $(EXAMPLE_STAMP)
+
+example: $(EXAMPLE_STAMP)  ## Run the example application, web server and worker
+	$(EXAMPLE_VENV)/bin/python -m example_app
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,4 +57,4 @@ bench: $(VENV)/.bench-installed  ## Benchmark against the alternatives (Redis, P
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .tox docs/_build
+	rm -rf $(VENV) $(EXAMPLE_VENV) .tox docs/_build

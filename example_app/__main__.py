@@ -2,8 +2,9 @@
 
 ``python -m example_app`` (what ``make example`` runs). The worker is
 started as a deployment starts it, ``flask --app example_app celery worker``,
-and stopped with the server: on Ctrl-C, on SIGTERM, or when the server fails.
-If the worker stops on its own, the server stops too.
+and stopped with the server. Ctrl-C (or SIGTERM) stops the server at once and
+the worker warmly: the task it runs finishes first. A second Ctrl-C stops the
+worker at once. If the worker stops on its own, the server stops too.
 
 ``EXAMPLE_HOST`` and ``EXAMPLE_PORT`` say where the server listens (default
 ``127.0.0.1:5000``); ``EXAMPLE_WORKER_OPTIONS`` replaces the worker's
@@ -21,16 +22,44 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
+from contextlib import suppress
 
 from kombu.utils.url import maybe_sanitize_url
+from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler
 
 from . import create_app
 
 WORKER_OPTIONS = "--pool threads --concurrency 2 --without-gossip --without-mingle"
 
-#: Set once the server is asked to stop: Ctrl-C, SIGTERM, or the worker gone.
-_stopping = threading.Event()
+#: GET requests not logged when they succeed: the page polls the first
+#: twice a second, and the terminal is for the worker's log.
+QUIET_PATHS = ("/api/analyses", "/favicon.ico")
+
+
+class Signals:
+    """Counts the stop signals: the first stops warmly, the second at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.received = threading.Event()
+
+    def __call__(self, signum: int, frame: types.FrameType | None) -> None:
+        self.count += 1
+        self.received.set()
+
+
+class RequestHandler(WSGIRequestHandler):
+    """Werkzeug's, without the lines of the page's polling."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        path = getattr(self, "path", "").split("?")[0]
+        succeeded = str(code).startswith(("2", "3"))
+        if succeeded and self.command == "GET" and path.startswith(QUIET_PATHS):
+            return
+        super().log_request(code, size)
 
 
 def main() -> int:
@@ -45,12 +74,12 @@ def main() -> int:
         return 1
 
     app = create_app()  # creates the tables, before the worker starts
+    server = make_server(host, port, app, threaded=True, request_handler=RequestHandler)
+    signals = Signals()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signals)
     worker = start_worker()
-    worker_stopped = threading.Event()
-    signal.signal(signal.SIGINT, _exit)
-    signal.signal(signal.SIGTERM, _exit)
-    threading.Thread(target=_watch, args=(worker, worker_stopped), daemon=True).start()
-
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     print(
         f"\n  The example runs at http://{host}:{port}/"
         f"\n  database: {maybe_sanitize_url(app.config['SQLALCHEMY_DATABASE_URI'])}"
@@ -58,49 +87,71 @@ def main() -> int:
         "\n  Press Ctrl-C to stop the server and the worker.\n",
         flush=True,
     )
-    try:
-        app.run(host=host, port=port, use_reloader=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _stopping.set()
-        stop_worker(worker)
-    return 1 if worker_stopped.is_set() else 0
+    while not signals.received.wait(0.2):
+        if worker.poll() is not None:
+            server.shutdown()
+            print(
+                f"The worker stopped (exit code {worker.returncode}): stopping.",
+                file=sys.stderr,
+            )
+            return 1
+    server.shutdown()
+    stop_worker(worker, signals)
+    return 0
 
 
 def start_worker() -> subprocess.Popen[bytes]:
-    """Start ``flask --app example_app celery worker`` as a child process."""
+    """Start ``flask --app example_app celery worker`` as a child process.
+
+    It runs in a session of its own: a Ctrl-C in the terminal reaches the
+    server alone, which stops the worker as it sees fit.
+    """
     options = os.environ.get("EXAMPLE_WORKER_OPTIONS", WORKER_OPTIONS)
     command = [
         sys.executable, "-m", "flask", "--app", "example_app", "celery", "worker",
         "--loglevel", "INFO", "--hostname", "example@%h", *shlex.split(options),
     ]  # fmt: skip
-    return subprocess.Popen(command, preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        command, start_new_session=True, preexec_fn=_die_with_parent
+    )
 
 
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    """Stop the worker warmly: the running tasks finish first."""
+def stop_worker(worker: subprocess.Popen[bytes], signals: Signals) -> None:
+    """Stop the worker warmly, its running tasks finishing first, or at once
+    on the next signal; return when none of its processes is left."""
     if worker.poll() is None:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        print(
+            "\nStopping: the worker finishes the task it runs, if any."
+            " Press Ctrl-C again to stop it at once.",
+            flush=True,
+        )
+        worker.terminate()  # Celery's warm shutdown
+        killed = False
+        while worker.poll() is None:
+            if signals.count > 1 and not killed:
+                _kill_group(worker.pid)
+                killed = True
+                print("\nStopped the worker at once.", flush=True)
+            time.sleep(0.1)
+    # Prefork's pool processes, if the worker left any: they die with their
+    # group, and are gone once their new parent reaps them.
+    _kill_group(worker.pid)
+    deadline = time.monotonic() + 10
+    while _group_alive(worker.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
-def _watch(worker: subprocess.Popen[bytes], stopped: threading.Event) -> None:
-    code = worker.wait()
-    # Ctrl-C reaches the worker too, which may exit before the server knows.
-    if not _stopping.wait(1):
-        stopped.set()
-        print(f"The worker stopped (exit code {code}): stopping.", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
+def _kill_group(group: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
-def _exit(signum: int, frame: types.FrameType | None) -> None:
-    _stopping.set()
-    raise KeyboardInterrupt  # stops the server, then the worker
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _die_with_parent() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flask import abort
 from flask import Blueprint
 from flask import redirect
 from flask import render_template
@@ -36,28 +35,49 @@ def submit(text: str) -> Analysis:
     return analysis
 
 
+class InvalidText(ValueError):
+    """A submitted text that cannot be analysed; the message says why."""
+
+
 def _text() -> str:
     data = request.get_json(silent=True) if request.is_json else request.form
     text = str(data.get("text", "") if isinstance(data, Mapping) else "").strip()
     if not text:
-        abort(400, "Give a text to analyse.")
+        raise InvalidText("Give a text to analyse.")
     if len(text) > MAX_TEXT:
-        abort(400, f"The text is longer than {MAX_TEXT} characters.")
+        raise InvalidText(
+            f"The text has {len(text):,} characters: at most {MAX_TEXT:,} are"
+            " analysed. Shorten it."
+        )
     return text
+
+
+def _page(error: str | None = None, text: str = "") -> str:
+    recent = db.session.scalars(
+        select(Analysis).order_by(Analysis.id.desc()).limit(20)
+    ).all()
+    return render_template(
+        "index.html",
+        analyses=[a.to_dict() for a in recent],
+        error=error,
+        text=text,
+        max_text=MAX_TEXT,
+    )
 
 
 @bp.get("/")
 def index() -> ResponseReturnValue:
-    recent = db.session.scalars(
-        select(Analysis).order_by(Analysis.id.desc()).limit(20)
-    ).all()
-    return render_template("index.html", analyses=[a.to_dict() for a in recent])
+    return _page()
 
 
 @bp.post("/analyses")
 def create() -> ResponseReturnValue:
-    """The form: submit, then back to the page, which shows it."""
-    submit(_text())
+    """The form: submit, then back to the page, which shows it; or the page
+    again, with the error and the text as it was sent."""
+    try:
+        submit(_text())
+    except InvalidText as error:
+        return _page(str(error), request.form.get("text", "")), 400
     return redirect(url_for(".index"), 303)
 
 
@@ -70,7 +90,10 @@ def list_json() -> ResponseReturnValue:
 
 @bp.post("/api/analyses")
 def create_json() -> ResponseReturnValue:
-    analysis = submit(_text())
+    try:
+        analysis = submit(_text())
+    except InvalidText as error:
+        return {"error": str(error)}, 400
     location = url_for(".show_json", id=analysis.id)
     return analysis.to_dict(), 201, {"Location": location}
 
@@ -78,3 +101,10 @@ def create_json() -> ResponseReturnValue:
 @bp.get("/api/analyses/<int:id>")
 def show_json(id: int) -> ResponseReturnValue:
     return db.get_or_404(Analysis, id).to_dict()
+
+
+@bp.get("/favicon.ico")
+def favicon() -> ResponseReturnValue:
+    """The page's icon is in the page; a browser that asks for this one, as
+    for the JSON pages, gets no content rather than a 404."""
+    return "", 204

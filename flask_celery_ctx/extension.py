@@ -228,9 +228,8 @@ class FlaskCelery:
             f" {wanted!r}, but init_app read the config when it was"
             f" {self._eager_read!r}: a change after init_app is not read, and"
             f" Celery {does}. In tests, use the 'celery_eager' fixture of"
-            " flask_celery_ctx.testing (pytest_plugins ="
-            " ['flask_celery_ctx.testing']), or set the key in the config that"
-            " the app factory gets, before init_app."
+            " the pytest plugin flask_celery_ctx.testing, or set the key in the"
+            " config that the app factory gets, before init_app."
         )
 
     def _configure(self, settings: dict[str, t.Any], main: str) -> None:

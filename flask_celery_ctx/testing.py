@@ -1,9 +1,10 @@
 """A pytest plugin for testing the tasks of a Flask application.
 
-Enable it in the ``conftest.py`` at the top of your tests; it is never loaded
-on its own::
-
-    pytest_plugins = ["flask_celery_ctx.testing"]
+pytest loads it wherever the package is installed, through the package's
+``pytest11`` entry point; its fixtures do nothing until a test asks for one.
+``-p no:flask_celery_ctx.testing`` turns it off, and with plugin autoloading
+off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), ``-p flask_celery_ctx.testing`` or
+``pytest_plugins = ["flask_celery_ctx.testing"]`` turns it on.
 
 Its fixtures use the ``app`` fixture that your tests define, the Flask app on
 which :meth:`~flask_celery_ctx.FlaskCelery.init_app` was called:
@@ -16,7 +17,8 @@ which :meth:`~flask_celery_ctx.FlaskCelery.init_app` was called:
   recorded, not sent, for the test to look at and run.
 
 It takes the place of ``celery.contrib.pytest``, whose fixtures make a Celery
-app of their own; do not enable both.
+app of their own: enabled too, in ``pytest_plugins``, Celery's fixtures of
+the same names (``celery_worker``...) win.
 """
 
 from __future__ import annotations
@@ -421,8 +423,8 @@ def check_broker(celery: Celery[t.Any]) -> None:
     problem = broker_problem(celery)
     if problem is not None:
         raise RuntimeError(
-            f"The worker fixture's broker is unreachable. {problem}. Start that"
-            " broker, or set CELERY_BROKER_URL (or CELERY['broker_url']) in the"
-            " test config: 'memory://' needs no server, with"
+            f"The worker fixture cannot use its broker. {problem}, or set"
+            " CELERY_BROKER_URL (or CELERY['broker_url']) in the test config:"
+            " 'memory://' needs no server, with"
             " CELERY_RESULT_BACKEND = 'cache+memory://'."
         )

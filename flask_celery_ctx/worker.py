@@ -14,6 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .db import database
 from .db.base import pool_limits
+from .drivers import missing_driver
 
 if t.TYPE_CHECKING:
     from .extension import FlaskCelery
@@ -144,17 +145,15 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
 def check_broker(celery: Celery[t.Any]) -> None:
     """Log an error that says what to do when the broker cannot be reached.
 
-    Celery's own message names the URL but not the setting; the worker keeps
-    retrying as Celery configures it.
+    Celery's own message names the URL but not the setting.
 
     :param celery: The Celery app.
     """
     problem = broker_problem(celery)
     if problem is not None:
         logger.error(
-            "%s. Start the broker, or set CELERY_BROKER_URL (or"
-            " CELERY['broker_url']) in the Flask config to the URL of one that"
-            " runs. The worker keeps retrying.",
+            "%s, or set CELERY_BROKER_URL (or CELERY['broker_url']) in the Flask"
+            " config to the URL of a broker that runs.",
             problem,
         )
 
@@ -163,15 +162,27 @@ def broker_problem(celery: Celery[t.Any]) -> str | None:
     """Connect to the broker once.
 
     :param celery: The Celery app.
-    :return: ``None`` when the broker was reached, else a sentence that names
-        its URL (without the password) and the error.
+    :return: ``None`` when the broker was reached, else sentences that name
+        its URL (without the password) and the error, and say what to do:
+        start the broker, or install the client library of its transport.
     """
-    conn = celery.connection_for_read()
+    url = str(celery.conf.broker_read_url or celery.conf.broker_url or "amqp://")
+    transport = celery.conf.broker_transport
+    try:
+        # Imports the transport, and with it its client library.
+        conn = celery.connection_for_read()
+    except Exception as exc:
+        return missing_driver(url, transport, exc)
     try:
         conn.connect()
+    except ImportError as exc:
+        return missing_driver(url, transport, exc)
     except Exception as exc:
         url = maybe_sanitize_url(conn.as_uri(include_password=True))
-        return f"Cannot reach the broker at {url}: {str(exc).rstrip('.')}"
+        return (
+            f"Cannot reach the broker at {url}: {str(exc).rstrip('.')}."
+            " Start that broker"
+        )
     finally:
         conn.release()
     return None

@@ -28,8 +28,9 @@ from sqlalchemy.engine import Engine
 
 import taskapp
 
-# The plugin for users' tests, tested here as users enable it.
-pytest_plugins = ["flask_celery_ctx.testing", "pytester"]
+# The plugin for users' tests, flask_celery_ctx.testing, is loaded by its
+# entry point, as in users' projects.
+pytest_plugins = ["pytester"]
 
 TESTS = Path(__file__).parent
 FLASK = str(Path(sys.executable).with_name("flask"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -47,3 +49,37 @@ def test_pickled_message_is_refused(workers: WorkerFactory) -> None:
     worker.wait_for("untrusted content of type pickle")
     # The worker goes on with the next task.
     assert taskapp.add.delay(1, 2).get(timeout=20) == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "blocked", "expected"),
+    [
+        # The transport imports its client in a try, and fails later.
+        (
+            "rediss://127.0.0.1:6379/0",
+            "redis",
+            'Install it: pip install "celery[redis]"',
+        ),
+        # The transport's import fails.
+        ("mongodb://localhost/db", "pymongo", 'pip install "celery[mongodb]"'),
+        ("sqla+sqlite:///db.sqlite", "sqlalchemy", 'pip install "celery[sqlalchemy]"'),
+        ("bogus://localhost", None, "'bogus', which kombu does not know. Use one of"),
+    ],
+)
+def test_a_missing_broker_client_is_named(
+    url: str, blocked: str | None, expected: str
+) -> None:
+    """In a process where the client's module cannot be imported, as where
+    it is not installed."""
+    script = (
+        "import sys\n"
+        + (f"sys.modules[{blocked!r}] = None\n" if blocked else "")
+        + "from celery import Celery\n"
+        "from flask_celery_ctx.worker import broker_problem\n"
+        f"print(broker_problem(Celery(broker={url!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert expected in done.stdout
+    assert done.stdout.startswith(f"The broker URL {url.rstrip('/')}")

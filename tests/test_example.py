@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,10 +22,13 @@ import typing as t
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import closing
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
+from conftest import CI
 from conftest import RABBITMQ_URL
 from conftest import REDIS_URL
 from conftest import require
@@ -31,6 +36,8 @@ from conftest import TESTS
 
 ROOT = TESTS.parent
 TEXT = "One fish. Two fish! Red fish, blue fish? " * 20
+#: What the example must never print, whatever stops it.
+UNCLEAN = ("Traceback", "Unrecoverable error", "make: ***", "KeyboardInterrupt")
 
 
 def free_port() -> int:
@@ -39,7 +46,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def command() -> list[str]:
+def make_example() -> list[str]:
     """``make example`` when this runs in the environment that ``make``
     creates; the command it runs otherwise, as under tox."""
     if Path(sys.prefix).resolve() == (ROOT / ".venv").resolve() and shutil.which(
@@ -49,22 +56,49 @@ def command() -> list[str]:
     return [sys.executable, "-m", "example_app"]
 
 
-class Example:
-    """The example, in a session of its own so that all its processes can be
-    found, as a terminal's Ctrl-C finds them."""
+def descendants(pid: int) -> set[int]:
+    """The processes started by ``pid``, and by them, that are running."""
+    found: set[int] = set()
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        with suppress(OSError):
+            for child in map(int, path.read_text().split()):
+                found |= {child, *descendants(child)}
+    return found
 
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie, dead and not reaped yet, does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Example:
+    """The example, in a session of its own as a terminal runs it: a Ctrl-C
+    sends SIGINT to its process group, the foreground one. The worker runs in
+    a session of its own, and is found as the server's child."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "example.log"
+        self.instance = tmp / "instance"
+        self.log_path = tmp / f"example-{len(list(tmp.glob('example-*.log')))}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            command(),
+            command or make_example(),
             cwd=ROOT,
             env={
                 **os.environ,
                 "EXAMPLE_PORT": str(self.port),
-                "EXAMPLE_INSTANCE_PATH": str(tmp / "instance"),
+                "EXAMPLE_INSTANCE_PATH": str(self.instance),
                 "EXAMPLE_STEP_SECONDS": "0.1",
                 "FLASK_CELERY_TASK_DEFAULT_QUEUE": f"example-{uuid.uuid4().hex[:8]}",
                 **env,
@@ -74,6 +108,8 @@ class Example:
             start_new_session=True,
         )
         self.group = self.process.pid
+        #: Every process of the example, once it is up.
+        self.pids: set[int] = set()
 
     @property
     def log(self) -> str:
@@ -85,7 +121,10 @@ class Example:
             self.url + path, body, {"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+            content = response.read()
+            if response.headers.get_content_type() == "application/json":
+                return json.loads(content)
+            return content.decode()
 
     def wait_up(self, timeout: float = 120) -> None:
         """Wait until the page is served and the worker is ready."""
@@ -99,6 +138,7 @@ class Example:
                 with urllib.request.urlopen(self.url + "/", timeout=2):
                     pass
                 if " ready." in self.log:
+                    self.pids = {self.process.pid, *descendants(self.process.pid)}
                     return
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -106,14 +146,23 @@ class Example:
         self.kill()
         pytest.fail(f"the example did not start in {timeout}s:\n{self.log}")
 
-    def running(self) -> bool:
-        """Whether any process of the example is left."""
+    def ctrl_c(self) -> None:
+        """What a terminal does on Ctrl-C: SIGINT to the foreground group."""
+        os.killpg(self.group, signal.SIGINT)
+
+    def running(self) -> list[int]:
+        """The processes of the example that are left."""
         self.process.poll()  # reap it once it exits: a zombie is still found
+        return sorted(pid for pid in self.pids if alive(pid))
+
+    def wait_exit(self, timeout: float = 60) -> str:
+        """Wait for the command to exit, as the shell waits for it before it
+        shows its prompt again; return what the example printed by then."""
         try:
-            os.killpg(self.group, 0)
-        except ProcessLookupError:
-            return False
-        return True
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the example did not stop in {timeout}s:\n{self.log}")
+        return self.log
 
     def wait_gone(self, timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
@@ -124,8 +173,9 @@ class Example:
         return False
 
     def kill(self) -> None:
-        if self.running():
-            os.killpg(self.group, signal.SIGKILL)
+        for pid in {self.process.pid, *self.pids, *descendants(self.process.pid)}:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait()
         self._log.close()
 
@@ -133,11 +183,13 @@ class Example:
 @pytest.fixture
 def example(
     request: pytest.FixtureRequest, tmp_path: Path
-) -> t.Iterator[t.Callable[[dict[str, str]], Example]]:
+) -> t.Iterator[t.Callable[..., Example]]:
     started: list[Example] = []
 
-    def start(env: dict[str, str]) -> Example:
-        example = Example(tmp_path, env)
+    def start(
+        env: dict[str, str], command: list[str] | None = None, port: int | None = None
+    ) -> Example:
+        example = Example(tmp_path, env, command, port)
         started.append(example)
         example.wait_up()
         return example
@@ -147,26 +199,52 @@ def example(
         example.kill()
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()]
+def submit(example: Example) -> dict[str, t.Any]:
+    created: dict[str, t.Any] = example.request("/api/analyses", {"text": TEXT})
+    assert created["status"] == "queued"
+    return created
+
+
+def wait_status(
+    example: Example, id: int, statuses: t.Container[str], timeout: float = 60
+) -> list[dict[str, t.Any]]:
+    """Poll an analysis until its status is one of ``statuses``; return what
+    was seen."""
+    seen = [example.request(f"/api/analyses/{id}")]
+    deadline = time.monotonic() + timeout
+    while seen[-1]["status"] not in statuses:
+        assert time.monotonic() < deadline, f"{seen[-1]}\n{example.log}"
+        time.sleep(0.05)
+        seen.append(example.request(f"/api/analyses/{id}"))
+    return seen
 
 
 def analyse(example: Example) -> list[dict[str, t.Any]]:
     """Submit a text and poll its analysis until it is finished."""
-    created = example.request("/api/analyses", {"text": TEXT})
-    assert created["status"] == "queued"
-    seen = [created]
-    deadline = time.monotonic() + 60
-    while seen[-1]["status"] not in ("done", "failed"):
-        assert time.monotonic() < deadline, f"{seen[-1]}\n{example.log}"
-        time.sleep(0.05)
-        seen.append(example.request(f"/api/analyses/{created['id']}"))
-    return seen
+    created = submit(example)
+    return [created, *wait_status(example, created["id"], ("done", "failed"))]
+
+
+def status_in_database(example: Example, id: int) -> str:
+    """An analysis's status, read from the example's SQLite database once
+    the example has stopped."""
+    with closing(sqlite3.connect(example.instance / "example.sqlite")) as db:
+        [(status,)] = db.execute("SELECT status FROM analysis WHERE id = ?", (id,))
+    return str(status)
+
+
+def assert_stopped_cleanly(example: Example, printed: str) -> None:
+    """Nothing of the example is left when its command has exited, nothing
+    is printed after, and it printed no traceback."""
+    assert example.running() == [], printed
+    time.sleep(2)
+    assert example.log == printed
+    for unclean in UNCLEAN:
+        assert unclean not in printed
 
 
 def test_make_example_runs_and_stops_with_ctrl_c(example: t.Any) -> None:
-    running = example({})
+    running = example({"EXAMPLE_STEP_SECONDS": "0.2"})
     seen = analyse(running)
     done = seen[-1]
     assert done["status"] == "done", running.log
@@ -180,11 +258,152 @@ def test_make_example_runs_and_stops_with_ctrl_c(example: t.Any) -> None:
     while succeeded not in running.log and time.monotonic() < deadline:
         time.sleep(0.05)
     assert succeeded in running.log
-    # Ctrl-C in the terminal: SIGINT to every process of the foreground group.
-    os.killpg(running.group, signal.SIGINT)
-    assert running.wait_gone(), running.log
+
+    # Ctrl-C while a task runs: the server stops at once, and says that the
+    # worker finishes the task first, which it does.
+    second = submit(running)
+    wait_status(running, second["id"], ("running",))
+    running.ctrl_c()
+    printed = running.wait_exit()
+    assert_stopped_cleanly(running, printed)
+    stopping = printed.index("Stopping: the worker finishes the task it runs")
+    assert printed.index(f"analyse[{second['task_id']}] succeeded") > stopping
+    assert status_in_database(running, second["id"]) == "done"
     # The server stopped the worker, and knew it: no "the worker stopped".
-    assert "The worker stopped" not in running.log
+    assert "The worker stopped" not in printed
+    with pytest.raises(urllib.error.URLError):
+        running.request("/api/analyses")
+    if make_example()[0] == "make":
+        # Its environment has the package, and none of the development tools.
+        listed = subprocess.run(
+            [ROOT / ".venv-example/bin/python", "-m", "pip", "list", "--format=json"],
+            capture_output=True,
+            check=True,
+        )
+        installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+        assert "flask-celery-ctx" in installed
+        assert not installed & {"mypy", "ruff", "sphinx", "tox", "gevent", "pytest"}
+
+
+def test_a_second_ctrl_c_stops_at_once(example: t.Any) -> None:
+    # A task that would take 100 seconds.
+    running = example({"EXAMPLE_STEP_SECONDS": "5"})
+    created = submit(running)
+    wait_status(running, created["id"], ("running",))
+    running.ctrl_c()
+    deadline = time.monotonic() + 30
+    while "Press Ctrl-C again" not in running.log:
+        assert time.monotonic() < deadline, running.log
+        time.sleep(0.05)
+    running.ctrl_c()
+    printed = running.wait_exit(timeout=20)
+    assert_stopped_cleanly(running, printed)
+    assert "Stopped the worker at once." in printed
+    assert "succeeded" not in printed.split("Press Ctrl-C again")[1]
+    assert status_in_database(running, created["id"]) == "running"
+
+
+def test_the_terminal_shows_no_polling(example: t.Any) -> None:
+    running = example({}, [sys.executable, "-m", "example_app"])
+    analyse(running)
+    for _ in range(5):
+        running.request("/api/analyses")
+    running.request("/favicon.ico")
+    with pytest.raises(urllib.error.HTTPError):
+        running.request("/api/analyses", {"text": ""})
+    running.request("/")
+    log = re.sub("\x1b\\[[0-9;]*m", "", running.log)  # Werkzeug's colours
+    assert '"GET /api/analyses' not in log
+    assert "favicon" not in log
+    # What matters is still shown: submissions, refusals, page loads.
+    assert '"POST /api/analyses HTTP/1.1" 201' in log
+    assert '"POST /api/analyses HTTP/1.1" 400' in log
+    assert '"GET / HTTP/1.1" 200' in log
+
+
+#: jsdom, installed with npm where the tests run, the first time.
+JSDOM = "jsdom@26.1.0"
+NODE_MODULES = ROOT / ".node" / "node_modules"
+
+
+def require_jsdom() -> None:
+    """Install jsdom if needed; skip, or under ``CI=true`` fail, without
+    Node.js and npm."""
+    if (NODE_MODULES / "jsdom").is_dir():
+        return
+    if not (shutil.which("node") and shutil.which("npm")):
+        message = "Node.js and npm are not installed"
+        if CI:
+            pytest.fail(f"{message} (CI=true: every tool must be there)")
+        pytest.skip(f"needs Node.js: {message}")
+    subprocess.run(
+        ["npm", "install", "--prefix", str(NODE_MODULES.parent), "--no-audit",
+         "--no-fund", "--silent", JSDOM],
+        check=True,
+    )  # fmt: skip
+
+
+class Page:
+    """The page in a browser: jsdom runs its script, on Node.js, against
+    the server (see ``page.js``); what it shows is read as it changes."""
+
+    def __init__(self, url: str) -> None:
+        self.process = subprocess.Popen(
+            ["node", str(TESTS / "page.js"), url],
+            env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.shown: dict[str, t.Any] = {}
+
+    def wait_for(
+        self, check: t.Callable[[dict[str, t.Any]], bool], timeout: float = 60
+    ) -> dict[str, t.Any]:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                pytest.fail(f"the page's script exited: {self.process.wait()}")
+            self.shown = json.loads(line)
+            if check(self.shown):
+                return self.shown
+        pytest.fail(f"the page did not show it in {timeout}s: {self.shown}")
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.communicate()
+
+
+def test_the_page_says_when_the_server_is_gone_and_recovers(example: t.Any) -> None:
+    require_jsdom()
+    command = [sys.executable, "-m", "example_app"]
+    running = example({}, command)
+    first = analyse(running)[-1]
+    page = Page(running.url + "/")
+    try:
+        page.wait_for(lambda shown: shown["statuses"] == ["done"])
+        assert page.shown["offline"] is None
+
+        running.process.terminate()
+        running.wait_exit()
+        shown = page.wait_for(lambda shown: shown["offline"] is not None)
+        assert shown["offline"].startswith(
+            "Cannot reach the server: is the example still running?"
+        )
+        # What it showed stays, said to be possibly out of date.
+        assert "may be out of date" in shown["offline"]
+        assert shown["statuses"] == ["done"]
+
+        again = example({}, command, running.port)
+        page.wait_for(lambda shown: shown["offline"] is None)
+        second = submit(again)
+        page.wait_for(lambda shown: shown["statuses"] == ["done", "done"])
+        assert [second["id"], first["id"]] == [
+            a["id"] for a in again.request("/api/analyses")["analyses"]
+        ]
+    finally:
+        page.close()
 
 
 @pytest.mark.parametrize(
@@ -204,13 +423,13 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
             "EXAMPLE_DATABASE_URL": postgres_url,
             "EXAMPLE_BROKER_URL": url,
             "EXAMPLE_WORKER_OPTIONS": f"--pool {pool} --concurrency 2",
-        }
+        },
+        # The development environment's: it has gevent.
+        [sys.executable, "-m", "example_app"],
     )
     assert analyse(running)[-1]["status"] == "done", running.log
     # SIGTERM to the server alone, as a process manager sends it.
-    server = running.process.pid
-    if command()[0] == "make":
-        [server] = children(server)
-    os.kill(server, signal.SIGTERM)
-    assert running.wait_gone(), running.log
-    assert running.process.returncode == 0, running.log
+    running.process.terminate()
+    printed = running.wait_exit()
+    assert_stopped_cleanly(running, printed)
+    assert running.process.returncode == 0, printed

@@ -142,7 +142,7 @@ def test_unreachable_broker_is_named() -> None:
     )
     started = time.monotonic()
     with (
-        pytest.raises(RuntimeError, match="broker is unreachable") as info,
+        pytest.raises(RuntimeError, match="cannot use its broker") as info,
         start_worker(app),
     ):
         pass  # pragma: no cover
@@ -249,8 +249,6 @@ import pytest
 from flask import Flask
 from flask_celery_ctx import FlaskCelery
 
-pytest_plugins = ["flask_celery_ctx.testing"]
-
 ext = FlaskCelery()
 
 
@@ -286,19 +284,98 @@ def test_worker(app, celery_worker):
 """
 
 
+#: What a conftest.py written for earlier versions had.
+LISTED = 'pytest_plugins = ["flask_celery_ctx.testing"]\n'
+
+
 def test_a_users_project(pytester: pytest.Pytester) -> None:
+    """The plugin is found by its entry point: nothing to enable."""
     pytester.makeconftest(USER_CONFTEST)
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
 
 
-def test_the_plugin_is_not_loaded_unless_asked(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(USER_CONFTEST.replace("pytest_plugins", "unused"))
+def test_a_conftest_that_still_lists_the_plugin(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(LISTED + USER_CONFTEST)
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    # Without plugin autoloading, the line loads it.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_plugin_can_be_turned_off(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(USER_CONFTEST)
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:flask_celery_ctx.testing"
+    )
     result.assert_outcomes(passed=1, errors=2)
     result.stdout.fnmatch_lines(["*fixture 'celery_eager' not found*"])
+
+
+CELERY_PLUGIN_CONFTEST = """
+import pytest
+
+pytest_plugins = ["celery.contrib.pytest"]
+
+
+@pytest.fixture(scope="session")
+def celery_config():
+    return {"broker_url": "memory://", "result_backend": "cache+memory://"}
+"""
+
+CELERY_PLUGIN_TESTS = """
+def test_celerys_own_worker(celery_app, celery_worker):
+    @celery_app.task
+    def triple(x):
+        return 3 * x
+
+    celery_worker.reload()
+    assert triple.delay(2).get(timeout=10) == 6
+
+
+def test_nothing():
+    pass
+"""
+
+
+def test_the_plugin_is_inert_until_used(pytester: pytest.Pytester) -> None:
+    """A project with no Flask app, or that uses Celery's own plugin, whose
+    fixtures share names with these, runs as without this one."""
+    pytester.makeconftest(CELERY_PLUGIN_CONFTEST)
+    pytester.makepyfile(test_other=CELERY_PLUGIN_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_missing_broker_client_says_what_to_install(
+    pytester: pytest.Pytester,
+) -> None:
+    blocked = (
+        "import sys\n"
+        "sys.modules['redis'] = None  # as when the package is not installed\n"
+    )
+    pytester.makeconftest(
+        blocked
+        + USER_CONFTEST.replace('"memory://"', '"redis://:s3cret@127.0.0.1:6379/0"')
+    )
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "worker")
+    result.assert_outcomes(errors=1)
+    assert (
+        "RuntimeError: The worker fixture cannot use its broker. The broker URL"
+        " redis://:**@127.0.0.1:6379/0 needs the client library of the 'redis'"
+        " transport, which is not installed or fails to import (AttributeError:"
+        " 'NoneType' object has no attribute 'Redis'). Install it: pip install"
+        ' "celery[redis]", or set CELERY_BROKER_URL'
+    ) in result.stdout.str()
+    assert "s3cret" not in result.stdout.str()
 
 
 EAGER_AFTER_INIT_TESTS = """

@@ -1,4 +1,6 @@
-"""Fixtures of the example's tests, as an application's own tests have them."""
+"""Fixtures of the example's tests, as an application's own tests have them:
+the ``app`` that the fixtures of the package's pytest plugin (celery_eager,
+celery_worker, celery_on_commit) use."""
 
 from __future__ import annotations
 
@@ -11,9 +13,6 @@ from flask.testing import FlaskClient
 
 from example_app import create_app
 from example_app.extensions import db
-
-# The fixtures celery_eager, celery_worker and celery_on_commit.
-pytest_plugins = ["flask_celery_ctx.testing"]
 
 
 @pytest.fixture

@@ -248,10 +248,12 @@ def broker_config(broker: str, tmp: Path) -> dict[str, t.Any]:
             "CELERY_BROKER_URL": RABBITMQ_URL,
             "CELERY_RESULT_BACKEND": "rpc://",
         }
-    if broker == "sqlite":
+    if broker in ("sqlite", "sqlbroker"):
+        # kombu's SQLAlchemy transport, or the package's, which redelivers.
+        scheme = "sqla" if broker == "sqlite" else "sqlbroker"
         return {
             **queue,
-            "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite'}",
+            "CELERY_BROKER_URL": f"{scheme}+sqlite:///{tmp / 'broker.sqlite'}",
             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp / 'results.sqlite'}",
         }
     raise ValueError(broker)
@@ -309,6 +311,13 @@ class WorkerFactory:
         worker = Worker({**self.config(broker, database), **config}, **options)
         self._workers[worker.name] = worker
         return worker
+
+    def another(self, worker: Worker, **options: t.Any) -> Worker:
+        """Start a worker with the settings of ``worker``: the same broker,
+        queue and database; the caller waits for it."""
+        started = Worker(worker.config, **options)
+        self._workers[started.name] = started
+        return started
 
     def stop_all(self) -> None:
         for worker in self._workers.values():

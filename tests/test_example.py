@@ -214,3 +214,41 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
     os.kill(server, signal.SIGTERM)
     assert running.wait_gone(), running.log
     assert running.process.returncode == 0, running.log
+
+
+def test_example_finishes_the_task_of_a_killed_worker(example: t.Any) -> None:
+    """The worker is killed mid-task, which stops the example; started again,
+    the example's new worker runs the task again and finishes it."""
+    queue = {"FLASK_CELERY_TASK_DEFAULT_QUEUE": f"example-{uuid.uuid4().hex[:8]}"}
+    first = example({**queue, "EXAMPLE_STEP_SECONDS": "1"})
+    created = first.request("/api/analyses", {"text": TEXT})
+    deadline = time.monotonic() + 60
+    while first.request(f"/api/analyses/{created['id']}")["progress"] == 0:
+        assert time.monotonic() < deadline, first.log
+        time.sleep(0.1)
+    server = first.process.pid
+    if command()[0] == "make":
+        [server] = children(server)
+    [worker] = children(server)
+    os.kill(worker, signal.SIGKILL)
+    if not first.wait_gone():  # the server stops with its worker
+        first.kill()
+    first_log = first.log
+    assert f"[{created['task_id']}] succeeded" not in first_log
+
+    second = example(queue)
+    deadline = time.monotonic() + 120
+    seen = second.request(f"/api/analyses/{created['id']}")
+    while seen["status"] != "done":
+        assert seen["status"] != "failed", second.log
+        assert time.monotonic() < deadline, f"{seen}\n{second.log}"
+        time.sleep(0.2)
+        seen = second.request(f"/api/analyses/{created['id']}")
+    assert seen["result"]["words"] == 160
+    # Run again once, from the start, by the new worker.
+    succeeded = f"Task example_app.tasks.analyse[{created['task_id']}] succeeded"
+    deadline = time.monotonic() + 10
+    while succeeded not in second.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert second.log.count(f"[{created['task_id']}] received") == 1
+    assert second.log.count(succeeded) == 1

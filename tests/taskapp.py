@@ -354,3 +354,13 @@ def retry_twice(self: Task, name: str) -> int:  # type: ignore[type-arg]
         raise self.retry()
     db.session.commit()
     return attempt
+
+
+@ext.celery.task(bind=True)
+def sleep_unless_redelivered(self: Task, seconds: float) -> bool:  # type: ignore[type-arg]
+    """Sleep, unless the broker says this message was delivered before;
+    return whether it did."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if not redelivered:
+        time.sleep(seconds)
+    return redelivered

@@ -104,6 +104,19 @@ def test_killed_workers_task_runs_again_on_the_next_worker(
     second.stop()
 
 
+def test_redelivered_task_knows_it(workers: WorkerFactory) -> None:
+    first = workers.start("sqlbroker", "postgres", LEASED, pool="threads")
+    first.wait_ready()
+    first.client()
+    result = taskapp.sleep_unless_redelivered.delay(60)
+    first.wait_for(f"[{result.id}] received")
+    kill(first)
+    second = workers.another(first, pool="threads")
+    second.wait_ready()
+    assert result.get(timeout=90) is True
+    second.stop()
+
+
 def test_several_workers_one_killed_every_task_commits_once(
     workers: WorkerFactory,
 ) -> None:

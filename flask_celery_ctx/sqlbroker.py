@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 VISIBILITY_TIMEOUT = 30.0
 
 
+#: The ``version`` of a leased message. kombu's own transport counts
+#: versions from 1 and leaves the messages it delivered hidden for ever:
+#: those are never taken for leases that expired.
+_LEASED = 0
+
 #: Transport options that are not :func:`sqlalchemy.create_engine`'s.
 _NOT_ENGINE_OPTIONS = {
     "visibility_timeout", "polling_interval", "queue_tablename",
@@ -121,18 +126,28 @@ class Channel(kombu_sql.Channel):
         """Make visible the messages whose worker stopped renewing them."""
         table = self._table
         expired = _now() - timedelta(seconds=self.visibility_timeout)
+        expired_lease = sa.and_(
+            table.c.visible == sa.false(),
+            table.c.version == _LEASED,
+            table.c.timestamp < expired,
+        )
         rows = session.execute(
             sa.select(table.c.id, table.c.payload).where(
-                table.c.queue_id == queue_id,
-                table.c.visible == sa.false(),
-                table.c.timestamp < expired,
+                table.c.queue_id == queue_id, expired_lease
             )
         ).all()
         for row in rows:
+            # Unless another worker recovered it, and it was leased again,
+            # since the select.
             session.execute(
                 sa.update(table)
-                .where(table.c.id == row.id, table.c.visible == sa.false())
-                .values(visible=True, timestamp=None, payload=_redelivered(row.payload))
+                .where(table.c.id == row.id, expired_lease)
+                .values(
+                    visible=True,
+                    version=1,
+                    timestamp=None,
+                    payload=_redelivered(row.payload),
+                )
             )
 
     def _fetch(
@@ -155,7 +170,9 @@ class Channel(kombu_sql.Channel):
             session.execute(sa.delete(table).where(where))
         else:
             session.execute(
-                sa.update(table).where(where).values(visible=False, timestamp=_now())
+                sa.update(table)
+                .where(where)
+                .values(visible=False, version=_LEASED, timestamp=_now())
             )
         return found.id, loads(found.payload)
 
@@ -236,6 +253,7 @@ class Channel(kombu_sql.Channel):
             .where(self._table.c.id == row)
             .values(
                 visible=True,
+                version=1,
                 timestamp=None,
                 payload=_redelivered(dumps(message.serializable())),
             )

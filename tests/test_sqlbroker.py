@@ -161,9 +161,9 @@ def test_several_workers_one_killed_every_task_commits_once(
 
 
 def test_long_task_stays_with_its_living_worker(workers: WorkerFactory) -> None:
-    """A task longer than the visibility timeout is not given to another
-    worker: its worker renews the lease, even while its solo pool blocks
-    the worker's loop."""
+    """A task longer than the visibility timeout, or one that waits for its
+    countdown, is not given to another worker: its worker renews the lease,
+    even while its solo pool blocks the worker's loop."""
     config = {**LEASED, "CELERY_BROKER_TRANSPORT_OPTIONS": {"visibility_timeout": 1}}
     first = workers.start("sqlbroker", "postgres", config, pool="solo")
     first.wait_ready()
@@ -172,8 +172,12 @@ def test_long_task_stays_with_its_living_worker(workers: WorkerFactory) -> None:
     app = first.client()
     name = f"long-{uuid.uuid4().hex[:6]}"
     result = taskapp.attempt_then_commit.delay(name, 8)
+    # Held by a worker until its time comes, well after the timeout.
+    later = taskapp.attempt_then_commit.apply_async((f"{name}-later", 0), countdown=6)
     assert result.get(timeout=60) in (first.process.pid, idle.process.pid)
+    assert later.get(timeout=60) in (first.process.pid, idle.process.pid)
     assert len(attempts(app, result.id)) == 1
+    assert len(attempts(app, later.id)) == 1
     assert committed(app, name) == 1
     first.stop()
     idle.stop()

@@ -17,8 +17,6 @@ transport keeps kombu's tables and adds what Redis and RabbitMQ do:
 Use it with the URL scheme ``sqlbroker+``, followed by a SQLAlchemy URL:
 ``sqlbroker+sqlite:///broker.sqlite``. The scheme is registered with kombu
 when :mod:`flask_celery_ctx` is imported.
-
-.. versionadded:: 0.1
 """
 
 from __future__ import annotations

@@ -87,11 +87,20 @@ def messages_left(worker: Worker, timeout: float = 10) -> int:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+@pytest.mark.parametrize(
+    ("pool", "broker"),
+    [("threads", "sqlite"), ("prefork", "sqlite"), ("solo", "sqlite"),
+     ("threads", "postgres")],
+)  # fmt: skip
 def test_killed_workers_task_runs_again_on_the_next_worker(
-    workers: WorkerFactory, pool: str
+    workers: WorkerFactory, pool: str, broker: str, request: pytest.FixtureRequest
 ) -> None:
-    first = workers.start("sqlbroker", "postgres", LEASED, pool=pool, concurrency=2)
+    config = dict(LEASED)
+    if broker == "postgres":
+        config["CELERY_BROKER_URL"] = "sqlbroker+" + request.getfixturevalue(
+            "postgres_url"
+        )
+    first = workers.start("sqlbroker", "postgres", config, pool=pool, concurrency=2)
     first.wait_ready()
     app = first.client()
     name = f"killed-{uuid.uuid4().hex[:6]}"
@@ -125,12 +134,18 @@ def test_redelivered_task_knows_it(workers: WorkerFactory) -> None:
     second.stop()
 
 
+@pytest.mark.parametrize("broker", ["sqlite", "postgres"])
 def test_several_workers_one_killed_every_task_commits_once(
-    workers: WorkerFactory,
+    workers: WorkerFactory, broker: str, request: pytest.FixtureRequest
 ) -> None:
     """Two workers share a backlog; one is killed with tasks in hand. Every
     task commits once; only the killed worker's tasks are run twice."""
-    first = workers.start("sqlbroker", "postgres", LEASED, pool="threads")
+    config = dict(LEASED)
+    if broker == "postgres":
+        config["CELERY_BROKER_URL"] = "sqlbroker+" + request.getfixturevalue(
+            "postgres_url"
+        )
+    first = workers.start("sqlbroker", "postgres", config, pool="threads")
     survivor = workers.another(first, pool="threads", concurrency=2)
     first.wait_ready()
     survivor.wait_ready()

@@ -22,6 +22,7 @@ when :mod:`flask_celery_ctx` is imported.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import typing as t
 from datetime import datetime
@@ -69,7 +70,7 @@ class Channel(kombu_sql.Channel):
     def __init__(self, connection: t.Any, **kwargs: t.Any) -> None:
         super().__init__(connection, **kwargs)
         options = connection.client.transport_options
-        self.visibility_timeout = float(
+        self.visibility_timeout = _seconds(
             options.get("visibility_timeout", VISIBILITY_TIMEOUT)
         )
         # Message rows held by this channel, by delivery tag. Acks come from
@@ -260,6 +261,20 @@ class Channel(kombu_sql.Channel):
     def close(self) -> None:
         super().close()  # gives back what was not acknowledged
         self._closing.set()
+
+
+def _seconds(value: t.Any) -> float:
+    """The visibility timeout, checked."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = 0
+    if not 0 < seconds < math.inf or isinstance(value, bool):
+        raise ValueError(
+            "visibility_timeout in CELERY_BROKER_TRANSPORT_OPTIONS must be a"
+            f" number of seconds above 0, not {value!r}."
+        )
+    return seconds
 
 
 def _redelivered(payload: str) -> str:

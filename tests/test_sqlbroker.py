@@ -246,3 +246,18 @@ def test_messages_kombus_transport_delivered_are_not_run_again(
         assert message.payload == {"n": 2}
         message.ack()
         assert queue(conn).get() is None
+
+
+@pytest.mark.parametrize("value", ["soon", 0, -5, float("inf"), None, True])
+def test_bad_visibility_timeout_is_refused(tmp_path: Path, value: t.Any) -> None:
+    url = f"sqlbroker+sqlite:///{tmp_path / 'broker.sqlite'}"
+    options = {"visibility_timeout": value}
+    with (
+        Connection(url, transport_options=options) as conn,
+        pytest.raises(ValueError) as info,
+    ):
+        conn.channel()
+    assert str(info.value) == (
+        "visibility_timeout in CELERY_BROKER_TRANSPORT_OPTIONS must be a number"
+        f" of seconds above 0, not {value!r}."
+    )

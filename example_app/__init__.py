@@ -7,8 +7,9 @@ Run it, web server and worker together, with ``make example`` (or
     The database. Default: SQLite in the instance folder.
 ``EXAMPLE_BROKER_URL``
     The broker: ``redis://localhost:6379/0``, ``amqp://guest:guest@localhost//``.
-    Default: SQLite in the instance folder, through kombu's SQLAlchemy
-    transport.
+    Default: SQLite in the instance folder, through the package's
+    ``sqlbroker+`` transport, which gives the task of a killed worker to the
+    next worker (:mod:`flask_celery_ctx.sqlbroker`).
 ``EXAMPLE_RESULT_BACKEND``
     Where results are stored. Default: the database, in tables of Celery's
     own; with the default database, a SQLite file of its own.
@@ -69,7 +70,9 @@ def _settings(instance: str, config: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         # worker need the same one. Set FLASK_SECRET_KEY to a random value
         # anywhere but on your own machine, as Flask's tutorial says.
         "SECRET_KEY": "dev",
-        # A worker that dies mid-task leaves the message to another worker.
+        # A worker that dies mid-task leaves the message to another worker:
+        # at once for a pool process, and after the broker's visibility
+        # timeout (30 s by default) when the whole worker is killed.
         "CELERY_TASK_ACKS_LATE": True,
         "CELERY_TASK_REJECT_ON_WORKER_LOST": True,
         "CELERY_WORKER_PREFETCH_MULTIPLIER": 1,
@@ -83,7 +86,7 @@ def _settings(instance: str, config: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         )
     if "CELERY_BROKER_URL" not in config:
         settings["CELERY_BROKER_URL"] = env("EXAMPLE_BROKER_URL") or (
-            f"sqla+sqlite:///{in_instance('broker.sqlite')}"
+            f"sqlbroker+sqlite:///{in_instance('broker.sqlite')}"
         )
     if "CELERY_RESULT_BACKEND" not in config:
         backend = env("EXAMPLE_RESULT_BACKEND")

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from celery import signals
 from celery import Task
 from flask import Flask
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.utils.url import maybe_sanitize_url
 
 from .carry import carry_other_sends
@@ -36,6 +37,10 @@ from .worker import install as install_worker_signals
 _pushed: ContextVar[tuple[tuple[object, TaskContext | None], ...]] = ContextVar(
     "flask_celery_ctx_pushed", default=()
 )
+
+# The ``sqlbroker+`` URL scheme: kombu's SQL transport, redelivering the
+# messages of a dead worker. The module is imported when a URL uses it.
+TRANSPORT_ALIASES.setdefault("sqlbroker", "flask_celery_ctx.sqlbroker:Transport")
 
 if t.TYPE_CHECKING:
     from sqlalchemy.orm import scoped_session

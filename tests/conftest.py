@@ -7,6 +7,7 @@ it fails instead.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -232,6 +233,15 @@ class Worker:
         return make_app({**self.config, **config})
 
 
+def create_result_tables(url: str) -> None:
+    """Create the tables of Celery's database result backend, which Celery
+    5.4 creates only for the first database that a process uses."""
+    models = importlib.import_module("celery.backends.database.models")
+    engine = create_engine(url)
+    models.ResultModelBase.metadata.create_all(engine)
+    engine.dispose()
+
+
 def broker_config(broker: str, tmp: Path) -> dict[str, t.Any]:
     """The broker and result backend settings for one kind of broker."""
     queue = {"CELERY_TASK_DEFAULT_QUEUE": f"fcc-{RUN}-{uuid.uuid4().hex[:6]}"}
@@ -249,10 +259,13 @@ def broker_config(broker: str, tmp: Path) -> dict[str, t.Any]:
             "CELERY_BROKER_URL": RABBITMQ_URL,
             "CELERY_RESULT_BACKEND": "rpc://",
         }
-    if broker == "sqlite":
+    if broker in ("sqlite", "sqlbroker"):
+        # kombu's SQLAlchemy transport, or the package's, which redelivers.
+        scheme = "sqla" if broker == "sqlite" else "sqlbroker"
+        create_result_tables(f"sqlite:///{tmp / 'results.sqlite'}")
         return {
             **queue,
-            "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.sqlite'}",
+            "CELERY_BROKER_URL": f"{scheme}+sqlite:///{tmp / 'broker.sqlite'}",
             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp / 'results.sqlite'}",
         }
     raise ValueError(broker)
@@ -310,6 +323,13 @@ class WorkerFactory:
         worker = Worker({**self.config(broker, database), **config}, **options)
         self._workers[worker.name] = worker
         return worker
+
+    def another(self, worker: Worker, **options: t.Any) -> Worker:
+        """Start a worker with the settings of ``worker``: the same broker,
+        queue and database; the caller waits for it."""
+        started = Worker(worker.config, **options)
+        self._workers[started.name] = started
+        return started
 
     def stop_all(self) -> None:
         for worker in self._workers.values():

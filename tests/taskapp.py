@@ -493,3 +493,13 @@ async def async_retry(self: Task) -> int:  # type: ignore[type-arg]
 async def async_fail() -> None:
     await asyncio.sleep(0)
     raise ValueError("the coroutine failed")
+
+
+@ext.celery.task(bind=True)
+def sleep_unless_redelivered(self: Task, seconds: float) -> bool:  # type: ignore[type-arg]
+    """Sleep, unless the broker says this message was delivered before;
+    return whether it did."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if not redelivered:
+        time.sleep(seconds)
+    return redelivered

@@ -1,4 +1,4 @@
-"""Real brokers: Redis, RabbitMQ, and the embedded SQLite transport."""
+"""Real brokers: Redis, RabbitMQ, and the embedded SQLite transports."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import taskapp
 from conftest import WorkerFactory
 
-BROKERS = ["redis", "rabbitmq", "sqlite"]
+BROKERS = ["redis", "rabbitmq", "sqlite", "sqlbroker"]
 
 
 @pytest.mark.parametrize("broker", BROKERS)
 def test_round_trip(workers: WorkerFactory, broker: str) -> None:
-    database = "sqlite" if broker == "sqlite" else "postgres"
+    database = "sqlite" if broker in ("sqlite", "sqlbroker") else "postgres"
     workers(broker=broker, database=database).client()
     assert [taskapp.add.delay(i, i).get(timeout=30) for i in range(3)] == [0, 2, 4]
     name = f"{broker}-{uuid.uuid4().hex[:6]}"

@@ -66,6 +66,12 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """The processes that ``pid`` started and that are running."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs: a zombie, dead and not reaped yet, does not."""
     try:
@@ -433,3 +439,41 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
     printed = running.wait_exit()
     assert_stopped_cleanly(running, printed)
     assert running.process.returncode == 0, printed
+
+
+def test_example_finishes_the_task_of_a_killed_worker(example: t.Any) -> None:
+    """The worker is killed mid-task, which stops the example; started again,
+    the example's new worker runs the task again and finishes it."""
+    queue = {"FLASK_CELERY_TASK_DEFAULT_QUEUE": f"example-{uuid.uuid4().hex[:8]}"}
+    first = example({**queue, "EXAMPLE_STEP_SECONDS": "1"})
+    created = first.request("/api/analyses", {"text": TEXT})
+    deadline = time.monotonic() + 60
+    while first.request(f"/api/analyses/{created['id']}")["progress"] == 0:
+        assert time.monotonic() < deadline, first.log
+        time.sleep(0.1)
+    server = first.process.pid
+    if make_example()[0] == "make":
+        [server] = children(server)
+    [worker] = children(server)
+    os.kill(worker, signal.SIGKILL)
+    if not first.wait_gone():  # the server stops with its worker
+        first.kill()
+    first_log = first.log
+    assert f"[{created['task_id']}] succeeded" not in first_log
+
+    second = example(queue)
+    deadline = time.monotonic() + 120
+    seen = second.request(f"/api/analyses/{created['id']}")
+    while seen["status"] != "done":
+        assert seen["status"] != "failed", second.log
+        assert time.monotonic() < deadline, f"{seen}\n{second.log}"
+        time.sleep(0.2)
+        seen = second.request(f"/api/analyses/{created['id']}")
+    assert seen["result"]["words"] == 160
+    # Run again once, from the start, by the new worker.
+    succeeded = f"Task example_app.tasks.analyse[{created['task_id']}] succeeded"
+    deadline = time.monotonic() + 10
+    while succeeded not in second.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert second.log.count(f"[{created['task_id']}] received") == 1
+    assert second.log.count(succeeded) == 1

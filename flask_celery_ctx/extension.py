@@ -22,6 +22,8 @@ from .context import TaskContext
 from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
+from .outbox import SETTINGS as OUTBOX_SETTINGS
+from .outbox.relay import install as install_relay
 from .registry import Registry
 from .task import ContextTask
 from .tracing import TaskLoader
@@ -97,6 +99,7 @@ class FlaskCelery:
         self._app: Flask | None = None
         self._eager_read: t.Any = None
         install_worker_signals(self)
+        install_relay(self.celery)
 
         if app is not None:
             self.init_app(app)
@@ -169,7 +172,9 @@ class FlaskCelery:
                 "A 'FlaskCelery' instance has already been registered on this"
                 " Flask app. Import and use that instance instead."
             )
-        settings = celery_settings(app.config, self._extra_settings)
+        settings = celery_settings(
+            app.config, (*self._extra_settings, *OUTBOX_SETTINGS)
+        )
         check_environment(settings, os.environ)
         factory = session if session is not None else self._session_factory
         if factory is not None:

@@ -5,12 +5,19 @@ Sends wait in the ``info`` of the current app context's session (see
 under the transaction it was queued in: the innermost savepoint, or the
 outermost transaction. Two SQLAlchemy session events move them on:
 
+- ``before_commit`` fires before the outermost transaction commits and
+  before a savepoint is released: the sends not written yet go into the
+  outbox table (:mod:`flask_celery_ctx.outbox.table`), in the transaction, so
+  that they are committed or rolled back with it.
 - ``after_commit`` fires when the outermost transaction commits and also
   when a savepoint is released; it marks the transaction as committed.
 - ``after_transaction_end`` fires when any transaction ends, committed,
   rolled back or closed. A released savepoint hands its sends to the
   enclosing transaction; the outermost transaction sends them, the session
-  out of its way; any other end drops them.
+  out of its way, and deletes their rows; any other end drops them.
+
+A send whose publish fails after the commit stays in the outbox, for a
+relay to publish (:mod:`flask_celery_ctx.outbox.relay`).
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
 
+from . import outbox
 from .db import database
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
+    from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
     from sqlalchemy.orm import SessionTransaction
 
@@ -45,11 +54,18 @@ _install_lock = threading.Lock()
 recorder: t.Callable[[_Send], None] | None = None
 
 
-class _Send(t.NamedTuple):
-    task: ContextTask
-    args: t.Any
-    kwargs: t.Any
-    options: dict[str, t.Any]
+class _Send:
+    __slots__ = ("args", "kwargs", "options", "row", "task")
+
+    def __init__(
+        self, task: ContextTask, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+    ) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        #: The engine and id of its row in the outbox, once written.
+        self.row: tuple[Engine, str] | None = None
 
 
 class _Pending:
@@ -87,6 +103,10 @@ def send_on_commit(
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
+    if outbox.enabled(task.app):
+        from .outbox.table import check_options
+
+        check_options(task.name, options)
     _install(type(session))
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})
@@ -108,8 +128,28 @@ def _install(cls: type[Session]) -> None:
 
     with _install_lock:
         if not event.contains(cls, "after_transaction_end", _after_transaction_end):
+            event.listen(cls, "before_commit", _before_commit)
             event.listen(cls, "after_commit", _after_commit)
             event.listen(cls, "after_transaction_end", _after_transaction_end)
+
+
+def _before_commit(session: Session) -> None:
+    store: dict[SessionTransaction, _Pending] | None = session.info.get(_KEY)
+    if not store or recorder is not None:
+        return
+    from .outbox.table import write
+
+    unwritten = [
+        send
+        for pending in store.values()
+        for send in pending.sends
+        if send.row is None and outbox.enabled(send.task.app)
+    ]
+    if not unwritten:
+        return
+    engine, ids = write(session, unwritten)
+    for send, row in zip(unwritten, ids, strict=True):
+        send.row = (engine, row)
 
 
 def _after_commit(session: Session) -> None:
@@ -153,10 +193,20 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 def _send_all(sends: list[_Send]) -> None:
     error: Exception | None = None
+    published: dict[Engine, list[str]] = {}
     for send in sends:
         try:
             _send(send)
         except Exception as exc:
+            if send.row is not None:
+                logger.warning(
+                    "Task %s[%s] could not be sent after the commit: %r. It"
+                    " waits in the outbox, for a relay to send it.",
+                    send.task.name,
+                    send.options["task_id"],
+                    exc,
+                )
+                continue
             logger.error(
                 "Task %s[%s] could not be sent after the commit: %r. The"
                 " transaction is committed; the task was not sent.",
@@ -173,5 +223,24 @@ def _send_all(sends: list[_Send]) -> None:
                         f" but task {send.task.name!r} [{send.options['task_id']}]"
                         " was not sent. Send it again once the cause is fixed."
                     )
+        else:
+            if send.row is not None:
+                published.setdefault(send.row[0], []).append(send.row[1])
+    for engine, ids in published.items():
+        _remove(engine, ids)
     if error is not None:
         raise error
+
+
+def _remove(engine: Engine, ids: list[str]) -> None:
+    from .outbox.table import remove
+
+    try:
+        remove(engine, ids)
+    except Exception:
+        logger.warning(
+            "The outbox rows of %d sent tasks could not be deleted: a relay"
+            " will send them again.",
+            len(ids),
+            exc_info=True,
+        )

@@ -149,7 +149,8 @@ def _before_commit(session: Session) -> None:
         return
     engine, ids = write(session, unwritten)
     for send, row in zip(unwritten, ids, strict=True):
-        send.row = (engine, row)
+        if row is not None:
+            send.row = (engine, row)
 
 
 def _after_commit(session: Session) -> None:

@@ -116,7 +116,7 @@ def check_options(task_name: str, options: dict[str, t.Any]) -> None:
 
 def write(
     session: Session, sends: t.Sequence[Send], now: float | None = None
-) -> tuple[Engine, list[str]]:
+) -> tuple[Engine, list[str | None]]:
     """Insert a row per send on the session's connection, in its
     transaction; flush the session first, so that pending instances in the
     arguments have their primary keys.
@@ -129,7 +129,9 @@ def write(
     :param sends: The sends, in order.
     :param now: The time of the commit.
     :return: The engine written to, and the ids of the rows in the order
-        of ``sends``.
+        of ``sends``: ``None`` for a send whose arguments cannot be made
+        into a message (an instance that has no primary key); that one is
+        sent after the commit without a row, and fails then.
     """
     session.flush()
     engine = _engine_of(session)
@@ -138,9 +140,16 @@ def write(
     now = time.time() if now is None else now
     available = now + lease(sends[0].task.app)
     rows: list[dict[str, t.Any]] = []
+    ids: list[str | None] = []
     for position, send in enumerate(sends):
         options = _absolute(dict(send.options), now)
-        args, kwargs = send.task._dump_instances(send.args, send.kwargs, options)
+        try:
+            args, kwargs = send.task._dump_instances(send.args, send.kwargs, options)
+        except Exception:
+            # Not written: it fails again when it is sent after the commit,
+            # and is reported then, as without the outbox.
+            ids.append(None)
+            continue
         message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
         rows.append(
             {
@@ -154,8 +163,10 @@ def write(
                 "attempts": 0,
             }
         )
-    conn.execute(insert(table), rows)
-    return engine, [row["id"] for row in rows]
+        ids.append(rows[-1]["id"])
+    if rows:
+        conn.execute(insert(table), rows)
+    return engine, ids
 
 
 def remove(engine: Engine, ids: list[str]) -> None:

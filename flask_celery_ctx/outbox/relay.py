@@ -161,7 +161,11 @@ class RelayStep(bootsteps.StartStopStep):
         if ext is None or not enabled(ext.celery):
             return None
         interval = relay_interval(ext.celery)
-        if not interval or database(ext.app) is None:
+        try:
+            app = ext.app
+        except RuntimeError:
+            return None  # never bound: no database to relay from
+        if not interval or database(app) is None:
             return None
         return RelayThread(ext, interval)
 

@@ -45,6 +45,7 @@ logger = logging.getLogger("flask_celery_ctx")
 
 _KEY = "flask_celery_ctx.on_commit"
 _install_lock = threading.Lock()
+_installed = False
 
 #: Takes each send in the place of the broker while set: the
 #: ``celery_on_commit`` fixture of :mod:`flask_celery_ctx.testing` records
@@ -107,7 +108,7 @@ def send_on_commit(
         from .outbox.table import check_options
 
         check_options(task.name, options)
-    _install(type(session))
+    _install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})
     store.setdefault(transaction, _Pending()).sends.append(  # type: ignore[arg-type]
@@ -123,14 +124,26 @@ def _send(send: _Send) -> AsyncResult[t.Any]:
     return send.task.apply_async(send.args, send.kwargs, **send.options)
 
 
-def _install(cls: type[Session]) -> None:
+def _install() -> None:
+    """Listen to the events of every session, once.
+
+    On ``Session`` itself, not on the class of the session at hand: each
+    ``sessionmaker`` makes a subclass of its own, and SQLAlchemy's event
+    registry knows classes by ``id()``, so a new subclass that takes the id
+    of a collected one would be taken for installed while it is not.
+    """
+    global _installed
+    if _installed:
+        return
     from sqlalchemy import event
+    from sqlalchemy.orm import Session
 
     with _install_lock:
-        if not event.contains(cls, "after_transaction_end", _after_transaction_end):
-            event.listen(cls, "before_commit", _before_commit)
-            event.listen(cls, "after_commit", _after_commit)
-            event.listen(cls, "after_transaction_end", _after_transaction_end)
+        if not _installed:
+            event.listen(Session, "before_commit", _before_commit)
+            event.listen(Session, "after_commit", _after_commit)
+            event.listen(Session, "after_transaction_end", _after_transaction_end)
+            _installed = True
 
 
 def _before_commit(session: Session) -> None:

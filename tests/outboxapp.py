@@ -1,6 +1,7 @@
 """An application whose views commit orders and send a task for each with
 ``delay_on_commit``, on the database integration that ``FCC_DATABASE``
-names (``"flask-sqlalchemy"``, ``"lite"`` or ``"sessionmaker"``).
+names (``"flask-sqlalchemy"``, ``"lite"``, ``"sessionmaker"``, or
+``"binds"``: a ``sessionmaker`` with per-model binds only).
 
 The task writes a :class:`Seen` row per run, so that the tests count how
 many times each order's task ran. A view asked to ``kill`` the process
@@ -58,6 +59,10 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
     kind = app.config.get("FCC_DATABASE", "flask-sqlalchemy")
     if kind == "sessionmaker":
         ext.init_app(app, session=orm.sessionmaker(create_engine(url, **options)))
+    elif kind == "binds":
+        # Per-model binds, no default one.
+        engine = create_engine(url, **options)
+        ext.init_app(app, session=orm.sessionmaker(binds={Base: engine}))
     elif kind == "flask-sqlalchemy":
         from flask_sqlalchemy import SQLAlchemy
 
@@ -88,10 +93,16 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
     return app
 
 
+#: Called after each COMMIT, before the messages are published, when set.
+after_commit: t.Callable[[], None] | None = None
+
+
 @event.listens_for(orm.Session, "after_commit")
-def _kill_after_commit(session: orm.Session) -> None:
+def _after_commit(session: orm.Session) -> None:
     if session.info.pop(_KILL, False):
         os.kill(os.getpid(), signal.SIGKILL)
+    if after_commit is not None:
+        after_commit()
 
 
 @ext.celery.task(bind=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
 import json
 import os
 import signal
@@ -22,7 +23,6 @@ import typing as t
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
@@ -30,8 +30,6 @@ from flask import Flask
 from kombu import Queue
 from sqlalchemy import create_engine
 from sqlalchemy import delete
-from sqlalchemy import event
-from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -176,7 +174,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(params=["flask-sqlalchemy", "lite", "sessionmaker"])
+@pytest.fixture(params=["flask-sqlalchemy", "lite", "sessionmaker", "binds"])
 def integration(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -188,15 +186,15 @@ def test_the_row_is_committed_with_the_data_and_deleted_once_sent(
     queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
     seen_at_commit: list[list[str]] = []
 
-    def look(session: orm.Session) -> None:
+    def look() -> None:
         seen_at_commit.append([row.task_id for row in rows(engine)])
 
-    event.listen(orm.Session, "after_commit", look)
+    outboxapp.after_commit = look
     try:
         sent = app.test_client().post("/orders/kept").get_json()
         dropped = app.test_client().post("/orders/dropped?rollback=1").get_json()
     finally:
-        event.remove(orm.Session, "after_commit", look)
+        outboxapp.after_commit = None
     # Between the COMMIT and the publish, the send is in the outbox.
     assert seen_at_commit == [[sent["task_id"]]]
     assert rows(engine) == []
@@ -388,8 +386,9 @@ def test_two_workers_relay_1000_sends(url: str, engine: Engine) -> None:
     assert duplicates == 0
 
 
-def test_cli_lists_and_relays(url: str, engine: Engine, tmp_path: Path) -> None:
-    settings = config(url)
+@pytest.mark.parametrize("kind", ["flask-sqlalchemy", "binds"])
+def test_cli_lists_and_relays(url: str, engine: Engine, kind: str) -> None:
+    settings = config(url, FCC_DATABASE=kind)
     down = make_app(settings | DOWN)
     sent = down.test_client().post("/orders/cli").get_json()
     env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
@@ -402,7 +401,7 @@ def test_cli_lists_and_relays(url: str, engine: Engine, tmp_path: Path) -> None:
         return done.stdout
 
     listed = flask("list")
-    assert sent["task_id"] in listed
+    assert sent["task_id"] in listed, listed
     assert "outboxapp.process" in listed
     time.sleep(1.1)  # the lease of the process that wrote it
     assert "Sent 1 tasks" in flask("relay")
@@ -424,3 +423,20 @@ def test_the_on_commit_fixture_records_without_the_outbox(
     answer = app.test_client().post("/orders/recorded").get_json()
     assert [sent.id for sent in celery_on_commit.sent] == [answer["task_id"]]
     assert rows(engine) == []
+
+
+def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
+    """Each ``sessionmaker`` makes a ``Session`` subclass; a new one may take
+    the ``id()`` of a collected one, which SQLAlchemy's event registry would
+    take for a class it knows."""
+    sent = []
+    for i in range(30):
+        app = outboxapp.create_app(config(url, FCC_DATABASE="sessionmaker", **DOWN))
+        sent.append(
+            app.test_client().post(f"/orders/factory-{i}").get_json()["task_id"]
+        )
+        for named in database(app).engines(app):  # type: ignore[union-attr]
+            named.engine.dispose()
+        del app, named
+        gc.collect()
+    assert [row.task_id for row in rows(engine)] == sent

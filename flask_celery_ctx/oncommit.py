@@ -70,11 +70,15 @@ class _Send:
 
 
 class _Pending:
-    __slots__ = ("committed", "sends")
+    __slots__ = ("committed", "sends", "written")
 
     def __init__(self) -> None:
         self.sends: list[_Send] = []
         self.committed = False
+        # Sends whose outbox rows were inserted in this transaction, some
+        # perhaps queued in an enclosing one: a rollback of this one removes
+        # the rows, and those sends need them written again.
+        self.written: list[_Send] = []
 
 
 def session_in_transaction() -> Session | None:
@@ -164,6 +168,9 @@ def _before_commit(session: Session) -> None:
     for send, row in zip(unwritten, ids, strict=True):
         if row is not None:
             send.row = (engine, row)
+    # The transaction the rows went into: a savepoint, or the outermost one.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    store.setdefault(transaction, _Pending()).written.extend(unwritten)  # type: ignore[arg-type]
 
 
 def _after_commit(session: Session) -> None:
@@ -187,6 +194,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     if pending is None:
         return
     if not pending.committed:
+        for send in pending.written:
+            send.row = None  # rolled back with the transaction
         for send in pending.sends:
             logger.debug(
                 "Task %s[%s] dropped: its transaction ended without a commit.",
@@ -200,7 +209,9 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         while not parent.nested and parent.parent is not None:
             parent = parent.parent
         store = session.info.setdefault(_KEY, {})
-        store.setdefault(parent, _Pending()).sends.extend(pending.sends)
+        enclosing = store.setdefault(parent, _Pending())
+        enclosing.sends.extend(pending.sends)
+        enclosing.written.extend(pending.written)
         return
     _send_all(pending.sends)
 

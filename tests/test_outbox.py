@@ -373,8 +373,9 @@ def test_two_workers_relay_1000_sends(url: str, engine: Engine) -> None:
     # Available at once to the relays.
     with engine.begin() as conn:
         conn.execute(outbox.table.update().values(available=0))
-    first = Worker(settings, command=APP)
-    second = Worker(settings, command=APP)
+    # The relay runs in a worker's main process, whatever its pool.
+    first = Worker(settings, pool="prefork", concurrency=2, command=APP)
+    second = Worker(settings, pool="threads", concurrency=4, command=APP)
     _workers.extend([first, second])
     first.wait_ready()
     second.wait_ready()

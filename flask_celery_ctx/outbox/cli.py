@@ -33,9 +33,10 @@ def list_command(ctx: click.Context, limit: int) -> None:
     from .relay import engines
 
     now = time.time()
-    for engine in engines(_extension(ctx)):
-        if not outbox.has_table(engine):
-            continue
+    found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
+    if not found:
+        click.echo("Nothing waits: no database of the app has the outbox table.")
+    for engine in found:
         rows = outbox.pending(engine, limit)
         click.echo(f"{engine.url.render_as_string()}: {len(rows)} waiting")
         for row in rows:

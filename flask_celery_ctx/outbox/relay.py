@@ -1,5 +1,6 @@
 """The relay: publishes what waits in the outbox, from inside every worker
-and from ``flask celery outbox relay``.
+and from ``flask celery outbox relay``. Every app installs it; SQLAlchemy is
+imported only once the app has a database.
 
 A worker of a :class:`~flask_celery_ctx.FlaskCelery` app starts a thread
 (the :class:`RelayStep` bootstep) that looks at the outbox of each of the
@@ -27,7 +28,6 @@ from ..db import database
 from . import enabled
 from . import lease
 from . import relay_interval
-from . import table as outbox
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -63,6 +63,8 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     :param batch: The most rows to claim at once.
     :return: How many tasks were published.
     """
+    from . import table as outbox
+
     if not outbox.has_table(engine):
         return 0
     seconds = lease(celery)
@@ -112,6 +114,8 @@ def relay_all(ext: FlaskCelery) -> int:
 
 
 def _delete(engine: Engine, ids: list[str]) -> int:
+    from . import table as outbox
+
     if ids:
         outbox.remove(engine, ids)
     return len(ids)

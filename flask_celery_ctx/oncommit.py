@@ -3,7 +3,7 @@
 Sends wait in the ``info`` of the current app context's session (see
 :meth:`~flask_celery_ctx.db.base.Database.session_in_transaction`), each
 under the transaction it was queued in: the innermost savepoint, or the
-outermost transaction. Two SQLAlchemy session events move them on:
+outermost transaction. Three SQLAlchemy session events move them on:
 
 - ``before_commit`` fires before the outermost transaction commits and
   before a savepoint is released: the sends not written yet go into the

@@ -96,7 +96,8 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                 exc,
                 len(rows) - len(published),
             )
-            unsent = [row.id for row in rows if row.id not in set(published)]
+            done = set(published)
+            unsent = [row.id for row in rows if row.id not in done]
             outbox.release(engine, unsent, time.time())
             return total + _delete(engine, published)
         total += _delete(engine, published)

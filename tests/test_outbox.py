@@ -399,6 +399,14 @@ def test_cli_lists_and_relays(url: str, engine: Engine, kind: str) -> None:
     settings = config(url, FCC_DATABASE=kind)
     down = make_app(settings | DOWN)
     sent = down.test_client().post("/orders/cli").get_json()
+    ids = [sent["task_id"]]
+    with down.app_context():  # more, in the order they are to be sent
+        session = outboxapp.ext.session
+        for n in range(2):
+            order = Order(name=f"cli-{n}")
+            session.add(order)
+            ids += [outboxapp.process.delay_on_commit(order).id for _ in range(3)]
+            session.commit()
     env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
 
     def flask(*args: str) -> str:
@@ -412,11 +420,12 @@ def test_cli_lists_and_relays(url: str, engine: Engine, kind: str) -> None:
     assert sent["task_id"] in listed, listed
     assert "outboxapp.process" in listed
     time.sleep(1.1)  # the lease of the process that wrote it
-    assert "Sent 1 tasks" in flask("relay")
+    assert "Sent 7 tasks" in flask("relay")
     assert rows(engine) == []
     queue = settings["CELERY_TASK_DEFAULT_QUEUE"]
-    [message] = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
-    assert json.loads(message)["headers"]["id"] == sent["task_id"]
+    # Pushed on the left, taken from the right.
+    messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)[::-1]
+    assert [json.loads(m)["headers"]["id"] for m in messages] == ids
 
 
 @pytest.fixture

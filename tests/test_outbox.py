@@ -457,3 +457,16 @@ def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
         del app, named
         gc.collect()
     assert [row.task_id for row in rows(engine)] == sent
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CELERY_OUTBOX", "no"),
+        ("CELERY_OUTBOX_LEASE", "30s"),
+        ("CELERY_OUTBOX_RELAY_INTERVAL", -1),
+    ],
+)
+def test_wrong_settings_are_refused_by_init_app(key: str, value: t.Any) -> None:
+    with pytest.raises(ValueError, match=key):
+        outboxapp.create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://", key: value})

@@ -29,6 +29,34 @@ DEFAULT_LEASE = 30.0
 DEFAULT_RELAY_INTERVAL = 5.0
 
 
+def check_settings(settings: t.Mapping[str, t.Any]) -> None:
+    """Refuse values of the outbox settings that would fail only at a
+    commit.
+
+    :param settings: The Celery settings read from the Flask config.
+    :raises ValueError: A setting has a wrong value; the message names it.
+    """
+    value = settings.get("outbox", True)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"CELERY_OUTBOX must be True or False, not {value!r}: False sends"
+            " the messages of delay_on_commit without the outbox table."
+        )
+    for name, least in (("outbox_lease", 0.0), ("outbox_relay_interval", 0.0)):
+        value = settings.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < least
+        ):
+            raise ValueError(
+                f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
+                f" not {value!r}."
+            )
+
+
 def enabled(celery: Celery[t.Any]) -> bool:
     """Whether on-commit sends of ``celery``'s tasks go through the outbox:
     setting ``outbox`` (default true), and never in eager mode, where no

@@ -7,8 +7,9 @@ of a table, each cell the samples of a round-robin.
 
 3. ``on_commit``: the cost of sending a task on commit. Each call adds a row
    and commits in the app context's ``db.session``, and sends a task to Redis
-   (a queue no worker reads): with ``delay_on_commit()`` before the commit,
-   or with ``delay()`` after it; a third row commits without sending.
+   (a queue no worker reads): with ``delay_on_commit()`` before the commit
+   (through the outbox, and with ``CELERY_OUTBOX = False``), or with
+   ``delay()`` after it; another row commits without sending.
 4. ``instances``: a task receiving 100 model instances, against receiving
    their ids and loading them in the task, with one ``IN`` query or with
    ``session.get()`` each. The task runs with ``apply()`` and no context
@@ -97,6 +98,22 @@ def on_commit(app: Flask, rounds: int, calls: int) -> dict[str, t.Any]:
         task.delay_on_commit("unused", 0)
         db.session.commit()
 
+    def without_outbox(fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn`` with ``CELERY_OUTBOX = False``: sent after the commit, as
+        before the outbox, without its INSERT and DELETE."""
+
+        def run() -> None:
+            conf.outbox = False
+            try:
+                fn()
+            finally:
+                conf.outbox = True
+
+        return run
+
+    conf = ctx.celery_app.conf
+    has_outbox = _has_outbox()
+
     def case(fn: Callable[[], None]) -> Callable[[], float]:
         def run() -> float:
             try:
@@ -106,24 +123,26 @@ def on_commit(app: Flask, rounds: int, calls: int) -> dict[str, t.Any]:
 
         return run
 
+    cases = {
+        "commit": commit_only,
+        "delay": delay_after_commit,
+        "on_commit": delay_on_commit,
+    }
+    if has_outbox:
+        cases["no_outbox"] = without_outbox(delay_on_commit)
     with app.app_context():
-        for fn in (commit_only, delay_after_commit, delay_on_commit):
-            fn()  # warm up: connections, the producer pool
-        samples = round_robin(
-            {
-                "commit": case(commit_only),
-                "delay": case(delay_after_commit),
-                "on_commit": case(delay_on_commit),
-            },
-            rounds,
-        )
+        for fn in cases.values():
+            fn()  # warm up: connections, the producer pool, the outbox table
+        samples = round_robin({k: case(fn) for k, fn in cases.items()}, rounds)
         sent = client.llen(queue)
     client.delete(queue)
     base = samples["delay"]
     labels = {
         "commit": "add a row, commit (no task sent)",
         "delay": "add a row, commit, then task.delay()",
-        "on_commit": "add a row, task.delay_on_commit(), commit",
+        "on_commit": "add a row, task.delay_on_commit(), commit"
+        + (" (outbox: INSERT, publish, DELETE)" if has_outbox else ""),
+        "no_outbox": "the same with CELERY_OUTBOX = False (publish only)",
     }
     return {
         "note": (
@@ -143,9 +162,17 @@ def on_commit(app: Flask, rounds: int, calls: int) -> dict[str, t.Any]:
                 "us": samples[name],
                 "ratio": [a / b for a, b in zip(samples[name], base, strict=True)],
             }
-            for name in ("commit", "delay", "on_commit")
+            for name in samples
         ],
     }
+
+
+def _has_outbox() -> bool:
+    try:
+        import flask_celery_ctx.outbox  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def message_body(client: redis.Redis, queue: str) -> bytes:

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from flask.cli import ScriptInfo
 
 from .config import override_problem
+from .outbox.cli import outbox_command
 from .tasklist import tasks_command
 
 if t.TYPE_CHECKING:
@@ -49,6 +50,7 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
     _check_overrides(celery_main, args, ext.celery)
     if _needs_gevent_patches(args, ext.celery):
         _exec_with_gevent_patches(args)
+    celery_main.add_command(outbox_command)
     # As Celery's own ``app.start()`` does: the app is the default of -A.
     for param in celery_main.params:
         if param.name == "app":

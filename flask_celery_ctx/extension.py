@@ -25,6 +25,9 @@ from .context import TaskContext
 from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
+from .outbox import check_settings as check_outbox_settings
+from .outbox import SETTINGS as OUTBOX_SETTINGS
+from .outbox.relay import install as install_relay
 from .registry import Registry
 from .task import ContextTask
 from .tracing import TaskLoader
@@ -117,6 +120,7 @@ class FlaskCelery:
         self._app: Flask | None = None
         self._eager_read: t.Any = None
         install_worker_signals(self)
+        install_relay(self.celery)
 
         if app is not None:
             self.init_app(app)
@@ -177,7 +181,8 @@ class FlaskCelery:
             for this app, in the place of the one given to the constructor
             (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
-            would not read, or a setting given twice; or the environment gives
+            would not read, or a setting given twice, or a setting of the
+            outbox a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
             ``CELERY_RESULT_BACKEND``).
         :raises TypeError: ``session`` is not a ``sessionmaker`` or
@@ -189,8 +194,11 @@ class FlaskCelery:
                 "A 'FlaskCelery' instance has already been registered on this"
                 " Flask app. Import and use that instance instead."
             )
-        settings = celery_settings(app.config, self._extra_settings)
+        settings = celery_settings(
+            app.config, (*self._extra_settings, *OUTBOX_SETTINGS)
+        )
         check_environment(settings, os.environ)
+        check_outbox_settings(settings)
         factory = session if session is not None else self._session_factory
         if factory is not None:
             sessions = SessionFactory(factory)

@@ -3,14 +3,21 @@
 Sends wait in the ``info`` of the current app context's session (see
 :meth:`~flask_celery_ctx.db.base.Database.session_in_transaction`), each
 under the transaction it was queued in: the innermost savepoint, or the
-outermost transaction. Two SQLAlchemy session events move them on:
+outermost transaction. Three SQLAlchemy session events move them on:
 
+- ``before_commit`` fires before the outermost transaction commits and
+  before a savepoint is released: the sends not written yet go into the
+  outbox table (:mod:`flask_celery_ctx.outbox.table`), in the transaction, so
+  that they are committed or rolled back with it.
 - ``after_commit`` fires when the outermost transaction commits and also
   when a savepoint is released; it marks the transaction as committed.
 - ``after_transaction_end`` fires when any transaction ends, committed,
   rolled back or closed. A released savepoint hands its sends to the
   enclosing transaction; the outermost transaction sends them, the session
-  out of its way; any other end drops them.
+  out of its way, and deletes their rows; any other end drops them.
+
+A send whose publish fails after the commit stays in the outbox, for a
+relay to publish (:mod:`flask_celery_ctx.outbox.relay`).
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
 
+from . import outbox
 from .db import database
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
+    from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
     from sqlalchemy.orm import SessionTransaction
 
@@ -36,6 +45,7 @@ logger = logging.getLogger("flask_celery_ctx")
 
 _KEY = "flask_celery_ctx.on_commit"
 _install_lock = threading.Lock()
+_installed = False
 
 #: Takes each send in the place of the broker while set: the
 #: ``celery_on_commit`` fixture of :mod:`flask_celery_ctx.testing` records
@@ -45,19 +55,30 @@ _install_lock = threading.Lock()
 recorder: t.Callable[[_Send], None] | None = None
 
 
-class _Send(t.NamedTuple):
-    task: ContextTask
-    args: t.Any
-    kwargs: t.Any
-    options: dict[str, t.Any]
+class _Send:
+    __slots__ = ("args", "kwargs", "options", "row", "task")
+
+    def __init__(
+        self, task: ContextTask, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+    ) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        #: The engine and id of its row in the outbox, once written.
+        self.row: tuple[Engine, str] | None = None
 
 
 class _Pending:
-    __slots__ = ("committed", "sends")
+    __slots__ = ("committed", "sends", "written")
 
     def __init__(self) -> None:
         self.sends: list[_Send] = []
         self.committed = False
+        # Sends whose outbox rows were inserted in this transaction, some
+        # perhaps queued in an enclosing one: a rollback of this one removes
+        # the rows, and those sends need them written again.
+        self.written: list[_Send] = []
 
 
 def session_in_transaction() -> Session | None:
@@ -87,7 +108,11 @@ def send_on_commit(
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
-    _install(type(session))
+    if outbox.enabled(task.app):
+        from .outbox.table import check_options
+
+        check_options(task.name, options)
+    _install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})
     store.setdefault(transaction, _Pending()).sends.append(  # type: ignore[arg-type]
@@ -103,13 +128,49 @@ def _send(send: _Send) -> AsyncResult[t.Any]:
     return send.task.apply_async(send.args, send.kwargs, **send.options)
 
 
-def _install(cls: type[Session]) -> None:
+def _install() -> None:
+    """Listen to the events of every session, once.
+
+    On ``Session`` itself, not on the class of the session at hand: each
+    ``sessionmaker`` makes a subclass of its own, and SQLAlchemy's event
+    registry knows classes by ``id()``, so a new subclass that takes the id
+    of a collected one would be taken for installed while it is not.
+    """
+    global _installed
+    if _installed:
+        return
     from sqlalchemy import event
+    from sqlalchemy.orm import Session
 
     with _install_lock:
-        if not event.contains(cls, "after_transaction_end", _after_transaction_end):
-            event.listen(cls, "after_commit", _after_commit)
-            event.listen(cls, "after_transaction_end", _after_transaction_end)
+        if not _installed:
+            event.listen(Session, "before_commit", _before_commit)
+            event.listen(Session, "after_commit", _after_commit)
+            event.listen(Session, "after_transaction_end", _after_transaction_end)
+            _installed = True
+
+
+def _before_commit(session: Session) -> None:
+    store: dict[SessionTransaction, _Pending] | None = session.info.get(_KEY)
+    if not store or recorder is not None:
+        return
+    from .outbox.table import write
+
+    unwritten = [
+        send
+        for pending in store.values()
+        for send in pending.sends
+        if send.row is None and outbox.enabled(send.task.app)
+    ]
+    if not unwritten:
+        return
+    engine, ids = write(session, unwritten)
+    for send, row in zip(unwritten, ids, strict=True):
+        if row is not None:
+            send.row = (engine, row)
+    # The transaction the rows went into: a savepoint, or the outermost one.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    store.setdefault(transaction, _Pending()).written.extend(unwritten)  # type: ignore[arg-type]
 
 
 def _after_commit(session: Session) -> None:
@@ -133,6 +194,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     if pending is None:
         return
     if not pending.committed:
+        for send in pending.written:
+            send.row = None  # rolled back with the transaction
         for send in pending.sends:
             logger.debug(
                 "Task %s[%s] dropped: its transaction ended without a commit.",
@@ -146,17 +209,29 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         while not parent.nested and parent.parent is not None:
             parent = parent.parent
         store = session.info.setdefault(_KEY, {})
-        store.setdefault(parent, _Pending()).sends.extend(pending.sends)
+        enclosing = store.setdefault(parent, _Pending())
+        enclosing.sends.extend(pending.sends)
+        enclosing.written.extend(pending.written)
         return
     _send_all(pending.sends)
 
 
 def _send_all(sends: list[_Send]) -> None:
     error: Exception | None = None
+    published: dict[Engine, list[str]] = {}
     for send in sends:
         try:
             _send(send)
         except Exception as exc:
+            if send.row is not None:
+                logger.warning(
+                    "Task %s[%s] could not be sent after the commit: %r. It"
+                    " waits in the outbox, for a relay to send it.",
+                    send.task.name,
+                    send.options["task_id"],
+                    exc,
+                )
+                continue
             logger.error(
                 "Task %s[%s] could not be sent after the commit: %r. The"
                 " transaction is committed; the task was not sent.",
@@ -173,5 +248,24 @@ def _send_all(sends: list[_Send]) -> None:
                         f" but task {send.task.name!r} [{send.options['task_id']}]"
                         " was not sent. Send it again once the cause is fixed."
                     )
+        else:
+            if send.row is not None:
+                published.setdefault(send.row[0], []).append(send.row[1])
+    for engine, ids in published.items():
+        _remove(engine, ids)
     if error is not None:
         raise error
+
+
+def _remove(engine: Engine, ids: list[str]) -> None:
+    from .outbox.table import remove
+
+    try:
+        remove(engine, ids)
+    except Exception:
+        logger.warning(
+            "The outbox rows of %d sent tasks could not be deleted: a relay"
+            " will send them again.",
+            len(ids),
+            exc_info=True,
+        )

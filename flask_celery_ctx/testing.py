@@ -227,7 +227,9 @@ def celery_on_commit(app: Flask) -> t.Iterator[OnCommitRecorder]:
     extension_of(app)
     recorder = OnCommitRecorder()
     previous = oncommit.recorder
-    oncommit.recorder = lambda send: recorder.record(*send)
+    oncommit.recorder = lambda send: recorder.record(
+        send.task, send.args, send.kwargs, send.options
+    )
     try:
         yield recorder
     finally:

@@ -201,7 +201,7 @@ def test_errors_are_raised_when_queued(orm_client: Flask) -> None:
         db.session.rollback()
 
 
-def test_send_failure_is_logged_and_raised_after_the_commit(
+def test_without_the_outbox_a_send_failure_is_raised_after_the_commit(
     orm_worker: Worker, pg_admin: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app(
@@ -210,6 +210,7 @@ def test_send_failure_is_logged_and_raised_after_the_commit(
             "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
             "CELERY_TASK_PUBLISH_RETRY": False,
             "CELERY_BROKER_TRANSPORT_OPTIONS": {"max_retries": 0},
+            "CELERY_OUTBOX": False,
         }
     )
     name = unique("kept")

@@ -1,0 +1,87 @@
+"""The transactional outbox of ``delay_on_commit``: no task lost between the
+commit and the broker.
+
+- :mod:`~flask_celery_ctx.outbox.table`: the table, and the rows written in
+  the committing transaction, deleted once published;
+- :mod:`~flask_celery_ctx.outbox.relay`: what publishes the rows left
+  behind, from a thread in every worker;
+- :mod:`~flask_celery_ctx.outbox.cli`: ``flask celery outbox list`` and
+  ``relay``.
+
+This module holds the settings alone and imports no SQLAlchemy: every app
+reads them, with a database or without.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+
+#: The settings of the outbox, read from the Flask config as Celery
+#: settings are: ``CELERY_OUTBOX`` or ``CELERY = {"outbox": ...}``.
+SETTINGS = ("outbox", "outbox_lease", "outbox_relay_interval")
+#: Seconds a row is left to the process that wrote it, or to the relay that
+#: claimed it, before another relay may publish it.
+DEFAULT_LEASE = 30.0
+#: Seconds between two looks of a worker's relay at the outbox.
+DEFAULT_RELAY_INTERVAL = 5.0
+
+
+def check_settings(settings: t.Mapping[str, t.Any]) -> None:
+    """Refuse values of the outbox settings that would fail only at a
+    commit.
+
+    :param settings: The Celery settings read from the Flask config.
+    :raises ValueError: A setting has a wrong value; the message names it.
+    """
+    value = settings.get("outbox", True)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"CELERY_OUTBOX must be True or False, not {value!r}: False sends"
+            " the messages of delay_on_commit without the outbox table."
+        )
+    for name, least in (("outbox_lease", 0.0), ("outbox_relay_interval", 0.0)):
+        value = settings.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < least
+        ):
+            raise ValueError(
+                f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
+                f" not {value!r}."
+            )
+
+
+def enabled(celery: Celery[t.Any]) -> bool:
+    """Whether on-commit sends of ``celery``'s tasks go through the outbox:
+    setting ``outbox`` (default true), and never in eager mode, where no
+    message is sent.
+
+    :param celery: The Celery app.
+    """
+    conf = celery.conf
+    return bool(conf.get("outbox", True)) and not conf.task_always_eager
+
+
+def lease(celery: Celery[t.Any]) -> float:
+    """The setting ``outbox_lease``, in seconds.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_lease")
+    return DEFAULT_LEASE if value is None else float(value)
+
+
+def relay_interval(celery: Celery[t.Any]) -> float:
+    """The setting ``outbox_relay_interval``, in seconds; ``0`` when the
+    workers do not relay.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_relay_interval")
+    return DEFAULT_RELAY_INTERVAL if value is None else float(value)

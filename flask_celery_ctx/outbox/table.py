@@ -1,0 +1,340 @@
+"""The outbox table: the sends of ``delay_on_commit``, written in the
+transaction they wait for, so that a commit cannot lose them.
+
+:mod:`~flask_celery_ctx.oncommit` calls :func:`write` when the transaction
+(or a savepoint of it) commits: a row per send goes into
+``flask_celery_outbox`` on the session's connection, and is committed or
+rolled back with the rest. After the commit the sends are published at once
+and :func:`remove` deletes their rows. A row left behind, because the broker
+could not be reached or the process died between the COMMIT and the
+publish, is published later by a relay (:mod:`~flask_celery_ctx.outbox.relay`).
+
+Each row holds what is needed to send the task again as it would have been
+sent: its name, its arguments (model instances as references), and the
+options of ``apply_async``, its ``task_id`` and ``headers`` included. A row
+is *available* from a time on: the process that wrote it has until then to
+publish it (the lease, setting ``outbox_lease``); a relay claims the rows it
+publishes for as long.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import typing as t
+import uuid
+from weakref import WeakSet
+
+from kombu.utils.json import dumps
+from kombu.utils.json import loads
+from sqlalchemy import Column
+from sqlalchemy import delete
+from sqlalchemy import Float
+from sqlalchemy import Index
+from sqlalchemy import insert
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import select
+from sqlalchemy import String
+from sqlalchemy import Table
+from sqlalchemy import Text
+from sqlalchemy import update
+from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.schema import CreateIndex
+from sqlalchemy.schema import CreateTable
+
+from . import lease
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Row
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql import Executable
+
+    from ..task import ContextTask
+
+logger = logging.getLogger("flask_celery_ctx")
+
+#: The name of the table.
+TABLE_NAME = "flask_celery_outbox"
+
+metadata = MetaData()
+
+#: The outbox table. Rows are published in the order of ``created``, then
+#: ``position`` (the order of the sends of one transaction).
+table = Table(
+    TABLE_NAME,
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task_id", String(255), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("available", Float, nullable=False),
+    Column("claim", String(32), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+)
+_by_availability = Index(f"{TABLE_NAME}_available", table.c.available)
+
+# Engines known to hold the table, in this process.
+_created: WeakSet[Engine] = WeakSet()
+
+
+class Send(t.Protocol):
+    """What :func:`write` needs of a send."""
+
+    task: ContextTask
+    args: t.Any
+    kwargs: t.Any
+    options: dict[str, t.Any]
+
+
+def check_options(task_name: str, options: dict[str, t.Any]) -> None:
+    """Refuse, when a send is queued, options that a row cannot hold.
+
+    :param task_name: The task, for the message.
+    :param options: The options of ``apply_async``.
+    :raises TypeError: An option cannot be stored as JSON; the message names
+        it and what to do.
+    """
+    for name, value in options.items():
+        try:
+            dumps(value)
+        except TypeError:
+            raise TypeError(
+                f"The option {name}={value!r} of task {task_name!r} cannot be"
+                " stored in the outbox that delay_on_commit writes to. Pass it"
+                " by name or as plain values (a queue's name rather than a"
+                " Queue), or set CELERY_OUTBOX = False in the app's config to"
+                " send after the commit without the outbox."
+            ) from None
+
+
+def write(
+    session: Session, sends: t.Sequence[Send], now: float | None = None
+) -> tuple[Engine, list[str | None]]:
+    """Insert a row per send on the session's connection, in its
+    transaction; flush the session first, so that pending instances in the
+    arguments have their primary keys.
+
+    The table is the one of the engine the session binds an unmapped table
+    to (its default engine); a session with per-model binds only uses the
+    first database its transaction opened.
+
+    :param session: The session, in the transaction that commits.
+    :param sends: The sends, in order.
+    :param now: The time of the commit.
+    :return: The engine written to, and the ids of the rows in the order
+        of ``sends``: ``None`` for a send whose arguments cannot be made
+        into a message (an instance that has no primary key); that one is
+        sent after the commit without a row, and fails then.
+    """
+    session.flush()
+    engine = _engine_of(session)
+    conn = session.connection(bind_arguments={"bind": engine})
+    _create_table(conn, engine)
+    now = time.time() if now is None else now
+    available = now + lease(sends[0].task.app)
+    rows: list[dict[str, t.Any]] = []
+    ids: list[str | None] = []
+    for position, send in enumerate(sends):
+        options = _absolute(dict(send.options), now)
+        try:
+            args, kwargs = send.task._dump_instances(send.args, send.kwargs, options)
+        except Exception:
+            # Not written: it fails again when it is sent after the commit,
+            # and is reported then, as without the outbox.
+            ids.append(None)
+            continue
+        message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+        rows.append(
+            {
+                "id": uuid.uuid4().hex,
+                "task_id": str(options["task_id"]),
+                "name": send.task.name,
+                "message": dumps({**message, "options": options}),
+                "created": now,
+                "position": position,
+                "available": available,
+                "attempts": 0,
+            }
+        )
+        ids.append(rows[-1]["id"])
+    if rows:
+        conn.execute(insert(table), rows)
+    return engine, ids
+
+
+def remove(engine: Engine, ids: list[str]) -> None:
+    """Delete the rows of sends that were published.
+
+    :param engine: The engine the rows were written to.
+    :param ids: Their ids.
+    """
+    # One statement, committed on its own: no BEGIN and COMMIT round trips.
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(delete(table).where(table.c.id.in_(ids)))
+    _created.add(engine)
+
+
+def has_table(engine: Engine) -> bool:
+    """Whether the database of ``engine`` has the outbox table.
+
+    :param engine: An engine.
+    """
+    if engine in _created:
+        return True
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        found = inspect(conn).has_table(TABLE_NAME)
+    if found:
+        _created.add(engine)
+    return found
+
+
+def pending(engine: Engine, limit: int | None = None) -> list[Row[t.Any]]:
+    """The rows waiting in the outbox of ``engine``, in the order they are
+    published.
+
+    :param engine: An engine whose database has the table.
+    :param limit: The most rows to return.
+    """
+    with engine.connect() as conn:
+        query = select(table).order_by(table.c.created, table.c.position)
+        return list(conn.execute(query.limit(limit)))
+
+
+def claim(
+    engine: Engine, limit: int, seconds: float, now: float | None = None
+) -> list[Row[t.Any]]:
+    """Take up to ``limit`` available rows for ``seconds``, for one relay.
+
+    On PostgreSQL the rows are locked with ``FOR UPDATE SKIP LOCKED``, so
+    that relays claiming at the same moment pass each other's rows by;
+    everywhere, a row is claimed only if it is still available when it is
+    updated, so that two relays never hold the same row.
+
+    :param engine: An engine whose database has the table.
+    :param limit: The most rows to claim.
+    :param seconds: How long the claim lasts.
+    :param now: The time.
+    :return: The rows claimed, in the order they are to be published.
+    """
+    now = time.time() if now is None else now
+    token = uuid.uuid4().hex
+    order = (table.c.created, table.c.position)
+    with engine.begin() as conn:
+        ids = conn.scalars(
+            select(table.c.id)
+            .where(table.c.available <= now)
+            .order_by(*order)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not ids:
+            return []
+        conn.execute(
+            update(table)
+            .where(table.c.id.in_(ids), table.c.available <= now)
+            .values(available=now + seconds, claim=token, attempts=table.c.attempts + 1)
+        )
+        return list(
+            conn.execute(select(table).where(table.c.claim == token).order_by(*order))
+        )
+
+
+def release(engine: Engine, ids: list[str], at: float) -> None:
+    """Make claimed rows available again from ``at``.
+
+    :param engine: The engine of the rows.
+    :param ids: Their ids.
+    :param at: The time.
+    """
+    with engine.begin() as conn:
+        conn.execute(
+            update(table).where(table.c.id.in_(ids)).values(available=at, claim=None)
+        )
+
+
+def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
+    """Send the task of a row, as it was to be sent after its commit: by its
+    task's ``apply_async`` when this process knows the task, else by
+    ``send_task``.
+
+    :param celery: The Celery app.
+    :param row: A row of the outbox.
+    """
+    message = loads(row.message)
+    options = message["options"]
+    task = celery.tasks.get(row.name)
+    if task is not None:
+        task.apply_async(message["args"], message["kwargs"], **options)
+    else:
+        celery.send_task(row.name, message["args"], message["kwargs"], **options)
+
+
+def _engine_of(session: Session) -> Engine:
+    try:
+        bind = session.get_bind(clause=table)
+    except UnboundExecutionError:
+        # Per-model binds only: the first database the transaction used.
+        transaction = session.get_transaction()
+        connections = [] if transaction is None else list(transaction._connections)
+        if not connections:
+            raise RuntimeError(
+                "delay_on_commit writes to the outbox table in the session's"
+                " database, but the session has no default bind and its"
+                " transaction used no database. Give the session a default"
+                " bind, or set CELERY_OUTBOX = False in the app's config."
+            ) from None
+        bind = connections[0]
+    return t.cast("Engine", getattr(bind, "engine", bind))
+
+
+def _create_table(conn: Connection, engine: Engine) -> None:
+    """Create the table when this process has not seen it yet.
+
+    On SQLite, in the transaction itself: another connection would wait for
+    the lock this transaction holds. Elsewhere, in a transaction of its own,
+    so that two first transactions creating it at once do not fail a commit.
+    """
+    if engine in _created:
+        return
+    statements: list[Executable] = [
+        CreateTable(table, if_not_exists=True),
+        CreateIndex(_by_availability, if_not_exists=True),
+    ]
+    if engine.dialect.name == "sqlite":
+        for statement in statements:
+            conn.execute(statement)
+        return  # known once a commit has shown it exists: see has_table
+    if has_table(engine):
+        return
+    try:
+        with engine.begin() as own:
+            for statement in statements:
+                own.execute(statement)
+    except Exception:
+        # Another process created it at the same moment.
+        if not has_table(engine):
+            raise
+    _created.add(engine)
+
+
+def _absolute(options: dict[str, t.Any], now: float) -> dict[str, t.Any]:
+    """Options whose delays count from the commit: ``countdown`` as an
+    ``eta``, and a relative ``expires`` as a time."""
+    at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    countdown = options.pop("countdown", None)
+    if countdown is not None and options.get("eta") is None:
+        options["eta"] = at + datetime.timedelta(seconds=float(countdown))
+    expires = options.get("expires")
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        options["expires"] = at + datetime.timedelta(seconds=float(expires))
+    return options

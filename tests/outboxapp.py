@@ -1,0 +1,114 @@
+"""An application whose views commit orders and send a task for each with
+``delay_on_commit``, on the database integration that ``FCC_DATABASE``
+names (``"flask-sqlalchemy"``, ``"lite"``, ``"sessionmaker"``, or
+``"binds"``: a ``sessionmaker`` with per-model binds only).
+
+The task writes a :class:`Seen` row per run, so that the tests count how
+many times each order's task ran. A view asked to ``kill`` the process
+does so with SIGKILL right after its COMMIT, before the messages are
+published. The config comes as JSON in ``FCC_CONFIG``, as for ``taskapp``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import typing as t
+
+from celery import Task
+from flask import Flask
+from flask import request
+from sqlalchemy import create_engine
+from sqlalchemy import event
+from sqlalchemy import orm
+
+from flask_celery_ctx import FlaskCelery
+
+ext = FlaskCelery()
+
+_KILL = "outboxapp.kill_after_commit"
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "outboxapp_order"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
+class Seen(Base):
+    """A run of :func:`process`."""
+
+    __tablename__ = "outboxapp_seen"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    task_id: orm.Mapped[str]
+    order_id: orm.Mapped[int]
+    name: orm.Mapped[str]
+
+
+def create_app(config: dict[str, t.Any] | None = None) -> Flask:
+    app = Flask("outboxapp")
+    app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
+    app.config.update(config or {})
+    url = app.config["SQLALCHEMY_DATABASE_URI"]
+    options = app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})
+    kind = app.config.get("FCC_DATABASE", "flask-sqlalchemy")
+    if kind == "sessionmaker":
+        ext.init_app(app, session=orm.sessionmaker(create_engine(url, **options)))
+    elif kind == "binds":
+        # Per-model binds, no default one.
+        engine = create_engine(url, **options)
+        ext.init_app(app, session=orm.sessionmaker(binds={Base: engine}))
+    elif kind == "flask-sqlalchemy":
+        from flask_sqlalchemy import SQLAlchemy
+
+        ext.init_app(app)
+        SQLAlchemy(app)
+    elif kind == "lite":
+        from flask_sqlalchemy_lite import SQLAlchemy as SQLAlchemyLite
+
+        app.config["SQLALCHEMY_ENGINES"] = {"default": {"url": url, **options}}
+        ext.init_app(app)
+        SQLAlchemyLite(app)
+    else:
+        raise ValueError(kind)
+
+    @app.post("/orders/<name>")
+    def create_order(name: str) -> dict[str, t.Any]:
+        session = ext.session
+        order = Order(name=name)
+        session.add(order)
+        result = process.delay_on_commit(order)
+        if request.args.get("rollback"):
+            session.rollback()
+        else:
+            session.info[_KILL] = bool(request.args.get("kill"))
+            session.commit()
+        return {"task_id": result.id, "order_id": order.id}
+
+    return app
+
+
+#: Called after each COMMIT, before the messages are published, when set.
+after_commit: t.Callable[[], None] | None = None
+
+
+@event.listens_for(orm.Session, "after_commit")
+def _after_commit(session: orm.Session) -> None:
+    if session.info.pop(_KILL, False):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if after_commit is not None:
+        after_commit()
+
+
+@ext.celery.task(bind=True)
+def process(self: Task, order: Order) -> str:  # type: ignore[type-arg]
+    """Record a run for the order."""
+    session = ext.session
+    session.add(Seen(task_id=self.request.id, order_id=order.id, name=order.name))
+    session.commit()
+    return order.name

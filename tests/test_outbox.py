@@ -1,0 +1,472 @@
+"""The outbox of ``delay_on_commit``: a send is written in the committing
+transaction and survives what happens between the COMMIT and the broker, a
+broker down or a web process killed; the relay in the workers and
+``flask celery outbox relay`` publish what was left behind.
+
+Each test runs on PostgreSQL and SQLite, in databases of this module's own,
+with workers of ``outboxapp`` started as users start them.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import typing as t
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import redis
+from flask import Flask
+from kombu import Queue
+from sqlalchemy import create_engine
+from sqlalchemy import delete
+from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from werkzeug.serving import make_server
+
+import outboxapp
+from flask_celery_ctx.db import database
+from flask_celery_ctx.outbox import table as outbox
+from outboxapp import Order
+from outboxapp import Seen
+
+from conftest import FLASK
+from conftest import POSTGRES_URL
+from conftest import REDIS_URL
+from conftest import require
+from conftest import RUN
+from conftest import TESTS
+from conftest import Worker
+
+APP = (FLASK, "--app", "outboxapp:create_app", "celery")
+#: A broker that does not answer, and sends that fail at once.
+DOWN = {
+    "CELERY_BROKER_URL": "redis://127.0.0.1:9/0",
+    "CELERY_TASK_PUBLISH_RETRY": False,
+    "CELERY_BROKER_TRANSPORT_OPTIONS": {"max_retries": 0},
+}
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> t.Iterator[str]:
+    """An empty database with ``outboxapp``'s tables, and no outbox table."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("outbox") / "app.sqlite"
+        found = f"sqlite:///{path}"
+        admin = None
+    else:
+        require("PostgreSQL", POSTGRES_URL, 5432)
+        name = f"fcc_{RUN}_outbox"
+        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        found = admin.url.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(found)
+    outboxapp.Base.metadata.create_all(engine)
+    engine.dispose()
+    yield found
+    if admin is not None:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(url: str) -> t.Iterator[Engine]:
+    """An engine for looking at the database, emptied first."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(delete(Seen))
+        conn.execute(delete(Order))
+        if outbox.has_table(engine):
+            conn.execute(delete(outbox.table))
+    yield engine
+    engine.dispose()
+
+
+_apps: list[Flask] = []
+_workers: list[Worker] = []
+
+
+@pytest.fixture(autouse=True)
+def _cleanup() -> t.Iterator[None]:
+    yield
+    while _workers:
+        _workers.pop().stop()
+    while _apps:
+        app = _apps.pop()
+        for named in database(app).engines(app):  # type: ignore[union-attr]
+            named.engine.dispose()
+
+
+def config(url: str, **extra: t.Any) -> dict[str, t.Any]:
+    require("Redis", REDIS_URL, 6379)
+    return {
+        "SQLALCHEMY_DATABASE_URI": url,
+        "SECRET_KEY": "outbox",
+        "CELERY_BROKER_URL": REDIS_URL,
+        "CELERY_TASK_DEFAULT_QUEUE": f"fcc-{RUN}-{uuid.uuid4().hex[:6]}",
+        "CELERY_OUTBOX_LEASE": 1,
+        "CELERY_OUTBOX_RELAY_INTERVAL": 0.2,
+        **extra,
+    }
+
+
+def make_app(config: dict[str, t.Any]) -> Flask:
+    app = outboxapp.create_app(config)
+    _apps.append(app)
+    return app
+
+
+def start_worker(config: dict[str, t.Any]) -> Worker:
+    worker = Worker(config, command=APP)
+    _workers.append(worker)
+    worker.wait_ready()
+    return worker
+
+
+def rows(engine: Engine) -> list[t.Any]:
+    return outbox.pending(engine) if outbox.has_table(engine) else []
+
+
+def runs(engine: Engine) -> collections.Counter[int]:
+    """How many times the task ran, by order."""
+    with engine.connect() as conn:
+        return collections.Counter(conn.scalars(select(Seen.order_id)).all())
+
+
+def orders(engine: Engine, ids: t.Iterable[int]) -> dict[int, str]:
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(Order.id, Order.name).where(Order.id.in_(list(ids)))
+        )
+        return {row.id: row.name for row in found}
+
+
+def wait_until(
+    condition: t.Callable[[], bool], what: str, timeout: float = 180
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not after {timeout}s")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(params=["flask-sqlalchemy", "lite", "sessionmaker", "binds"])
+def integration(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_the_row_is_committed_with_the_data_and_deleted_once_sent(
+    url: str, engine: Engine, integration: str
+) -> None:
+    app = make_app(config(url, FCC_DATABASE=integration))
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    seen_at_commit: list[list[str]] = []
+
+    def look() -> None:
+        seen_at_commit.append([row.task_id for row in rows(engine)])
+
+    outboxapp.after_commit = look
+    try:
+        sent = app.test_client().post("/orders/kept").get_json()
+        dropped = app.test_client().post("/orders/dropped?rollback=1").get_json()
+    finally:
+        outboxapp.after_commit = None
+    # Between the COMMIT and the publish, the send is in the outbox.
+    assert seen_at_commit == [[sent["task_id"]]]
+    assert rows(engine) == []
+    messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
+    assert [json.loads(m)["headers"]["id"] for m in messages] == [sent["task_id"]]
+    assert dropped["task_id"] not in str(seen_at_commit)
+
+
+def test_savepoints(url: str, engine: Engine) -> None:
+    app = make_app(config(url, **DOWN))
+    with app.app_context():
+        session = outboxapp.ext.session
+        kept = Order(name="outer")
+        session.add(kept)
+        outer = outboxapp.process.delay_on_commit(kept)
+        with session.begin_nested():
+            released = outboxapp.process.delay_on_commit(kept)
+        nested = session.begin_nested()
+        dropped = outboxapp.process.delay_on_commit(kept)
+        nested.rollback()
+        # The rows of the sends queued so far go in with an inner savepoint,
+        # and out with the outer one rolled back: written again at the commit.
+        late = outboxapp.process.delay_on_commit(kept)
+        outer_savepoint = session.begin_nested()
+        with session.begin_nested():
+            inner = outboxapp.process.delay_on_commit(kept)
+        outer_savepoint.rollback()
+        session.commit()
+    assert [row.task_id for row in rows(engine)] == [outer.id, released.id, late.id]
+    assert {dropped.id, inner.id}.isdisjoint(row.task_id for row in rows(engine))
+
+
+def test_options_and_headers_are_kept_and_delays_count_from_the_commit(
+    url: str, engine: Engine
+) -> None:
+    app = make_app(config(url, **DOWN))
+    with app.app_context():
+        session = outboxapp.ext.session
+        order = Order(name="options")
+        session.add(order)
+        result = outboxapp.process.apply_async_on_commit(
+            [order], headers={"carried": {"user": 7}}, countdown=60, priority=3
+        )
+        session.commit()
+        committed = time.time()
+    [row] = rows(engine)
+    options = json.loads(row.message)["options"]
+    assert options["task_id"] == result.id
+    assert options["headers"] == {"carried": {"user": 7}}
+    assert options["priority"] == 3
+    assert "countdown" not in options
+    from datetime import datetime
+
+    eta = datetime.fromisoformat(options["eta"]["__value__"]).timestamp()
+    assert committed + 55 < eta < committed + 65
+
+
+def test_an_option_the_outbox_cannot_hold_is_refused_when_queued(
+    url: str, engine: Engine
+) -> None:
+    app = make_app(config(url))
+    with app.app_context():
+        outboxapp.ext.session.add(Order(name="queue"))
+        with pytest.raises(TypeError, match=r"queue=.*cannot be stored in the outbox"):
+            outboxapp.process.apply_async_on_commit([1], queue=Queue("q"))
+        outboxapp.ext.session.rollback()
+
+
+def test_switched_off_nothing_is_written(url: str, engine: Engine) -> None:
+    app = make_app(config(url, CELERY_OUTBOX=False))
+    response = app.test_client().post("/orders/off")
+    assert response.status_code == 200
+    assert rows(engine) == []
+
+
+def test_broker_down_while_100_views_commit(url: str, engine: Engine) -> None:
+    """A threaded web server answers 100 views that commit and 20 that roll
+    back while the broker is down; once it is up, a worker runs the 100."""
+    port = free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    app = make_app(config(url, CELERY_BROKER_URL=broker))
+    queue = {"CELERY_TASK_DEFAULT_QUEUE": app.config["CELERY_TASK_DEFAULT_QUEUE"]}
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def post(path: str) -> dict[str, t.Any]:
+        request = urllib.request.Request(base + path, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+            return t.cast("dict[str, t.Any]", json.loads(response.read()))
+
+    paths = [f"/orders/down-{i}" for i in range(100)]
+    paths += [f"/orders/rolled-{i}?rollback=1" for i in range(20)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, paths))
+    finally:
+        server.shutdown()
+    committed, rolled_back = answers[:100], answers[100:]
+    assert len({row.task_id for row in rows(engine)}) == 100
+    assert {row.task_id for row in rows(engine)} == {a["task_id"] for a in committed}
+
+    subprocess.run(
+        ["redis-server", "--port", str(port), "--save", "", "--daemonize", "yes"],
+        check=True,
+    )
+    try:
+        start_worker(config(url, CELERY_BROKER_URL=broker) | queue)
+        ids = [a["order_id"] for a in committed]
+        wait_until(lambda: set(runs(engine)) >= set(ids), "the 100 tasks ran")
+        wait_until(lambda: rows(engine) == [], "the outbox is empty")
+    finally:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"])
+    counts = runs(engine)
+    assert set(counts) == set(ids)  # none for a rolled-back view
+    assert all(a["order_id"] is None for a in rolled_back)
+    duplicates = sum(n - 1 for n in counts.values())
+    print(f"broker down, 100 views: {duplicates} duplicates")
+    assert duplicates == 0
+
+
+def test_web_process_killed_between_commit_and_publish(
+    url: str, engine: Engine
+) -> None:
+    settings = config(url)
+    port = free_port()
+    env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
+    server = subprocess.Popen(
+        [FLASK, "--app", "outboxapp:create_app", "run", "--port", str(port)],
+        cwd=TESTS,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/orders/killed?kill=1", method="POST"
+        )
+
+        def killed() -> bool:
+            try:
+                urllib.request.urlopen(request, timeout=60)
+            except urllib.error.URLError as exc:
+                return "refused" not in str(exc)
+            except ConnectionError:
+                return True
+            pytest.fail("the view answered: the process was not killed")
+
+        wait_until(killed, "the web server answered")
+        assert server.wait(30) == -signal.SIGKILL
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert len(rows(engine)) == 1
+    assert list(runs(engine)) == []
+    start_worker(settings)
+    wait_until(lambda: len(runs(engine)) == 1, "the task ran")
+    [(order_id, count)] = runs(engine).items()
+    assert orders(engine, [order_id]) == {order_id: "killed"}
+    assert count == 1
+    wait_until(lambda: rows(engine) == [], "the outbox is empty")
+
+
+def test_two_workers_relay_1000_sends(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_LEASE=30)
+    down = make_app(settings | DOWN)
+    with down.app_context():
+        session = outboxapp.ext.session
+        for i in range(1000):
+            order = Order(name=f"many-{i}")
+            session.add(order)
+            outboxapp.process.delay_on_commit(order)
+        session.commit()
+    assert len(rows(engine)) == 1000
+    # Available at once to the relays.
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    # The relay runs in a worker's main process, whatever its pool.
+    first = Worker(settings, pool="prefork", concurrency=2, command=APP)
+    second = Worker(settings, pool="threads", concurrency=4, command=APP)
+    _workers.extend([first, second])
+    first.wait_ready()
+    second.wait_ready()
+    wait_until(lambda: len(runs(engine)) == 1000, "the 1000 tasks ran", 600)
+    wait_until(lambda: rows(engine) == [], "the outbox is empty")
+    time.sleep(1)  # a duplicate would run now
+    counts = runs(engine)
+    duplicates = sum(n - 1 for n in counts.values())
+    relayed = [
+        sum(int(line.rsplit("sent ", 1)[1].split()[0]) for line in w.log.splitlines()
+            if "The outbox relay sent" in line)
+        for w in (first, second)
+    ]  # fmt: skip
+    print(f"two relays, 1000 sends: {relayed} relayed, {duplicates} duplicates")
+    assert sum(relayed) == 1000
+    assert duplicates == 0
+
+
+@pytest.mark.parametrize("kind", ["flask-sqlalchemy", "binds"])
+def test_cli_lists_and_relays(url: str, engine: Engine, kind: str) -> None:
+    settings = config(url, FCC_DATABASE=kind)
+    down = make_app(settings | DOWN)
+    sent = down.test_client().post("/orders/cli").get_json()
+    ids = [sent["task_id"]]
+    with down.app_context():  # more, in the order they are to be sent
+        session = outboxapp.ext.session
+        for n in range(2):
+            order = Order(name=f"cli-{n}")
+            session.add(order)
+            ids += [outboxapp.process.delay_on_commit(order).id for _ in range(3)]
+            session.commit()
+    env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
+
+    def flask(*args: str) -> str:
+        done = subprocess.run(
+            [*APP, "outbox", *args], cwd=TESTS, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = flask("list")
+    assert sent["task_id"] in listed, listed
+    assert "outboxapp.process" in listed
+    time.sleep(1.1)  # the lease of the process that wrote it
+    assert "Sent 7 tasks" in flask("relay")
+    assert rows(engine) == []
+    queue = settings["CELERY_TASK_DEFAULT_QUEUE"]
+    # Pushed on the left, taken from the right.
+    messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)[::-1]
+    assert [json.loads(m)["headers"]["id"] for m in messages] == ids
+
+
+@pytest.fixture
+def app(url: str) -> Flask:
+    """The app of the ``celery_on_commit`` fixture: a worker's, not eager."""
+    return make_app(config(url, **DOWN))
+
+
+def test_the_on_commit_fixture_records_without_the_outbox(
+    app: Flask, engine: Engine, celery_on_commit: t.Any
+) -> None:
+    answer = app.test_client().post("/orders/recorded").get_json()
+    assert [sent.id for sent in celery_on_commit.sent] == [answer["task_id"]]
+    assert rows(engine) == []
+
+
+def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
+    """Each ``sessionmaker`` makes a ``Session`` subclass; a new one may take
+    the ``id()`` of a collected one, which SQLAlchemy's event registry would
+    take for a class it knows."""
+    sent = []
+    for i in range(30):
+        app = outboxapp.create_app(config(url, FCC_DATABASE="sessionmaker", **DOWN))
+        sent.append(
+            app.test_client().post(f"/orders/factory-{i}").get_json()["task_id"]
+        )
+        for named in database(app).engines(app):  # type: ignore[union-attr]
+            named.engine.dispose()
+        del app, named
+        gc.collect()
+    assert [row.task_id for row in rows(engine)] == sent
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CELERY_OUTBOX", "no"),
+        ("CELERY_OUTBOX_LEASE", "30s"),
+        ("CELERY_OUTBOX_RELAY_INTERVAL", -1),
+    ],
+)
+def test_wrong_settings_are_refused_by_init_app(key: str, value: t.Any) -> None:
+    with pytest.raises(ValueError, match=key):
+        outboxapp.create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://", key: value})

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lowest newest example check lint typecheck docs bench clean
+.PHONY: test lowest newest example check lint typecheck docs bench instructions clean
 
 # pyenv's shims run python3.10 and python3.13, which tox needs, only when
 # they are selected; the first version stays the default python3.
@@ -47,6 +47,9 @@ $(VENV)/.bench-installed: $(STAMP) bench/requirements.txt
 
 bench: $(VENV)/.bench-installed  ## Benchmark against the alternatives (Redis, PostgreSQL); BENCH_ARGS=--full
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+instructions: $(VENV)/.bench-installed  ## Instructions per task under callgrind, no server needed; INSTRUCTIONS_ARGS=--layouts 5
+	$(BIN)/python bench/instructions.py $(INSTRUCTIONS_ARGS)
 
 clean:
 	rm -rf $(VENV) .tox docs/_build

@@ -241,7 +241,7 @@ def _is_unsafe(session: Session) -> bool:
             if not hasattr(type(dbapi), "info"):
                 _NO_STATUS.add(dialect)
                 continue
-            if dbapi.info.transaction_status == _LIBPQ_ACTIVE:  # type: ignore[union-attr]
+            if dbapi.info.transaction_status == _LIBPQ_ACTIVE:
                 return True
     except Exception:
         return True

@@ -11,6 +11,8 @@ import sys
 import typing as t
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 NAMES = {
     "plain": "plain Celery",
     "flasktask": "FlaskTask (Flask docs)",
@@ -135,12 +137,56 @@ def rst(results: dict[str, t.Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, t.Any], path: Path) -> None:
+    """Each Flask variant's extra instructions per task over plain Celery,
+    per cell, with the spread across memory layouts."""
+    from report import _figure
+    from report import _save
+    from report import COLORS
+    from report import SHORT
+
+    table = overheads(results["samples"])
+    fig, ax = _figure()
+    width = 0.26
+    for j, v in enumerate(FLASK_VARIANTS):
+        rows = [table[cell][v] for cell in table]
+        ax.bar(
+            [i + (j - 1) * width for i in range(len(rows))],
+            [r["mean"] / 1000 for r in rows],
+            width,
+            yerr=[
+                [(r["mean"] - r["min"]) / 1000 for r in rows],
+                [(r["max"] - r["mean"]) / 1000 for r in rows],
+            ],
+            capsize=3,
+            color=COLORS[v],
+            label=SHORT[v],
+            edgecolor="black" if v == "ctx" else "none",
+            linewidth=0.8,
+        )
+    labels = [CELL_NAMES[c].replace(", ", "\n").replace("``", "") for c in table]
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("thousand instructions per task")
+    ax.set_title("Extra instructions over plain Celery (lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", fontsize=10)
+    meta = results["meta"]
+    _save(
+        fig,
+        path,
+        f"Mean over {meta['layouts']} memory layouts, bars: min to max."
+        f" Commit {meta['commit']}, {meta['date']}.",
+    )
+
+
 def write_instructions(results: dict[str, t.Any], out: Path) -> str:
-    """Write ``instructions.md`` and ``instructions.rst``; return the
-    Markdown."""
+    """Write ``instructions.md``, ``instructions.rst`` and
+    ``instructions.png``; return the Markdown."""
     text = markdown(results)
     (out / "instructions.md").write_text(text)
     (out / "instructions.rst").write_text(rst(results))
+    plot(results, out / "instructions.png")
     return text
 
 

@@ -46,6 +46,8 @@ sys.path.insert(0, str(BENCH))
 
 from _common import TABLE  # noqa: E402
 from instructions_child import CELLS  # noqa: E402
+from instructions_profile import profile  # noqa: E402
+from instructions_profile import write_profile  # noqa: E402
 from instructions_report import write_instructions  # noqa: E402
 from run import snapshot  # noqa: E402
 from run import VARIANTS  # noqa: E402
@@ -203,10 +205,25 @@ def measure(args: argparse.Namespace) -> dict[str, t.Any]:
             with ThreadPoolExecutor(args.jobs) as pool:
                 for _ in pool.map(one, jobs):
                     pass
+            profiles = None
+            if args.profile:
+                log(f"profile by Python function, with {args.profile} -X perf")
+                profiles = {
+                    variant: profile(
+                        tool,
+                        args.profile,
+                        variant,
+                        args.n1,
+                        args.n2,
+                        {**env, "PYTHONHASHSEED": "0"},
+                        directory,
+                    )
+                    for variant in ("flasktask", "ctx")
+                }
     finally:
         if package is not None:
             shutil.rmtree(package, ignore_errors=True)
-    return {"samples": samples, "commit": commit}
+    return {"samples": samples, "commit": commit, "profiles": profiles}
 
 
 def meta(args: argparse.Namespace, commit: str) -> dict[str, t.Any]:
@@ -240,6 +257,13 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="measure flask_celery_ctx as in the working tree, not as committed",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="PYTHON",
+        help="also profile FlaskTask and Flask-Celery-Ctx by Python function, with"
+        " this interpreter (3.12 or later, with bench/requirements.txt and the"
+        " package installed)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -266,6 +290,8 @@ def main(argv: t.Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "instructions.json").write_text(json.dumps(results, indent=1) + "\n")
     print(write_instructions(results, args.out))
+    if measured["profiles"] is not None:
+        write_profile(measured["profiles"], results["meta"], args.out)
     log(f"done in {results['meta']['seconds']}s: {args.out}")
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import typing as t
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -120,6 +121,43 @@ def top(
         if cost >= at_least and not name.startswith(skip)
     ]
     return sorted(rows, key=lambda row: -row[1])[:limit]
+
+
+def write_profile(
+    profiles: dict[str, dict[str, dict[str, float]]], meta: dict[str, t.Any], out: Path
+) -> None:
+    """Write ``instructions-profile.md``: per cell, the Python functions of
+    Flask-Celery-Ctx and FlaskTask side by side, inclusive instructions per
+    task."""
+    lines = [
+        "# Instructions per task, by Python function",
+        "",
+        "Inclusive: a function's own instructions and those of what it calls."
+        " Functions not listed for a variant do not run in it, or cost less than"
+        " 200 instructions per task. Python 3.12+ `-X perf` under callgrind,"
+        f" PYTHONHASHSEED=0; commit {meta['commit']}, {meta['date']}.",
+        "",
+    ]
+    ours, theirs = profiles["ctx"], profiles["flasktask"]
+    for cell in CELLS:
+        names = dict(top(ours[cell], 30) + top(theirs[cell], 30))
+        lines += [
+            f"## {cell}",
+            "",
+            "| function | Flask-Celery-Ctx | FlaskTask |",
+            "|---|---:|---:|",
+        ]
+        for name in sorted(
+            names, key=lambda n: -max(ours[cell].get(n, 0), theirs[cell].get(n, 0))
+        ):
+            short = name.split("site-packages/")[-1].split("/bench/")[-1]
+            short = short.split("/flask_celery_ctx/")[-1]
+            lines.append(
+                f"| `{short}` | {ours[cell].get(name, 0):,.0f}"
+                f" | {theirs[cell].get(name, 0):,.0f} |"
+            )
+        lines.append("")
+    (out / "instructions-profile.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

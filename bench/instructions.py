@@ -49,6 +49,8 @@ from instructions_child import CELLS  # noqa: E402
 from instructions_profile import profile  # noqa: E402
 from instructions_profile import write_profile  # noqa: E402
 from instructions_report import write_instructions  # noqa: E402
+from instructions_report import write_worker  # noqa: E402
+from instructions_worker import worker_per_task  # noqa: E402
 from run import snapshot  # noqa: E402
 from run import VARIANTS  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
@@ -226,6 +228,36 @@ def measure(args: argparse.Namespace) -> dict[str, t.Any]:
     return {"samples": samples, "commit": commit, "profiles": profiles}
 
 
+def measure_workers(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Per variant, a real worker's instructions per no-op task, through
+    Redis (``instructions_worker.py``)."""
+    tool = valgrind()
+    package, commit = snapshot(args.working_tree)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fccb-instr-") as tmp:
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    str(p) for p in (BENCH / "variants", package) if p is not None
+                ),
+            }
+            log(f"4 workers under callgrind, {args.jobs} at a time")
+
+            def one(variant: str) -> float:
+                value = worker_per_task(
+                    tool, variant, args.n1, args.n2, env, Path(tmp), args.redis_url
+                )
+                log(f"{variant} worker: done")
+                return value
+
+            with ThreadPoolExecutor(args.jobs) as pool:
+                per_task = dict(zip(VARIANTS, pool.map(one, VARIANTS), strict=True))
+    finally:
+        if package is not None:
+            shutil.rmtree(package, ignore_errors=True)
+    return {"per_task": per_task, "commit": commit}
+
+
 def meta(args: argparse.Namespace, commit: str) -> dict[str, t.Any]:
     return {
         "commit": commit,
@@ -264,6 +296,16 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
         " this interpreter (3.12 or later, with bench/requirements.txt and the"
         " package installed)",
     )
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="measure instead a real worker of each variant, end to end through"
+        " Redis (--redis-url)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("FCC_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -275,6 +317,24 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: t.Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
+    if args.worker:
+        try:
+            workers = measure_workers(args)
+        except CannotRun as exc:
+            log(f"cannot run the instruction count: {exc}")
+            raise SystemExit(2) from None
+        results = {
+            "per_task": workers["per_task"],
+            "meta": {
+                **meta(args, workers["commit"]),
+                "seconds": round(time.monotonic() - started),
+            },
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "instructions-worker.json"
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(write_worker(results, args.out))
+        return
     try:
         measured = measure(args)
     except CannotRun as exc:

@@ -190,6 +190,41 @@ def write_instructions(results: dict[str, t.Any], out: Path) -> str:
     return text
 
 
+def write_worker(results: dict[str, t.Any], out: Path) -> str:
+    """Write ``instructions-worker.md`` and ``.rst``: a real worker's
+    instructions per task, and their ratio to plain Celery's."""
+    per_task, meta = results["per_task"], results["meta"]
+    plain = per_task["plain"]
+    rows = [
+        (NAMES[v], f"{per_task[v]:,.0f}", f"{per_task[v] - plain:+,.0f}",
+         f"{per_task[v] / plain:.3f}")
+        for v in per_task
+    ]  # fmt: skip
+    note = (
+        f"A worker (solo pool) consuming no-op tasks from Redis: the difference"
+        f" between {meta['calls'][1]} and {meta['calls'][0]} tasks, divided by"
+        f" {meta['calls'][1] - meta['calls'][0]}. Commit {meta['commit']},"
+        f" {meta['date']}."
+    )
+    header = ("worker", "instructions per task", "over plain", "ratio to plain")
+    md = [
+        "| " + " | ".join(header) + " |",
+        "|---|---:|---:|---:|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        note,
+        "",
+    ]
+    (out / "instructions-worker.md").write_text("\n".join(md))
+    rst_lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        rst_lines.append(f"   * - {row[0]}")
+        rst_lines += [f"     - {cell}" for cell in row[1:]]
+    rst_lines += ["", note, ""]
+    (out / "instructions-worker.rst").write_text("\n".join(rst_lines))
+    return "\n".join(md)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     data = json.loads((out / "instructions.json").read_text())

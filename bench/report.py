@@ -305,7 +305,7 @@ def header_lines(meta: t.Mapping[str, t.Any]) -> list[str]:
 
 
 def rst(results: t.Mapping[str, t.Any]) -> str:
-    """The tables as reST, for the docs to include; sections use ``~``."""
+    """The tables as reST, for the docs to include; sections use ``^``."""
     meta = results["meta"]
     out = [
         ".. This file is written by bench/report.py: do not edit.",
@@ -318,7 +318,7 @@ def rst(results: t.Mapping[str, t.Any]) -> str:
         "",
     ]
     for table in tables(results):
-        out += [table.title, "~" * len(table.title), "", table.note, ""]
+        out += [table.title, "^" * len(table.title), "", table.note, ""]
         if not table.header:
             continue
         out += [".. list-table::", "   :header-rows: 1", ""]

@@ -108,6 +108,15 @@ def prepare_database(directory: Path) -> str:
     return url
 
 
+def layout_env(layout: int) -> dict[str, str]:
+    """The environment of a memory layout."""
+    return {
+        "PYTHONHASHSEED": str(layout),
+        # Moves the stack, and what is allocated after the environment.
+        "FCC_BENCH_PAD": "x" * (layout * 1237 % 4096),
+    }
+
+
 def run_child(
     tool: str,
     variant: str,
@@ -120,12 +129,7 @@ def run_child(
     """Run a variant's child under callgrind in one memory layout; return
     the instructions per call of each cell."""
     out = directory / f"{variant}-{layout}.cg"
-    layout_env = {
-        **env,
-        "PYTHONHASHSEED": str(layout),
-        # Moves the stack, and what is allocated after the environment.
-        "FCC_BENCH_PAD": "x" * (layout * 1237 % 4096),
-    }
+    layout_env_ = {**env, **layout_env(layout)}
     command = [
         tool,
         "--tool=callgrind",
@@ -137,7 +141,7 @@ def run_child(
         str(n1),
         str(n2),
     ]
-    done = subprocess.run(command, env=layout_env, capture_output=True, text=True)
+    done = subprocess.run(command, env=layout_env_, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(
             f"{variant} (layout {layout}) failed:\n{done.stderr[-3000:]}"
@@ -241,17 +245,26 @@ def measure_workers(args: argparse.Namespace) -> dict[str, t.Any]:
                     str(p) for p in (BENCH / "variants", package) if p is not None
                 ),
             }
-            log(f"4 workers under callgrind, {args.jobs} at a time")
+            jobs = [(v, layout) for layout in range(args.layouts) for v in VARIANTS]
+            log(f"{len(jobs)} workers under callgrind, {args.jobs} at a time")
+            per_task = {v: [0.0] * args.layouts for v in VARIANTS}
 
-            def one(variant: str) -> float:
-                value = worker_per_task(
-                    tool, variant, args.n1, args.n2, env, Path(tmp), args.redis_url
+            def one(job: tuple[str, int]) -> None:
+                variant, layout = job
+                per_task[variant][layout] = worker_per_task(
+                    tool,
+                    variant,
+                    args.n1,
+                    args.n2,
+                    {**env, **layout_env(layout)},
+                    Path(tmp),
+                    args.redis_url,
                 )
-                log(f"{variant} worker: done")
-                return value
+                log(f"{variant} worker, layout {layout}: done")
 
             with ThreadPoolExecutor(args.jobs) as pool:
-                per_task = dict(zip(VARIANTS, pool.map(one, VARIANTS), strict=True))
+                for _ in pool.map(one, jobs):
+                    pass
     finally:
         if package is not None:
             shutil.rmtree(package, ignore_errors=True)

@@ -123,6 +123,14 @@ def top(
     return sorted(rows, key=lambda row: -row[1])[:limit]
 
 
+def _short(name: str) -> str:
+    """``function (module)`` from the map's ``function:path``."""
+    function, _, path = name.partition(":")
+    for prefix in ("site-packages/", "/lib/python3", "/bench/", "/work/"):
+        path = path.split(prefix)[-1]
+    return f"{function} ({path})"
+
+
 def write_profile(
     profiles: dict[str, dict[str, dict[str, float]]], meta: dict[str, t.Any], out: Path
 ) -> None:
@@ -150,10 +158,8 @@ def write_profile(
         for name in sorted(
             names, key=lambda n: -max(ours[cell].get(n, 0), theirs[cell].get(n, 0))
         ):
-            short = name.split("site-packages/")[-1].split("/bench/")[-1]
-            short = short.split("/flask_celery_ctx/")[-1]
             lines.append(
-                f"| `{short}` | {ours[cell].get(name, 0):,.0f}"
+                f"| `{_short(name)}` | {ours[cell].get(name, 0):,.0f}"
                 f" | {theirs[cell].get(name, 0):,.0f} |"
             )
         lines.append("")
@@ -161,22 +167,35 @@ def write_profile(
 
 
 if __name__ == "__main__":
-    # python bench/instructions_profile.py PYTHON VARIANT [CELL]: a quick look.
+    # python bench/instructions_profile.py PYTHON: the profile alone, of the
+    # package as committed, written to bench/results/instructions-profile.md.
     import json
+    import shutil
     import tempfile
+    from datetime import datetime
+    from datetime import timezone
 
     from instructions import prepare_database
     from instructions import valgrind
+    from run import snapshot
 
-    with tempfile.TemporaryDirectory() as tmp:
-        url = prepare_database(Path(tmp))
-        env = {
-            **os.environ,
-            "FCC_BENCH": json.dumps({"database_url": url}),
-            "PYTHONPATH": str(BENCH / "variants"),
-        }
-        found = profile(valgrind(), sys.argv[1], sys.argv[2], 20, 60, env, Path(tmp))
-    for cell in sys.argv[3:] or CELLS:
-        print(f"\n{sys.argv[2]} {cell}")
-        for name, cost in top(found[cell], 40):
-            print(f"{cost:>12,.0f}  {name}")
+    package, commit = snapshot(False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            url = prepare_database(Path(tmp))
+            env = {
+                **os.environ,
+                "FCC_BENCH": json.dumps({"database_url": url}),
+                "PYTHONPATH": os.pathsep.join([str(BENCH / "variants"), str(package)]),
+                "PYTHONHASHSEED": "0",
+            }
+            found = {
+                variant: profile(
+                    valgrind(), sys.argv[1], variant, 20, 80, env, Path(tmp)
+                )
+                for variant in ("flasktask", "ctx")
+            }
+    finally:
+        shutil.rmtree(str(package), ignore_errors=True)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    write_profile(found, {"commit": commit, "date": date}, BENCH / "results")

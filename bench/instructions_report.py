@@ -195,15 +195,23 @@ def write_worker(results: dict[str, t.Any], out: Path) -> str:
     instructions per task, and their ratio to plain Celery's."""
     per_task, meta = results["per_task"], results["meta"]
     plain = per_task["plain"]
-    rows = [
-        (NAMES[v], f"{per_task[v]:,.0f}", f"{per_task[v] - plain:+,.0f}",
-         f"{per_task[v] / plain:.3f}")
-        for v in per_task
-    ]  # fmt: skip
+    rows = []
+    for v, values in per_task.items():
+        extra = _summary([x - p for x, p in zip(values, plain, strict=True)])
+        mean = statistics.fmean(values)
+        rows.append(
+            (
+                NAMES[v],
+                _n(mean),
+                _spread(extra),
+                f"{mean / statistics.fmean(plain):.3f}",
+            )
+        )
     note = (
         f"A worker (solo pool) consuming no-op tasks from Redis: the difference"
         f" between {meta['calls'][1]} and {meta['calls'][0]} tasks, divided by"
-        f" {meta['calls'][1] - meta['calls'][0]}. Commit {meta['commit']},"
+        f" {meta['calls'][1] - meta['calls'][0]}; mean over {meta['layouts']}"
+        f" memory layouts, [min, max] across them. Commit {meta['commit']},"
         f" {meta['date']}."
     )
     header = ("worker", "instructions per task", "over plain", "ratio to plain")

@@ -13,6 +13,7 @@ dumps divided by the difference of their calls.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -126,8 +127,7 @@ def top(
 def _short(name: str) -> str:
     """``function (module)`` from the map's ``function:path``."""
     function, _, path = name.partition(":")
-    for prefix in ("site-packages/", "/lib/python3", "/bench/", "/work/"):
-        path = path.split(prefix)[-1]
+    path = re.sub(r"^.*/(site-packages|lib/python3\.\d+|bench|[^/]*-src)/", "", path)
     return f"{function} ({path})"
 
 
@@ -164,12 +164,13 @@ def write_profile(
             )
         lines.append("")
     (out / "instructions-profile.md").write_text("\n".join(lines))
+    data = {"meta": meta, "profiles": profiles}
+    (out / "instructions-profile.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
     # python bench/instructions_profile.py PYTHON: the profile alone, of the
     # package as committed, written to bench/results/instructions-profile.md.
-    import json
     import shutil
     import tempfile
     from datetime import datetime

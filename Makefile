@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXAMPLE_VENV := .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
 
-.PHONY: test lowest newest example check lint typecheck docs bench clean
+.PHONY: test lowest newest example check lint typecheck docs bench instructions instructions-profile clean
 
 # pyenv's shims run python3.10 and python3.13, which tox needs, only when
 # they are selected; the first version stays the default python3.
@@ -56,5 +56,19 @@ $(VENV)/.bench-installed: $(STAMP) bench/requirements.txt
 bench: $(VENV)/.bench-installed  ## Benchmark against the alternatives (Redis, PostgreSQL); BENCH_ARGS=--full
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+instructions: $(VENV)/.bench-installed  ## Instructions per task under callgrind, no server needed; INSTRUCTIONS_ARGS=--layouts 5
+	$(BIN)/python bench/instructions.py $(INSTRUCTIONS_ARGS)
+
+# The profile by Python function needs Python 3.12 or later (-X perf).
+PERF_PYTHON ?= python3.13
+
+.venv-perf/.installed: pyproject.toml bench/requirements.txt requirements/dev.txt
+	$(PERF_PYTHON) -m venv .venv-perf
+	.venv-perf/bin/python -m pip install --quiet -r bench/requirements.txt -e .
+	touch $@
+
+instructions-profile: $(VENV)/.bench-installed .venv-perf/.installed  ## The same, and where the instructions go, by Python function
+	$(BIN)/python bench/instructions.py --profile .venv-perf/bin/python $(INSTRUCTIONS_ARGS)
+
 clean:
-	rm -rf $(VENV) $(EXAMPLE_VENV) .tox docs/_build
+	rm -rf $(VENV) $(EXAMPLE_VENV) .venv-perf .tox docs/_build

@@ -280,7 +280,11 @@ def markdown(results: t.Mapping[str, t.Any]) -> str:
             out.append("|" + "|".join("---" for _ in table.header) + "|")
             out += ["| " + " | ".join(row) + " |" for row in table.rows]
             out.append("")
-    out += ["![Benchmark results](results.png)", ""]
+    out += [
+        f"![{name}]({name})"
+        for name in ("results-inprocess.png", "results-e2e.png", "results-startup.png")
+    ]
+    out.append("")
     return "\n".join(out).replace("``", "`")
 
 
@@ -301,7 +305,7 @@ def header_lines(meta: t.Mapping[str, t.Any]) -> list[str]:
 
 
 def rst(results: t.Mapping[str, t.Any]) -> str:
-    """The tables as reST, for the docs to include; sections use ``~``."""
+    """The tables as reST, for the docs to include; sections use ``^``."""
     meta = results["meta"]
     out = [
         ".. This file is written by bench/report.py: do not edit.",
@@ -314,7 +318,7 @@ def rst(results: t.Mapping[str, t.Any]) -> str:
         "",
     ]
     for table in tables(results):
-        out += [table.title, "~" * len(table.title), "", table.note, ""]
+        out += [table.title, "^" * len(table.title), "", table.note, ""]
         if not table.header:
             continue
         out += [".. list-table::", "   :header-rows: 1", ""]
@@ -328,58 +332,93 @@ def rst(results: t.Mapping[str, t.Any]) -> str:
 # Plot --------------------------------------------------------------------
 
 
-def plot(results: t.Mapping[str, t.Any], path: Path) -> None:
+#: The size of each plot, in inches at ``DPI``: about the width the docs'
+#: page shows it at, so that its labels are read at their size.
+FIGSIZE = (7.2, 4.2)
+DPI = 100
+
+
+def _figure() -> t.Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), width_ratios=[1, 1.6, 0.9])
-    width = 0.2
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12})
+    return plt.subplots(figsize=FIGSIZE)
 
-    def bars(ax: t.Any, groups: list[str], values: dict[str, list[Summary]]) -> None:
-        for j, v in enumerate(VARIANTS):
-            medians = [s.median for s in values[v]]
-            errors = [
-                [s.median - s.q1 for s in values[v]],
-                [s.q3 - s.median for s in values[v]],
-            ]
-            xs = [i + (j - 1.5) * width for i in range(len(groups))]
-            ax.bar(
-                xs,
-                medians,
-                width,
-                yerr=errors,
-                capsize=3,
-                color=COLORS[v],
-                label=SHORT[v],
-                edgecolor="black" if v == "ctx" else "none",
-                linewidth=0.8,
-            )
-        ax.set_xticks(range(len(groups)), groups)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+
+def _save(fig: t.Any, path: Path, caption: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.01, caption, fontsize=8.5, color="#555555")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _bars(ax: t.Any, groups: list[str], values: dict[str, list[Summary]]) -> None:
+    width = 0.2
+    for j, v in enumerate(VARIANTS):
+        medians = [s.median for s in values[v]]
+        errors = [
+            [s.median - s.q1 for s in values[v]],
+            [s.q3 - s.median for s in values[v]],
+        ]
+        xs = [i + (j - 1.5) * width for i in range(len(groups))]
+        ax.bar(
+            xs,
+            medians,
+            width,
+            yerr=errors,
+            capsize=3,
+            color=COLORS[v],
+            label=SHORT[v],
+            edgecolor="black" if v == "ctx" else "none",
+            linewidth=0.8,
+        )
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _legend(ax: t.Any) -> None:
+    ax.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.08),
+        ncols=len(VARIANTS),
+        fontsize=9.5,
+        frameon=False,
+    )
+
+
+def plots(results: t.Mapping[str, t.Any], out: Path) -> list[str]:
+    """Write one plot per part measured, ``results-PART.png``; return the
+    file names."""
+    meta = results["meta"]
+    caption = f"Medians, bars: IQR. Commit {meta['commit']}, {meta['date']}."
+    written = []
 
     inproc = results.get("inprocess")
-    ax = axes[0]
     if inproc:
+        fig, ax = _figure()
         kinds = ["noop", "query"]
-        bars(
+        _bars(
             ax,
             [TASK_LABELS[k] for k in kinds],
             {v: [Summary.of(inproc[k][v]) for k in kinds] for v in VARIANTS},
         )
-        ax.set_ylabel("µs per task.apply()  (lower is better)")
-        ax.set_title("1. In-process cost per task")
-        ax.legend(fontsize=8, loc="upper left")
-    else:
-        ax.set_axis_off()
+        ax.set_ylabel("µs per task.apply() (lower is better)")
+        ax.set_title("In-process cost per task, wall clock")
+        _legend(ax)
+        _save(fig, out / "results-inprocess.png", caption)
+        written.append("results-inprocess.png")
 
     e2e = results.get("e2e")
-    ax = axes[1]
     if e2e:
+        fig, ax = _figure()
         scenarios = [s for s in SCENARIOS if s[0] in e2e]
-        bars(
+        _bars(
             ax,
             [
                 f"{pool} x{e2e[pool]['concurrency']}\n{TASK_LABELS[kind]}"
@@ -393,7 +432,7 @@ def plot(results: t.Mapping[str, t.Any], path: Path) -> None:
             THROUGHPUT_GOAL,
             f" goal\n {THROUGHPUT_GOAL}",
             color="#c0392b",
-            fontsize=8,
+            fontsize=10,
             ha="left",
             va="center",
             transform=ax.get_yaxis_transform(),
@@ -402,17 +441,18 @@ def plot(results: t.Mapping[str, t.Any], path: Path) -> None:
             s.q1 for v in VARIANTS for s in [ratios(e2e[p][k], v) for p, k in scenarios]
         )
         ax.set_ylim(min(0.9, low - 0.02), None)
-        ax.set_ylabel("tasks/s, ratio to plain Celery  (higher is better)")
-        ax.set_title("2. End-to-end throughput, Redis broker")
-    else:
-        ax.set_axis_off()
+        ax.set_ylabel("tasks/s, ratio to plain Celery")
+        ax.set_title("Throughput through Redis (higher is better)")
+        _legend(ax)
+        _save(fig, out / "results-e2e.png", caption)
+        written.append("results-e2e.png")
 
     startup = results.get("startup")
-    ax = axes[2]
     if startup:
+        fig, ax = _figure()
         summaries = [Summary.of(startup[v]) for v in VARIANTS]
         ax.bar(
-            ["plain\nCelery", "FlaskTask", "Flask-\nCeleryExt", "Flask-\nCelery-Ctx"],
+            [SHORT[v] for v in VARIANTS],
             [s.median for s in summaries],
             yerr=[
                 [s.median - s.low for s in summaries],
@@ -422,31 +462,25 @@ def plot(results: t.Mapping[str, t.Any], path: Path) -> None:
             color=[COLORS[v] for v in VARIANTS],
             edgecolor=["black" if v == "ctx" else "none" for v in VARIANTS],
         )
-        ax.tick_params(axis="x", labelsize=8)
-        ax.set_ylabel("seconds  (lower is better)")
-        ax.set_title("5. Worker start to first task done")
+        ax.set_ylabel("seconds (lower is better)")
+        ax.set_title("Worker start to first task done")
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    else:
-        ax.set_axis_off()
-
-    meta = results["meta"]
-    fig.suptitle(
-        f"Flask-Celery-Ctx against the alternatives: medians, bars show the"
-        f" {'IQR' if startup is None else 'IQR (start-up: min-max)'};"
-        f" {meta['cpu']}, {meta['cores']} cores, {meta['date']}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _save(
+            fig,
+            out / "results-startup.png",
+            caption.replace("IQR", "min to max"),
+        )
+        written.append("results-startup.png")
+    return written
 
 
 def write_report(results: t.Mapping[str, t.Any], out: Path) -> None:
-    """Write ``results.md``, ``results.rst`` and ``results.png`` to ``out``."""
+    """Write ``results.md``, ``results.rst`` and the plots to ``out``."""
     (out / "results.md").write_text(markdown(results))
     (out / "results.rst").write_text(rst(results))
-    plot(results, out / "results.png")
+    (out / "results.png").unlink(missing_ok=True)  # the former, single plot
+    plots(results, out)
 
 
 if __name__ == "__main__":

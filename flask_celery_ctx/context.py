@@ -14,11 +14,9 @@ import logging
 import typing as t
 from contextlib import contextmanager
 
-from flask import current_app
 from flask import Flask
-from flask import has_app_context
-from flask.ctx import AppContext
 from flask.ctx import RequestContext
+from flask.globals import _cv_app
 
 from .db import database
 
@@ -30,43 +28,64 @@ def in_app_context(app: Flask) -> bool:
 
     :param app: The Flask application.
     """
-    return has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
+    # What has_app_context() and current_app look up, without the proxy.
+    ctx = _cv_app.get(None)
+    return ctx is not None and ctx.app is app
 
 
 class TaskContext:
     """A context pushed for one task call: an application context of its
     own, under a test request context when the app is in testing mode.
 
+    The test request context is pushed over the application context pushed
+    first: on its own, a request context pushes an application context only
+    when none of its app is active, and would share one left active by the
+    caller (the one ``flask`` pushes for its commands, say), its ``g`` and
+    its session, and never tear it down.
+
     :param app: The Flask application.
     """
 
-    __slots__ = ("_ctx", "app", "app_ctx")
+    __slots__ = ("app", "app_ctx", "request_ctx")
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         #: The application context, whose ``id()`` scopes the session.
-        self.app_ctx = app.app_context()
-        self._ctx: AppContext | _TestRequestContext = (
-            _TestRequestContext(self.app_ctx) if app.testing else self.app_ctx
-        )
-        self._ctx.push()
+        self.app_ctx = app_ctx = app.app_context()
+        app_ctx.push()
+        #: The test request context, in testing mode.
+        self.request_ctx: RequestContext | None = None
+        if app.config["TESTING"]:  # app.testing, without its descriptor
+            self.request_ctx = request_ctx = app.test_request_context()
+            try:
+                request_ctx.push()
+            except BaseException:
+                app_ctx.pop()
+                raise
 
     def pop(self, exc: BaseException | None = None) -> None:
         """Pop the context and make sure its database sessions are gone,
         whatever state their connections are in and even when a teardown
-        function raised (see :class:`~flask_celery_ctx.db.base.Database`).
+        function raised (see :meth:`~flask_celery_ctx.db.base.Database.teardown`).
 
         :param exc: The exception the task raised, passed to teardown
             functions.
         """
         found = database(self.app)
-        if found is not None:
-            found.before_teardown(self.app_ctx, exc)
+        if found is None:
+            self._pop(exc)
+        else:
+            found.teardown(self.app_ctx, self._pop, exc)
+
+    def _pop(self, exc: BaseException | None) -> None:
+        request_ctx = self.request_ctx
+        if request_ctx is None:
+            self.app_ctx.pop(exc)
+            return
         try:
-            self._ctx.pop(exc)
+            request_ctx.pop(exc)
         finally:
-            if found is not None:
-                found.after_teardown(self.app_ctx)
+            self.app_ctx.pop(exc)
 
     def close(self, exc: BaseException | None, task_name: str) -> None:
         """Pop the context once its task is done, logging, not raising, what
@@ -81,38 +100,6 @@ class TaskContext:
             self.pop(exc)
         except Exception:
             logger.exception("Tearing down the context of task %r raised", task_name)
-
-
-class _TestRequestContext:
-    """A test request context over an application context of its own.
-
-    A request context pushes an application context only when none of its
-    app is active; it would share one left active by the caller (the one
-    ``flask`` pushes for its commands, say), its ``g`` and its session, and
-    never tear it down.
-
-    :param app_ctx: The application context, pushed first and popped last.
-    """
-
-    __slots__ = ("app_ctx", "request_ctx")
-
-    def __init__(self, app_ctx: AppContext) -> None:
-        self.app_ctx = app_ctx
-        self.request_ctx: RequestContext = app_ctx.app.test_request_context()
-
-    def push(self) -> None:
-        self.app_ctx.push()
-        try:
-            self.request_ctx.push()
-        except BaseException:
-            self.app_ctx.pop()
-            raise
-
-    def pop(self, exc: BaseException | None = None) -> None:
-        try:
-            self.request_ctx.pop(exc)
-        finally:
-            self.app_ctx.pop(exc)
 
 
 @contextmanager

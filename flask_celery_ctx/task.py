@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typing as t
-from functools import partial
 
 from celery import Task
+from celery.utils import uuid
 from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
 from kombu import serialization
@@ -116,13 +116,14 @@ class ContextTask(_GenericTask[_P, _R_co]):
         self._context_tracer = (
             None
             if tracer is None
-            else partial(tracing.trace_in_context, extension_of(self), self, tracer)
+            else tracing.trace_in_context(extension_of(self), self, tracer)
         )
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co:
-        call = tracing.start(self)
-        if call is not None:
+        call = tracing.current()
+        if call is not None and call.task is self and not call.started:
             # Traced by Celery, in the context pushed for it.
+            call.started = True
             try:
                 if call.error is not None:
                     raise call.error
@@ -149,11 +150,15 @@ class ContextTask(_GenericTask[_P, _R_co]):
             was not called yet.
         """
         app = extension_of(self).app
-        tracing.end_retried_attempt(self, options.get("task_id"))
+        task_id = options.get("task_id")
+        tracing.end_retried_attempt(self, task_id)
+        if task_id is None:
+            # Celery's apply() makes the same, if not given one.
+            options["task_id"] = task_id = uuid()
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         ctx = None if in_app_context(app) else TaskContext(app)
-        with tracing.TracedCall(self, ctx, args, kwargs) as call:
+        with tracing.TracedCall(self, ctx, args, kwargs, task_id) as call:
             result = super().apply(args, kwargs, *arguments, **options)
             call.outcome(result.result)
         return result

@@ -64,6 +64,7 @@ class TracedCall:
     :param args: The positional arguments the tracer passes to the hooks and
         to the task: model instances replace the references in place.
     :param kwargs: The keyword arguments, likewise.
+    :param task_id: The id the tracer runs the task with.
     """
 
     __slots__ = (
@@ -79,18 +80,22 @@ class TracedCall:
     )
 
     def __init__(
-        self, task: ContextTask, ctx: TaskContext | None, args: t.Any, kwargs: t.Any
+        self,
+        task: ContextTask,
+        ctx: TaskContext | None,
+        args: t.Any,
+        kwargs: t.Any,
+        task_id: str,
     ) -> None:
         self.task = task
         self.ctx = ctx
         self.args = args
         self.kwargs = kwargs
+        self.task_id = task_id
         #: What loading the model instances raised.
         self.error: Exception | None = None
         #: Whether the tracer called the task.
         self.started = False
-        #: The id of the task's request, once the tracer called the task.
-        self.task_id: str | None = None
         #: The exception the task failed with, for the teardown functions.
         self.exception: BaseException | None = None
 
@@ -142,18 +147,10 @@ _current: ContextVar[TracedCall | None] = ContextVar(
 )
 
 
-def start(task: ContextTask) -> TracedCall | None:
-    """Return the traced call of ``task`` that the tracer starts now, when its
-    ``__call__`` is called by the tracer; ``None`` for a direct call.
-
-    :param task: The task whose ``__call__`` is called.
-    """
-    call = _current.get()
-    if call is None or call.task is not task or call.started:
-        return None
-    call.started = True
-    call.task_id = task.request.id
-    return call
+#: The traced call in progress, if any: the task's ``__call__`` tells with it
+#: a call by the tracer (``call.task`` is the task and ``call.started`` is
+#: false) from a direct call.
+current = _current.get
 
 
 def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
@@ -184,16 +181,10 @@ def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
 
 
 def trace_in_context(
-    ext: FlaskCelery,
-    task: ContextTask,
-    tracer: t.Callable[..., t.Any],
-    uuid: str,
-    args: t.Any,
-    kwargs: t.Any,
-    request: t.Any = None,
-) -> t.Any:
-    """Run a task's tracer, as a worker calls it, in a fresh context of the
-    app the extension is bound to.
+    ext: FlaskCelery, task: ContextTask, tracer: t.Callable[..., t.Any]
+) -> t.Callable[..., t.Any]:
+    """Wrap a task's tracer, once, when a worker builds it: each call runs
+    in a fresh context of the app the extension is bound to.
 
     A worker never reuses a context that is active when the task starts:
     each task gets its own ``g`` and its own session.
@@ -201,15 +192,35 @@ def trace_in_context(
     :param ext: The extension of the task's Celery app.
     :param task: The task.
     :param tracer: What ``celery.app.trace.build_tracer`` built for the task.
-    :param uuid: The task's id, and the rest of the tracer's arguments.
-    :return: What the tracer returns: a ``trace_ok_t``, whose ``info`` holds
-        the task's exception, if any.
+    :return: The tracer to call for each message, with the tracer's
+        arguments; it returns what the tracer returns, a ``trace_ok_t``,
+        whose ``info`` holds the task's exception, if any.
     """
-    with TracedCall(task, TaskContext(ext.app), args, kwargs) as call:
-        traced = tracer(uuid, args, kwargs, request)
+
+    name = task.name
+
+    # Runs for every message: what TracedCall's __enter__, outcome() and
+    # __exit__ do, inline.
+    def trace(uuid: str, args: t.Any, kwargs: t.Any, request: t.Any = None) -> t.Any:
+        # ext.app raises when the extension is bound to no app.
+        ctx = TaskContext(ext._app or ext.app)
+        call = TracedCall(task, ctx, args, kwargs, uuid)
+        token = _current.set(call)
+        try:
+            traced = tracer(uuid, args, kwargs, request)
+        except BaseException as exc:
+            _current.reset(token)
+            ctx.close(exc, name)
+            raise
+        _current.reset(token)
         info = traced[1]
-        call.outcome(None if info is None else info.retval)
-    return traced
+        if info is not None and isinstance(info.retval, BaseException):
+            ctx.close(info.retval, name)
+        else:
+            ctx.close(call.exception, name)
+        return traced
+
+    return trace
 
 
 class TaskLoader(AppLoader):
@@ -229,12 +240,13 @@ class TaskLoader(AppLoader):
         :param task_id: The task's id.
         :param task: The task.
         """
-        super().on_task_init(task_id, task)
+        # AppLoader's own does nothing. This runs for every task.
         names = self.app.flask_celery.carry_g  # type: ignore[attr-defined]
         if names:
             carry.restore(names, task)
+        # A task without arguments has no instances to load.
         call = _current.get()
-        if call is None or call.task is not task:
+        if call is None or call.task is not task or not (call.args or call.kwargs):
             return
         try:
             call.task.load_instances(call.args, call.kwargs)

@@ -26,6 +26,8 @@ NOOP = "bench.noop"
 QUERY = "bench.query"
 TRIVIAL = "bench.trivial"
 INSERT = "bench.insert"
+#: A task that makes callgrind write its count (``instructions_worker.py``).
+MARK = "bench.mark"
 
 #: The table the tasks read and write, created by the runner.
 TABLE = Table(
@@ -69,6 +71,12 @@ def _client() -> redis.Redis:
     if _redis is None or _redis[0] != os.getpid():
         _redis = (os.getpid(), redis.Redis.from_url(settings()["redis_url"]))
     return _redis[1]
+
+
+def mark() -> None:
+    """Make callgrind, run with ``--dump-before=getloadavg``, write its
+    count."""
+    os.getloadavg()
 
 
 def done(key: str, total: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from _common import celery_settings
 from _common import done
 from _common import INSERT
+from _common import MARK
+from _common import mark
 from _common import NOOP
 from _common import QUERY
 from _common import settings
@@ -50,6 +52,11 @@ def create_app() -> Flask:
 @shared_task(name=NOOP)
 def noop() -> None:
     pass
+
+
+@shared_task(name=MARK)
+def mark_task() -> None:
+    mark()
 
 
 @shared_task(name=QUERY)

@@ -11,6 +11,8 @@ import functools
 from _common import celery_settings
 from _common import done
 from _common import INSERT
+from _common import MARK
+from _common import mark
 from _common import NOOP
 from _common import QUERY
 from _common import settings
@@ -46,6 +48,11 @@ def engine() -> Engine:
 @celery_app.task(name=NOOP)
 def noop() -> None:
     pass
+
+
+@celery_app.task(name=MARK)
+def mark_task() -> None:
+    mark()
 
 
 @celery_app.task(name=QUERY)

@@ -22,6 +22,7 @@ function, added to ``_FINDERS``.
 from __future__ import annotations
 
 import typing as t
+from weakref import ref
 from weakref import WeakKeyDictionary
 
 from flask import Flask
@@ -37,12 +38,20 @@ _FINDERS: tuple[t.Callable[[Flask], Database | None], ...] = (
 
 _found: WeakKeyDictionary[Flask, Database] = WeakKeyDictionary()
 
+# The last app looked up and its integration: every task asks, nearly always
+# for the same app, and a look-up in ``_found`` makes a weak reference.
+_last: tuple[ref[Flask], Database] | None = None
+
 
 def database(app: Flask) -> Database | None:
     """The database integration of ``app``, or ``None`` when it uses none.
 
     :param app: The Flask application.
     """
+    global _last
+    last = _last
+    if last is not None and last[0]() is app:
+        return last[1]
     found = _found.get(app)
     if found is None:
         for find in _FINDERS:
@@ -50,6 +59,8 @@ def database(app: Flask) -> Database | None:
             if found is not None:
                 _found[app] = found
                 break
+    if found is not None:
+        _last = (ref(app), found)
     return found
 
 
@@ -60,4 +71,6 @@ def use(app: Flask, found: Database) -> None:
     :param app: The Flask application.
     :param found: The integration.
     """
+    global _last
     _found[app] = found
+    _last = None

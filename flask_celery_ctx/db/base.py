@@ -138,42 +138,47 @@ class Database(ABC):
                 logger.warning("Rolling back a session failed", exc_info=True)
                 _invalidate(session)
 
-    def before_teardown(self, ctx: AppContext, exc: BaseException | None) -> None:
-        """Called before the teardown functions of a task's context run:
-        invalidate a session whose connection a query was interrupted on.
+    def teardown(
+        self,
+        ctx: AppContext,
+        pop: t.Callable[[BaseException | None], None],
+        exc: BaseException | None,
+    ) -> None:
+        """Pop a task's context with ``pop(exc)``, which runs its teardown
+        functions, and make sure its sessions are gone after it. This never
+        leaves a session behind: whatever state the connections are in, the
+        context must be torn down.
 
-        A soft time limit raises in whatever the task was doing, possibly
-        inside the database driver in the middle of a query, and the task
-        may even catch it and return. Such a connection cannot roll back
+        Before: a session whose connection a query was interrupted on is
+        invalidated. A soft time limit raises in whatever the task was doing,
+        possibly inside the database driver in the middle of a query, and the
+        task may even catch it and return. Such a connection cannot roll back
         (psycopg: "another command is already in progress"), and once the
-        server finishes the query it would sit idle in a transaction.
-        Closing it ends the query and the transaction on the server. A
-        connection that cannot even be looked at (the database dropped it)
-        is invalidated too. This never raises: whatever state the
-        connections are in, the context must be torn down.
+        server finishes the query it would sit idle in a transaction. Closing
+        it ends the query and the transaction on the server. A connection
+        that cannot even be looked at (the database dropped it) is
+        invalidated too.
+
+        After, even when a teardown function raised: the sessions teardown
+        left behind are invalidated. Flask stops calling teardown functions
+        at the first one that raises, so a failing function registered after
+        the one that closes the sessions leaves them, their transactions and
+        their connections behind. Such a session is invalidated: its
+        connections are closed, which ends their transactions on the server,
+        instead of going back to the pool in a state nobody checked.
 
         :param ctx: The task's application context, still active.
+        :param pop: Pops the context.
         :param exc: The exception the task raised, if any.
         """
         for session in self.sessions(ctx):
             if isinstance(exc, SoftTimeLimitExceeded) or _is_unsafe(session):
                 _invalidate(session)
-
-    def after_teardown(self, ctx: AppContext) -> None:
-        """Called after the teardown functions of a context ran, even when
-        one raised: invalidate the sessions teardown left behind.
-
-        Flask stops calling teardown functions at the first one that raises,
-        so a failing function registered after the one that closes the
-        sessions leaves them, their transactions and their connections
-        behind. Such a session is invalidated: its connections are closed,
-        which ends their transactions on the server, instead of going back
-        to the pool in a state nobody checked.
-
-        :param ctx: The popped application context.
-        """
-        for session in self.take_sessions(ctx):
-            _invalidate(session)
+        try:
+            pop(exc)
+        finally:
+            for session in self.take_sessions(ctx):
+                _invalidate(session)
 
     def dispose_inherited_connections(self, app: Flask) -> None:
         """Make a forked process open connections of its own.
@@ -224,6 +229,11 @@ def pool_limits(engine: Engine) -> tuple[int, int] | None:
     return int(size()), overflow
 
 
+# The dialects whose DBAPI connections report no status (no ``info``): those
+# of other drivers than libpq's, such as sqlite3's.
+_NO_STATUS: set[type] = set()
+
+
 def _is_unsafe(session: Session) -> bool:
     """Whether a connection of the session is still running a command, as
     libpq drivers (psycopg, psycopg2) report it, or cannot be looked at."""
@@ -231,12 +241,18 @@ def _is_unsafe(session: Session) -> bool:
         transaction = session.get_transaction()
         if transaction is None:
             return False
-        for connection, *_ in transaction._connections.values():
-            if connection.invalidated:
+        for entry in transaction._connections.values():
+            connection = entry[0]
+            dialect = type(connection.dialect)
+            if dialect in _NO_STATUS or connection.invalidated:
                 continue
             dbapi = connection.connection.dbapi_connection
-            info = getattr(dbapi, "info", None)
-            if getattr(info, "transaction_status", None) == _LIBPQ_ACTIVE:
+            if dbapi is None:
+                continue
+            if not hasattr(type(dbapi), "info"):
+                _NO_STATUS.add(dialect)
+                continue
+            if dbapi.info.transaction_status == _LIBPQ_ACTIVE:
                 return True
     except Exception:
         return True

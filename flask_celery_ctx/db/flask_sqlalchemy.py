@@ -37,20 +37,26 @@ class FlaskSQLAlchemy(Database):
 
     def __init__(self, db: SQLAlchemy) -> None:
         self.db = db
+        # The sessions by ``id()`` of their context: the dict of the
+        # ``scoped_session``'s registry, which both keep for their life. A
+        # custom ``scopefunc`` makes another registry: nothing to find.
+        registry = getattr(db.session.registry, "registry", None)
+        self._by_context: dict[int, Session] = (
+            registry if isinstance(registry, dict) else {}
+        )
 
     def session(self) -> Session:
         return self.db.session()
 
-    def _by_context(self) -> dict[int, Session]:
-        # A custom ``scopefunc`` makes another registry: nothing to find.
-        registry = getattr(self.db.session.registry, "registry", None)
-        return registry if isinstance(registry, dict) else {}
-
     def existing_session(self, ctx: AppContext) -> Session | None:
-        return self._by_context().get(id(ctx))
+        return self._by_context.get(id(ctx))
+
+    def sessions(self, ctx: AppContext) -> list[Session]:
+        session = self._by_context.get(id(ctx))
+        return [] if session is None else [session]
 
     def take_sessions(self, ctx: AppContext) -> list[Session]:
-        session = self._by_context().pop(id(ctx), None)
+        session = self._by_context.pop(id(ctx), None)
         return [] if session is None else [session]
 
     def engines(self, app: Flask) -> list[NamedEngine]:

@@ -89,6 +89,27 @@ class Channel(kombu_sql.Channel):
             **{k: v for k, v in options if k not in _NOT_ENGINE_OPTIONS},
         )
 
+    def _open(self) -> t.Any:
+        """The engine and session factory, the tables created: kombu's, tried
+        again once when another process created the tables at the same
+        moment (workers started together on a new broker database)."""
+        try:
+            return super()._open()
+        except sa.exc.DatabaseError:
+            return super()._open()
+
+    def _get_or_create(self, queue: str) -> t.Any:
+        """The row of a queue, created when missing: kombu's, tried again
+        once when another process created the same queue at the same
+        moment."""
+        # Not in the stubs of kombu's transport.
+        get_or_create = super()._get_or_create  # type: ignore[misc]
+        try:
+            return get_or_create(queue)
+        except sa.exc.IntegrityError:
+            self.session.rollback()
+            return get_or_create(queue)
+
     @property
     def _table(self) -> sa.Table:
         table: sa.Table = self.message_cls.__table__

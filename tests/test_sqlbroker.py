@@ -8,6 +8,7 @@ killed attempt's open transaction is rolled back.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -261,3 +262,35 @@ def test_bad_visibility_timeout_is_refused(tmp_path: Path, value: t.Any) -> None
         "visibility_timeout in CELERY_BROKER_TRANSPORT_OPTIONS must be a number"
         f" of seconds above 0, not {value!r}."
     )
+
+
+def _declare_and_put(url: str, barrier: t.Any, results: t.Any) -> None:
+    barrier.wait()
+    try:
+        with Connection(url) as conn:
+            Queue("together", channel=conn.default_channel).declare()
+            conn.SimpleQueue("together").put({"n": 1})
+        results.put("ok")
+    except Exception as exc:
+        results.put(repr(exc))
+
+
+def test_processes_starting_together_on_a_new_broker(tmp_path: Path) -> None:
+    """Workers started at the same moment on a new broker database each
+    create its tables and the same queue: none fails for the others."""
+    context = multiprocessing.get_context("spawn")
+    for round in range(5):
+        url = f"sqlbroker+sqlite:///{tmp_path}/broker-{round}.sqlite"
+        barrier, results = context.Barrier(6), context.Queue()
+        processes = [
+            context.Process(target=_declare_and_put, args=(url, barrier, results))
+            for _ in range(6)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join(30)
+        assert outcomes == ["ok"] * 6, outcomes
+        with Connection(url) as conn:
+            assert conn.SimpleQueue("together").qsize() == 6

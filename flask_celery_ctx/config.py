@@ -73,7 +73,9 @@ def celery_settings(
         if name in settings:
             raise ValueError(
                 f"The Celery setting {name!r} is given twice, as {source[name]}"
-                f" and as {key}. Keep one of them."
+                f" and as {key}. Keep one of them. From the environment,"
+                " Flask's from_prefixed_env() makes FLASK_CELERY__"
+                f"{name} into CELERY[{name!r}], and FLASK_{key} into {key}."
             )
         settings[name] = value
         source[name] = key

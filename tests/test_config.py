@@ -46,8 +46,12 @@ def test_both_forms_mixed() -> None:
 def test_one_setting_both_ways_is_an_error() -> None:
     with pytest.raises(
         ValueError, match=r"'broker_url' is given twice.*CELERY_BROKER_URL"
-    ):
+    ) as raised:
         configured({"CELERY": {"broker_url": "a"}, "CELERY_BROKER_URL": "b"})
+    # An app with a CELERY dict that reads the environment: the way to
+    # override one of its keys.
+    assert "FLASK_CELERY__broker_url into CELERY['broker_url']" in str(raised.value)
+    assert "FLASK_CELERY_BROKER_URL into CELERY_BROKER_URL" in str(raised.value)
 
 
 @pytest.mark.parametrize(

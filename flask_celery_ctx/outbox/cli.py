@@ -63,12 +63,13 @@ def relay_command(ctx: click.Context, loop: bool) -> None:
     from . import DEFAULT_RELAY_INTERVAL
     from . import relay_interval
     from .relay import relay_all
+    from .relay import tasks_word
 
     ext = _extension(ctx)
     interval = relay_interval(ext.celery) or DEFAULT_RELAY_INTERVAL
     while True:
         sent = relay_all(ext)
-        click.echo(f"Sent {sent} tasks from the outbox.")
+        click.echo(f"Sent {sent} {tasks_word(sent)} from the outbox.")
         if not loop:
             return
         time.sleep(interval)

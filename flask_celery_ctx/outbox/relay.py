@@ -91,10 +91,11 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                 published.append(row.id)
         except OperationalError as exc:
             logger.warning(
-                "The outbox relay could not reach the broker: %r. %d tasks"
+                "The outbox relay could not reach the broker: %r. %d %s"
                 " wait in the outbox.",
                 exc,
                 len(rows) - len(published),
+                tasks_word(len(rows) - len(published)),
             )
             done = set(published)
             unsent = [row.id for row in rows if row.id not in done]
@@ -143,7 +144,7 @@ class RelayThread(threading.Thread):
                 logger.exception("The outbox relay failed; it tries again.")
             else:
                 if sent:
-                    logger.info("The outbox relay sent %d tasks.", sent)
+                    logger.info("The outbox relay sent %d %s.", sent, tasks_word(sent))
             if self._stopped.wait(self.interval):
                 return
 
@@ -181,3 +182,8 @@ def install(celery: Celery[t.Any]) -> None:
     :param celery: The Celery app.
     """
     celery.steps["worker"].add(RelayStep)
+
+
+def tasks_word(count: int) -> str:
+    """ "task" or "tasks", for ``count`` of them."""
+    return "task" if count == 1 else "tasks"

@@ -330,39 +330,28 @@ def parse_args(argv: t.Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: t.Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
-    if args.worker:
-        try:
-            workers = measure_workers(args)
-        except CannotRun as exc:
-            log(f"cannot run the instruction count: {exc}")
-            raise SystemExit(2) from None
-        results = {
-            "per_task": workers["per_task"],
-            "meta": {
-                **meta(args, workers["commit"]),
-                "seconds": round(time.monotonic() - started),
-            },
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "instructions-worker.json"
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        print(write_worker(results, args.out))
-        return
+    # Real workers (--worker), or the hot path and apply(): what is measured,
+    # which samples are kept, the file they go to, and how they are shown.
+    run, key, name, write = (
+        (measure_workers, "per_task", "instructions-worker.json", write_worker)
+        if args.worker
+        else (measure, "samples", "instructions.json", write_instructions)
+    )
     try:
-        measured = measure(args)
+        measured = run(args)
     except CannotRun as exc:
         log(f"cannot run the instruction count: {exc}")
         raise SystemExit(2) from None
     results = {
-        "samples": measured["samples"],
+        key: measured[key],
         "meta": {
             **meta(args, measured["commit"]),
             "seconds": round(time.monotonic() - started),
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "instructions.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(write_instructions(results, args.out))
+    (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+    print(write(results, args.out))
     if measured["profiles"] is not None:
         write_profile(measured["profiles"], results["meta"], args.out)
     log(f"done in {results['meta']['seconds']}s: {args.out}")

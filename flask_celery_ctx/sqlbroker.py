@@ -51,6 +51,10 @@ VISIBILITY_TIMEOUT = 30.0
 #: those are never taken for leases that expired.
 _LEASED = 0
 
+#: Tries at creating the tables, or a queue's row, that other processes are
+#: creating at the same moment.
+_CREATE_ATTEMPTS = 5
+
 #: Transport options that are not :func:`sqlalchemy.create_engine`'s.
 _NOT_ENGINE_OPTIONS = {
     "visibility_timeout", "polling_interval", "queue_tablename",
@@ -91,24 +95,52 @@ class Channel(kombu_sql.Channel):
 
     def _open(self) -> t.Any:
         """The engine and session factory, the tables created: kombu's, tried
-        again once when another process created the tables at the same
-        moment (workers started together on a new broker database)."""
-        try:
-            return super()._open()
-        except sa.exc.DatabaseError:
-            return super()._open()
+        again while other processes create the same tables (workers started
+        together on a new broker database). Each failed try means another
+        process created a table, so the tries are few."""
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                return super()._open()
+            except sa.exc.DatabaseError:
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _get_or_create(self, queue: str) -> t.Any:
-        """The row of a queue, created when missing: kombu's, tried again
-        once when another process created the same queue at the same
-        moment."""
-        # Not in the stubs of kombu's transport.
-        get_or_create = super()._get_or_create  # type: ignore[misc]
+        """The row of a queue, created when missing, and read again when
+        another process created it at the same moment."""
+        session: Session = self.session
+        queue_cls = self.queue_cls
+        for attempt in range(_CREATE_ATTEMPTS):
+            found = session.query(queue_cls).filter(queue_cls.name == queue).first()
+            if found is not None:
+                return found
+            created = queue_cls(queue)
+            session.add(created)
+            try:
+                session.commit()
+            except sa.exc.DatabaseError:
+                session.rollback()
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+            else:
+                return created
+        raise AssertionError("unreachable")
+
+    # kombu's stubs name the payload differently in the two base classes.
+    def _put(  # type: ignore[override]
+        self, queue: str, payload: t.Any, **kwargs: t.Any
+    ) -> None:
+        """Store a message. A message that could not be stored raises, for
+        the producer to retry or report: kombu before 5.4 logged nothing and
+        returned, and the message was lost."""
+        session: Session = self.session
+        session.add(self.message_cls(dumps(payload), self._get_or_create(queue)))
         try:
-            return get_or_create(queue)
-        except sa.exc.IntegrityError:
-            self.session.rollback()
-            return get_or_create(queue)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
     @property
     def _table(self) -> sa.Table:
@@ -125,7 +157,7 @@ class Channel(kombu_sql.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> t.Any:
         # kombu's, which creates the queue's row on first use.
-        queue_id: int = t.cast(t.Any, self)._get_or_create(queue).id
+        queue_id: int = self._get_or_create(queue).id
         session: Session = self.session
         if session.get_bind().dialect.name == "sqlite":
             session.execute(sa.text("BEGIN IMMEDIATE TRANSACTION"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 import typing as t
 import uuid
@@ -23,9 +24,12 @@ from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import Table
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 import taskapp
 from conftest import Worker
@@ -294,3 +298,50 @@ def test_processes_starting_together_on_a_new_broker(tmp_path: Path) -> None:
         assert outcomes == ["ok"] * 6, outcomes
         with Connection(url) as conn:
             assert conn.SimpleQueue("together").qsize() == 6
+
+
+def test_tables_another_process_creates_meanwhile(tmp_path: Path) -> None:
+    """Another process creates each table between this one's check and its
+    ``CREATE TABLE``, as workers starting together do: the connection opens
+    all the same."""
+    url = f"sqlite:///{tmp_path / 'broker.sqlite'}"
+    other = create_engine(url)
+    created: list[str] = []
+
+    def create_first(table: Table, connection: t.Any, **kw: t.Any) -> None:
+        if table.name not in created:
+            created.append(table.name)
+            table.create(other)
+
+    event.listen(Table, "before_create", create_first)
+    try:
+        with Connection(f"sqlbroker+{url}") as conn:
+            conn.SimpleQueue("meanwhile").put({"n": 1})
+            assert conn.SimpleQueue("meanwhile").qsize() == 1
+    finally:
+        event.remove(Table, "before_create", create_first)
+        other.dispose()
+    assert sorted(created) == ["kombu_message", "kombu_queue"]
+
+
+def test_message_that_cannot_be_stored_raises(tmp_path: Path) -> None:
+    """A put on a database locked for writes for longer than its timeout
+    raises, for the producer to retry or report, and stores nothing."""
+    path = tmp_path / "broker.sqlite"
+    options = {"connect_args": {"timeout": 0.1}}
+    with Connection(f"sqlbroker+sqlite:///{path}", transport_options=options) as conn:
+        queue = conn.SimpleQueue("locked")
+        queue.put({"n": 1})
+        lock = sqlite3.connect(path)
+        lock.execute("BEGIN IMMEDIATE")  # others read, none writes
+        try:
+            with pytest.raises(OperationalError, match="database is locked"):
+                queue.put({"n": 2})
+        finally:
+            lock.rollback()
+            lock.close()
+        queue.put({"n": 3})
+        assert [queue.get(timeout=1).payload for _ in range(2)] == [
+            {"n": 1},
+            {"n": 3},
+        ]

@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import inspect
 import pkgutil
+from importlib.metadata import metadata as _metadata
 from importlib.metadata import version as _version
 
 import flask_celery_ctx
@@ -13,6 +14,14 @@ project = "Flask-Celery-Ctx"
 copyright = "Flask-Celery-Ctx contributors"
 release = _version("Flask-Celery-Ctx")
 version = ".".join(release.split(".")[:2])
+
+# The project's links, as pyproject.toml gives them: ``Source`` becomes the
+# target `source`_, ``Issue Tracker`` the target `issue tracker`_.
+_urls = (
+    entry.split(", ", 1)
+    for entry in _metadata("Flask-Celery-Ctx").get_all("Project-URL") or ()
+)
+rst_epilog = "".join(f"\n.. _{label.lower()}: {url}" for label, url in _urls)
 
 extensions = [
     "sphinx.ext.autodoc",

@@ -15,6 +15,7 @@ import typing as t
 from contextlib import contextmanager
 
 from flask import Flask
+from flask.ctx import AppContext
 from flask.ctx import RequestContext
 from flask.globals import _cv_app
 
@@ -50,8 +51,10 @@ class TaskContext:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        #: The application context, whose ``id()`` scopes the session.
-        self.app_ctx = app_ctx = app.app_context()
+        #: The application context, whose ``id()`` scopes the session;
+        #: ``None`` for a traced call that shares its caller's.
+        self.app_ctx: AppContext | None = app.app_context()
+        app_ctx = self.app_ctx
         app_ctx.push()
         #: The test request context, in testing mode.
         self.request_ctx: RequestContext | None = None
@@ -71,21 +74,21 @@ class TaskContext:
         :param exc: The exception the task raised, passed to teardown
             functions.
         """
+        app_ctx = self.app_ctx
+        if app_ctx is None:  # a call that shares its caller's context
+            return
+        pop = app_ctx.pop if self.request_ctx is None else self._pop_both
         found = database(self.app)
         if found is None:
-            self._pop(exc)
+            pop(exc)
         else:
-            found.teardown(self.app_ctx, self._pop, exc)
+            found.teardown(app_ctx, pop, exc)
 
-    def _pop(self, exc: BaseException | None) -> None:
-        request_ctx = self.request_ctx
-        if request_ctx is None:
-            self.app_ctx.pop(exc)
-            return
+    def _pop_both(self, exc: BaseException | None) -> None:
         try:
-            request_ctx.pop(exc)
+            t.cast(RequestContext, self.request_ctx).pop(exc)
         finally:
-            self.app_ctx.pop(exc)
+            t.cast(AppContext, self.app_ctx).pop(exc)
 
     def close(self, exc: BaseException | None, task_name: str) -> None:
         """Pop the context once its task is done, logging, not raising, what

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing as t
 
 from celery import Task
@@ -18,8 +19,8 @@ from . import oncommit
 from . import tracing
 from .context import in_app_context
 from .context import inline_context
-from .context import TaskContext
 from .db import database
+from .tracing import current as _current_call
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -39,9 +40,17 @@ else:
     _P = t.ParamSpec("_P")
     _R_co = t.TypeVar("_R_co", covariant=True)
 
-    class _GenericTask(Task, t.Generic[_P, _R_co]):
-        """Celery's Task, generic in its parameters and result as in its
-        type stubs; Celery's own takes type arguments from 5.5 on only."""
+    class _TaskOf:
+        """``_GenericTask[P, R]``: Celery's Task, generic in its parameters
+        and result for type checkers, as in its type stubs, and Task itself
+        at run time. Celery's own takes type arguments from 5.5 on only; a
+        class of ours in the bases of every task would lengthen Celery's
+        look-ups of their methods (``task_has_custom``, for each tracer)."""
+
+        def __getitem__(self, params: t.Any) -> t.Any:
+            return types.GenericAlias(Task, params)
+
+    _GenericTask = _TaskOf()
 
 
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
@@ -95,6 +104,10 @@ class ContextTask(_GenericTask[_P, _R_co]):
 
     _context_tracer: t.Callable[..., t.Any] | None = None
 
+    if not t.TYPE_CHECKING:
+        # ContextTask[[int, int], int], on Celery 5.4 too.
+        __class_getitem__ = classmethod(types.GenericAlias)
+
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
         coroutines.adapt(cls)
@@ -120,7 +133,7 @@ class ContextTask(_GenericTask[_P, _R_co]):
         )
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co:
-        call = tracing.current()
+        call = _current_call()
         if call is not None and call.task is self and not call.started:
             # Traced by Celery, in the context pushed for it.
             call.started = True
@@ -157,8 +170,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
             options["task_id"] = task_id = uuid()
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
-        ctx = None if in_app_context(app) else TaskContext(app)
-        with tracing.TracedCall(self, ctx, args, kwargs, task_id) as call:
+        push = not in_app_context(app)
+        with tracing.TracedCall(app, self, args, kwargs, task_id, push) as call:
             result = super().apply(args, kwargs, *arguments, **options)
             call.outcome(result.result)
         return result

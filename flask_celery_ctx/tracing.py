@@ -40,37 +40,39 @@ from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
 from . import carry
+from .context import logger
 from .context import TaskContext
 from .db import database
 
 if t.TYPE_CHECKING:
     from celery import Task
+    from flask import Flask
 
     from .extension import FlaskCelery
     from .task import ContextTask
 
 
-class TracedCall:
-    """A call of a task that Celery's tracer runs, in a context: entered
-    before the tracer starts, left after it returns.
+class TracedCall(TaskContext):
+    """A call of a task that Celery's tracer runs, and the context pushed for
+    it: pushed before the tracer starts, popped after it returns.
 
-    Leaving it closes the context pushed for the call, given the task's
-    exception: the one the tracer raised, or the one :meth:`outcome` was told
-    the task failed with.
+    Popping it passes the task's exception to the teardown functions: the one
+    the tracer raised, or the one :meth:`outcome` was told the task failed
+    with.
 
+    :param app: The Flask application.
     :param task: The task.
-    :param ctx: The context pushed for the call; ``None`` when the call
-        shares its caller's.
     :param args: The positional arguments the tracer passes to the hooks and
         to the task: model instances replace the references in place.
     :param kwargs: The keyword arguments, likewise.
     :param task_id: The id the tracer runs the task with.
+    :param push: Whether to push a context for the call; when false, the
+        call shares its caller's, and popping it does nothing.
     """
 
     __slots__ = (
         "_token",
         "args",
-        "ctx",
         "error",
         "exception",
         "kwargs",
@@ -81,14 +83,14 @@ class TracedCall:
 
     def __init__(
         self,
+        app: Flask,
         task: ContextTask,
-        ctx: TaskContext | None,
         args: t.Any,
         kwargs: t.Any,
         task_id: str,
+        push: bool = True,
     ) -> None:
         self.task = task
-        self.ctx = ctx
         self.args = args
         self.kwargs = kwargs
         self.task_id = task_id
@@ -98,6 +100,18 @@ class TracedCall:
         self.started = False
         #: The exception the task failed with, for the teardown functions.
         self.exception: BaseException | None = None
+        if push and app.config["TESTING"]:
+            TaskContext.__init__(self, app)
+            return
+        # TaskContext's __init__ outside testing mode, inline: a worker runs
+        # it for every task.
+        self.app = app
+        self.request_ctx = None
+        if push:
+            self.app_ctx = app_ctx = app.app_context()
+            app_ctx.push()
+        else:
+            self.app_ctx = None
 
     def __enter__(self) -> TracedCall:
         self._token = _current.set(self)
@@ -110,8 +124,7 @@ class TracedCall:
         tb: TracebackType | None,
     ) -> None:
         _current.reset(self._token)
-        if self.ctx is not None:
-            self.ctx.close(exc or self.exception, self.task.name)
+        self.close(exc or self.exception, self.task.name)
 
     def failed(self, exc: Exception) -> None:
         """Tell that the task raised ``exc``, before the tracer handles it.
@@ -127,8 +140,8 @@ class TracedCall:
             ``Reject`` too.
         """
         self.exception = exc
-        if self.ctx is not None:
-            found = database(self.ctx.app)
+        if self.app_ctx is not None:
+            found = database(self.app)
             if found is not None:
                 found.rollback()
 
@@ -146,6 +159,9 @@ _current: ContextVar[TracedCall | None] = ContextVar(
     "flask_celery_ctx_traced_call", default=None
 )
 
+
+_set = _current.set
+_reset = _current.reset
 
 #: The traced call in progress, if any: the task's ``__call__`` tells with it
 #: a call by the tracer (``call.task`` is the task and ``call.started`` is
@@ -170,14 +186,14 @@ def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
     if (
         call is None
         or call.task is not task
-        or call.ctx is None
+        or call.app_ctx is None
         or task_id is None
         or call.task_id != task_id
         or not isinstance(call.exception, Retry)
     ):
         return
-    ctx, call.ctx = call.ctx, None
-    ctx.close(call.exception, task.name)
+    call.close(call.exception, task.name)
+    call.app_ctx = None
 
 
 def trace_in_context(
@@ -199,26 +215,28 @@ def trace_in_context(
 
     name = task.name
 
-    # Runs for every message: what TracedCall's __enter__, outcome() and
-    # __exit__ do, inline.
+    # Runs for every message.
     def trace(uuid: str, args: t.Any, kwargs: t.Any, request: t.Any = None) -> t.Any:
         # ext.app raises when the extension is bound to no app.
-        ctx = TaskContext(ext._app or ext.app)
-        call = TracedCall(task, ctx, args, kwargs, uuid)
-        token = _current.set(call)
+        call = TracedCall(ext._app or ext.app, task, args, kwargs, uuid)
+        token = _set(call)
         try:
             traced = tracer(uuid, args, kwargs, request)
         except BaseException as exc:
-            _current.reset(token)
-            ctx.close(exc, name)
+            call.exception = exc
             raise
-        _current.reset(token)
-        info = traced[1]
-        if info is not None and isinstance(info.retval, BaseException):
-            ctx.close(info.retval, name)
         else:
-            ctx.close(call.exception, name)
-        return traced
+            info = traced[1]
+            if info is not None and isinstance(info.retval, BaseException):
+                call.exception = info.retval
+            return traced
+        finally:
+            _reset(token)
+            # TracedCall.close, inline.
+            try:
+                call.pop(call.exception)
+            except Exception:
+                logger.exception("Tearing down the context of task %r raised", name)
 
     return trace
 

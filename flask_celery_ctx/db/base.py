@@ -130,13 +130,13 @@ class Database(ABC):
             return
         for session in self.sessions(app_ctx._get_current_object()):  # type: ignore[attr-defined]
             if _is_unsafe(session):
-                _invalidate(session)
+                invalidate(session)
                 continue
             try:
                 session.rollback()
             except Exception:
                 logger.warning("Rolling back a session failed", exc_info=True)
-                _invalidate(session)
+                invalidate(session)
 
     def teardown(
         self,
@@ -172,13 +172,12 @@ class Database(ABC):
         :param exc: The exception the task raised, if any.
         """
         for session in self.sessions(ctx):
-            if isinstance(exc, SoftTimeLimitExceeded) or _is_unsafe(session):
-                _invalidate(session)
+            invalidate_if_interrupted(session, exc)
         try:
             pop(exc)
         finally:
             for session in self.take_sessions(ctx):
-                _invalidate(session)
+                invalidate(session)
 
     def dispose_inherited_connections(self, app: Flask) -> None:
         """Make a forked process open connections of its own.
@@ -234,6 +233,18 @@ def pool_limits(engine: Engine) -> tuple[int, int] | None:
 _NO_STATUS: set[type] = set()
 
 
+def invalidate_if_interrupted(session: Session, exc: BaseException | None) -> None:
+    """Invalidate a session before its context is popped when a query may
+    have been interrupted on it: by a soft time limit, or as
+    :func:`_is_unsafe` finds (see :meth:`Database.teardown`).
+
+    :param session: A session of the context.
+    :param exc: The exception the task raised, if any.
+    """
+    if isinstance(exc, SoftTimeLimitExceeded) or _is_unsafe(session):
+        invalidate(session)
+
+
 def _is_unsafe(session: Session) -> bool:
     """Whether a connection of the session is still running a command, as
     libpq drivers (psycopg, psycopg2) report it, or cannot be looked at."""
@@ -259,7 +270,12 @@ def _is_unsafe(session: Session) -> bool:
     return False
 
 
-def _invalidate(session: Session) -> None:
+def invalidate(session: Session) -> None:
+    """Invalidate a session, closing its connections, logging what that
+    raised.
+
+    :param session: The session.
+    """
     try:
         session.invalidate()
     except Exception:

@@ -11,9 +11,13 @@ from flask.ctx import AppContext
 
 from .base import Database
 from .base import extension_of_type
+from .base import invalidate
+from .base import invalidate_if_interrupted
 from .base import NamedEngine
 
 if t.TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flask_sqlalchemy import SQLAlchemy
     from sqlalchemy.orm import Session
 
@@ -58,6 +62,25 @@ class FlaskSQLAlchemy(Database):
     def take_sessions(self, ctx: AppContext) -> list[Session]:
         session = self._by_context.pop(id(ctx), None)
         return [] if session is None else [session]
+
+    def teardown(
+        self,
+        ctx: AppContext,
+        pop: Callable[[BaseException | None], None],
+        exc: BaseException | None,
+    ) -> None:
+        # Database.teardown for the one session of a context, with a dict
+        # look-up in place of calls: it runs after every task.
+        key = id(ctx)
+        session = self._by_context.get(key)
+        if session is not None:
+            invalidate_if_interrupted(session, exc)
+        try:
+            pop(exc)
+        finally:
+            left = self._by_context.pop(key, None)
+            if left is not None:
+                invalidate(left)
 
     def engines(self, app: Flask) -> list[NamedEngine]:
         with app.app_context():

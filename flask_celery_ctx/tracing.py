@@ -10,7 +10,7 @@ once and keeps it as the task's ``__trace__``; ``apply()`` builds one per
 call.
 
 Three places take part in a traced call of a ContextTask, and share a
-:class:`TracedCall`:
+:class:`TracedCall`, which is also the context pushed for the call:
 
 - the context is pushed before the tracer runs and popped after it returns:
   around the worker's tracer (:func:`trace_in_context`) and around
@@ -26,8 +26,11 @@ In eager mode, Celery's ``apply()`` runs the next attempt of a task that
 retried inside the failed attempt's call; :func:`end_retried_attempt` pops
 the failed attempt's context first.
 
-Celery skips its task signals while nothing is connected to them: a
-ContextTask does not pay for their dispatch.
+A worker runs this for every message, so it makes few objects and calls:
+each thread of a worker keeps its TracedCall current from one task to the
+next and starts it again for each, and Celery skips its task signals while
+nothing is connected to them, so a ContextTask does not pay for their
+dispatch.
 """
 
 from __future__ import annotations
@@ -90,7 +93,21 @@ class TracedCall(TaskContext):
         task_id: str,
         push: bool = True,
     ) -> None:
-        self.task = task
+        self.start(app, task, args, kwargs, task_id, push)
+
+    def start(
+        self,
+        app: Flask,
+        task: ContextTask,
+        args: t.Any,
+        kwargs: t.Any,
+        task_id: str,
+        push: bool = True,
+    ) -> None:
+        """Start a call, with the parameters of the class; the worker's
+        tracer starts the call of its thread again for each task."""
+        #: The task; ``None`` once the call of a worker's thread is over.
+        self.task: ContextTask | None = task
         self.args = args
         self.kwargs = kwargs
         self.task_id = task_id
@@ -124,7 +141,8 @@ class TracedCall(TaskContext):
         tb: TracebackType | None,
     ) -> None:
         _current.reset(self._token)
-        self.close(exc or self.exception, self.task.name)
+        # An apply() call, whose task stays set.
+        self.close(exc or self.exception, t.cast("ContextTask", self.task).name)
 
     def failed(self, exc: Exception) -> None:
         """Tell that the task raised ``exc``, before the tracer handles it.
@@ -215,11 +233,25 @@ def trace_in_context(
 
     name = task.name
 
-    # Runs for every message.
+    # Runs for every message. Each thread, or greenlet, of a worker keeps
+    # one TracedCall as the current call, started again for each task, not
+    # one made and made current per task.
     def trace(uuid: str, args: t.Any, kwargs: t.Any, request: t.Any = None) -> t.Any:
         # ext.app raises when the extension is bound to no app.
-        call = TracedCall(ext._app or ext.app, task, args, kwargs, uuid)
-        token = _set(call)
+        app = ext._app or ext.app
+        call = _current.get()
+        token = None
+        if call is None:
+            # The first task of this thread: its call stays current.
+            call = TracedCall(app, task, args, kwargs, uuid)
+            _set(call)
+        elif call.task is None:
+            call.start(app, task, args, kwargs, uuid)
+        else:
+            # Traced inside another call: a call of its own, for the time
+            # of this one.
+            call = TracedCall(app, task, args, kwargs, uuid)
+            token = _set(call)
         try:
             traced = tracer(uuid, args, kwargs, request)
         except BaseException as exc:
@@ -231,12 +263,17 @@ def trace_in_context(
                 call.exception = info.retval
             return traced
         finally:
-            _reset(token)
+            if token is not None:
+                _reset(token)
             # TracedCall.close, inline.
             try:
                 call.pop(call.exception)
             except Exception:
                 logger.exception("Tearing down the context of task %r raised", name)
+            # Forget the task, its arguments and its contexts, which the call
+            # of a worker's thread would otherwise keep until its next task.
+            call.task = call.args = call.kwargs = None
+            call.app_ctx = call.request_ctx = None
 
     return trace
 

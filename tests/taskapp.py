@@ -189,6 +189,12 @@ def add(x: int, y: int) -> int:
 
 
 @ext.celery.task
+def keep_in_g(value: t.Any) -> None:
+    """Keep ``value`` on ``g``, for the time of the task."""
+    g.kept = value
+
+
+@ext.celery.task
 def context_state(marker: str) -> dict[str, t.Any]:
     """Report what the context held when the task started, then mark it."""
     return mark_context(marker)

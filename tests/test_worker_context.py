@@ -3,12 +3,17 @@ spans its hooks, whatever its base class."""
 
 from __future__ import annotations
 
+import contextvars
+import gc
 import time
 import typing as t
 import uuid
+import weakref
 
 import pytest
+from celery.app.trace import build_tracer
 from celery.result import AsyncResult
+from flask import Flask
 from sqlalchemy import select
 
 import taskapp
@@ -128,3 +133,29 @@ def test_app_is_built_once_per_worker(
     for result in [taskapp.add.delay(i, i) for i in range(20)]:
         result.get(timeout=20)
     assert worker.log.count("taskapp.create_app in process") == 1
+
+
+class Kept:
+    """A value a test can tell is freed."""
+
+
+def test_nothing_of_a_task_stays_alive_after_it(app: Flask) -> None:
+    """The call a worker's thread keeps from one task to the next keeps
+    nothing of the last task: not its arguments, not its ``g``.
+
+    The task is traced as a worker traces it, by the tracer Celery builds,
+    in a context of its own that lives on, as a pool thread's does."""
+    task = taskapp.keep_in_g
+    celery = taskapp.ext.celery
+    task.__trace__ = build_tracer(task.name, task, celery.loader, "test", app=celery)
+    thread_context = contextvars.Context()
+    for _ in range(2):  # the thread's first task, then the next
+        kept = Kept()
+        freed = weakref.ref(kept)
+        retval, info, _, _ = thread_context.run(
+            task.__trace__, str(uuid.uuid4()), [kept], {}, {"args": [kept]}
+        )
+        assert info is None, retval
+        del kept
+        gc.collect()
+        assert freed() is None

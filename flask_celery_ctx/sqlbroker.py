@@ -34,6 +34,7 @@ from queue import Empty
 
 import sqlalchemy as sa
 from kombu.transport import sqlalchemy as kombu_sql
+from sqlalchemy.orm import sessionmaker
 
 if t.TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -50,6 +51,9 @@ VISIBILITY_TIMEOUT = 30.0
 #: versions from 1 and leaves the messages it delivered hidden for ever:
 #: those are never taken for leases that expired.
 _LEASED = 0
+
+#: kombu's transport module, with the names its type stubs lack.
+_kombu: t.Any = kombu_sql
 
 #: Tries at creating the tables, or a queue's row, that other processes are
 #: creating at the same moment.
@@ -94,17 +98,25 @@ class Channel(kombu_sql.Channel):
         )
 
     def _open(self) -> t.Any:
-        """The engine and session factory, the tables created: kombu's, tried
-        again while other processes create the same tables (workers started
-        together on a new broker database). Each failed try means another
-        process created a table, so the tries are few."""
-        for attempt in range(_CREATE_ATTEMPTS):
-            try:
-                return super()._open()
-            except sa.exc.DatabaseError:
-                if attempt == _CREATE_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        """The engine and session factory, made once per URL, the tables
+        created: kombu's, with the creation tried again while other
+        processes create the same tables (workers started together on a new
+        broker database). Each failed try means another process created a
+        table, so the tries are few."""
+        client: t.Any = self.connection.client
+        hostname: str = client.hostname
+        engines: dict[str, t.Any] = self._engines
+        if hostname not in engines:
+            with _kombu._MUTEX:
+                if hostname not in engines:
+                    engine = self._engine_from_config()
+                    try:
+                        _create_tables(engine)
+                    except BaseException:
+                        engine.dispose()
+                        raise
+                    engines[hostname] = engine, sessionmaker(bind=engine)
+        return engines[hostname]
 
     def _get_or_create(self, queue: str) -> t.Any:
         """The row of a queue, created when missing, and read again when
@@ -314,6 +326,18 @@ class Channel(kombu_sql.Channel):
     def close(self) -> None:
         super().close()  # gives back what was not acknowledged
         self._closing.set()
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    """Create kombu's tables where missing, looking again at what exists
+    when another process created one at the same moment."""
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            _kombu.metadata.create_all(engine)
+            return
+        except sa.exc.DatabaseError:
+            if attempt == _CREATE_ATTEMPTS - 1:
+                raise
 
 
 def _seconds(value: t.Any) -> float:

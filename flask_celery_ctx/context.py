@@ -19,6 +19,8 @@ from flask.ctx import AppContext
 from flask.ctx import RequestContext
 from flask.globals import _cv_app
 
+from .appcontext import pop as pop_app_context
+from .appcontext import push as push_app_context
 from .db import database
 
 logger = logging.getLogger("flask_celery_ctx")
@@ -53,17 +55,16 @@ class TaskContext:
         self.app = app
         #: The application context, whose ``id()`` scopes the session;
         #: ``None`` for a traced call that shares its caller's.
-        self.app_ctx: AppContext | None = app.app_context()
-        app_ctx = self.app_ctx
-        app_ctx.push()
+        app_ctx = push_app_context(app)
+        self.app_ctx: AppContext | None = app_ctx
         #: The test request context, in testing mode.
         self.request_ctx: RequestContext | None = None
         if app.config["TESTING"]:  # app.testing, without its descriptor
             self.request_ctx = request_ctx = app.test_request_context()
             try:
                 request_ctx.push()
-            except BaseException:
-                app_ctx.pop()
+            except BaseException as exc:
+                pop_app_context(app_ctx, exc)
                 raise
 
     def pop(self, exc: BaseException | None = None) -> None:
@@ -77,18 +78,22 @@ class TaskContext:
         app_ctx = self.app_ctx
         if app_ctx is None:  # a call that shares its caller's context
             return
-        pop = app_ctx.pop if self.request_ctx is None else self._pop_both
         found = database(self.app)
         if found is None:
-            pop(exc)
+            self._pop(exc)
         else:
-            found.teardown(app_ctx, pop, exc)
+            found.teardown(app_ctx, self._pop, exc)
 
-    def _pop_both(self, exc: BaseException | None) -> None:
+    def _pop(self, exc: BaseException | None) -> None:
+        app_ctx = t.cast(AppContext, self.app_ctx)
+        request_ctx = self.request_ctx
+        if request_ctx is None:
+            pop_app_context(app_ctx, exc)
+            return
         try:
-            t.cast(RequestContext, self.request_ctx).pop(exc)
+            request_ctx.pop(exc)
         finally:
-            t.cast(AppContext, self.app_ctx).pop(exc)
+            pop_app_context(app_ctx, exc)
 
     def close(self, exc: BaseException | None, task_name: str) -> None:
         """Pop the context once its task is done, logging, not raising, what

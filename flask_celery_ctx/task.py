@@ -171,10 +171,19 @@ class ContextTask(_GenericTask[_P, _R_co]):
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         push = not in_app_context(app)
-        with tracing.TracedCall(app, self, args, kwargs, task_id, push) as call:
+        call, token = tracing.begin(app, self, args, kwargs, task_id, push)
+        try:
             result = super().apply(args, kwargs, *arguments, **options)
-            call.outcome(result.result)
-        return result
+        except BaseException as exc:
+            call.exception = exc
+            raise
+        else:
+            retval = result.result
+            if isinstance(retval, BaseException):
+                call.exception = retval
+            return result
+        finally:
+            tracing.end(call, token, self.name)
 
     def apply_async(
         self,

@@ -27,23 +27,24 @@ retried inside the failed attempt's call; :func:`end_retried_attempt` pops
 the failed attempt's context first.
 
 A worker runs this for every message, so it makes few objects and calls:
-each thread of a worker keeps its TracedCall current from one task to the
-next and starts it again for each, and Celery skips its task signals while
-nothing is connected to them, so a ContextTask does not pay for their
-dispatch.
+each thread keeps its TracedCall current from one task to the next and starts
+it again for each (:func:`begin`), the context is pushed and popped as Flask
+does it, for less (:mod:`flask_celery_ctx.appcontext`), and Celery skips its
+task signals while nothing is connected to them, so a ContextTask does not
+pay for their dispatch.
 """
 
 from __future__ import annotations
 
 import typing as t
 from contextvars import ContextVar
-from types import TracebackType
+from contextvars import Token
 
 from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
 from . import carry
-from .context import logger
+from .appcontext import push as push_app_context
 from .context import TaskContext
 from .db import database
 
@@ -60,8 +61,8 @@ class TracedCall(TaskContext):
     it: pushed before the tracer starts, popped after it returns.
 
     Popping it passes the task's exception to the teardown functions: the one
-    the tracer raised, or the one :meth:`outcome` was told the task failed
-    with.
+    the tracer raised, or the one the task failed with, which the tracer
+    returns.
 
     :param app: The Flask application.
     :param task: The task.
@@ -74,7 +75,6 @@ class TracedCall(TaskContext):
     """
 
     __slots__ = (
-        "_token",
         "args",
         "error",
         "exception",
@@ -83,17 +83,6 @@ class TracedCall(TaskContext):
         "task",
         "task_id",
     )
-
-    def __init__(
-        self,
-        app: Flask,
-        task: ContextTask,
-        args: t.Any,
-        kwargs: t.Any,
-        task_id: str,
-        push: bool = True,
-    ) -> None:
-        self.start(app, task, args, kwargs, task_id, push)
 
     def start(
         self,
@@ -125,24 +114,11 @@ class TracedCall(TaskContext):
         self.app = app
         self.request_ctx = None
         if push:
-            self.app_ctx = app_ctx = app.app_context()
-            app_ctx.push()
+            self.app_ctx = push_app_context(app)
         else:
             self.app_ctx = None
 
-    def __enter__(self) -> TracedCall:
-        self._token = _current.set(self)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _current.reset(self._token)
-        # An apply() call, whose task stays set.
-        self.close(exc or self.exception, t.cast("ContextTask", self.task).name)
+    __init__ = start
 
     def failed(self, exc: Exception) -> None:
         """Tell that the task raised ``exc``, before the tracer handles it.
@@ -163,15 +139,6 @@ class TracedCall(TaskContext):
             if found is not None:
                 found.rollback()
 
-    def outcome(self, retval: t.Any) -> None:
-        """Tell what the tracer made of the task: its return value, or the
-        exception it failed with.
-
-        :param retval: The task's return value or exception.
-        """
-        if isinstance(retval, BaseException):
-            self.exception = retval
-
 
 _current: ContextVar[TracedCall | None] = ContextVar(
     "flask_celery_ctx_traced_call", default=None
@@ -185,6 +152,57 @@ _reset = _current.reset
 #: a call by the tracer (``call.task`` is the task and ``call.started`` is
 #: false) from a direct call.
 current = _current.get
+
+
+def begin(
+    app: Flask,
+    task: ContextTask,
+    args: t.Any,
+    kwargs: t.Any,
+    task_id: str,
+    push: bool = True,
+) -> tuple[TracedCall, Token[TracedCall | None] | None]:
+    """Start a traced call and make it the current one, with the parameters
+    of :class:`TracedCall`.
+
+    Each thread, or greenlet, keeps one call current from one task to the
+    next, started again for each, rather than one made and made current per
+    task. A call traced inside another gets a call of its own, current until
+    :func:`end`.
+
+    :return: The call, and the token that :func:`end` resets the current
+        call with, if any.
+    """
+    call = _current.get()
+    if call is None:
+        # The first call of this thread: it stays current.
+        call = TracedCall(app, task, args, kwargs, task_id, push)
+        _set(call)
+        return call, None
+    if call.task is None:
+        call.start(app, task, args, kwargs, task_id, push)
+        return call, None
+    call = TracedCall(app, task, args, kwargs, task_id, push)
+    return call, _set(call)
+
+
+def end(
+    call: TracedCall, token: Token[TracedCall | None] | None, task_name: str
+) -> None:
+    """End a call that :func:`begin` started: pop its context, logging what
+    a teardown function raised (the task's outcome is already recorded), and
+    forget the task, its arguments and its contexts, which the call of a
+    thread would otherwise keep until its next task.
+
+    :param call: The call.
+    :param token: What :func:`begin` returned with it.
+    :param task_name: The task's name, for the log.
+    """
+    if token is not None:
+        _reset(token)
+    call.close(call.exception, task_name)
+    call.task = call.args = call.kwargs = None
+    call.app_ctx = call.request_ctx = None
 
 
 def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:
@@ -233,25 +251,10 @@ def trace_in_context(
 
     name = task.name
 
-    # Runs for every message. Each thread, or greenlet, of a worker keeps
-    # one TracedCall as the current call, started again for each task, not
-    # one made and made current per task.
+    # Runs for every message.
     def trace(uuid: str, args: t.Any, kwargs: t.Any, request: t.Any = None) -> t.Any:
         # ext.app raises when the extension is bound to no app.
-        app = ext._app or ext.app
-        call = _current.get()
-        token = None
-        if call is None:
-            # The first task of this thread: its call stays current.
-            call = TracedCall(app, task, args, kwargs, uuid)
-            _set(call)
-        elif call.task is None:
-            call.start(app, task, args, kwargs, uuid)
-        else:
-            # Traced inside another call: a call of its own, for the time
-            # of this one.
-            call = TracedCall(app, task, args, kwargs, uuid)
-            token = _set(call)
+        call, token = begin(ext._app or ext.app, task, args, kwargs, uuid)
         try:
             traced = tracer(uuid, args, kwargs, request)
         except BaseException as exc:
@@ -263,17 +266,7 @@ def trace_in_context(
                 call.exception = info.retval
             return traced
         finally:
-            if token is not None:
-                _reset(token)
-            # TracedCall.close, inline.
-            try:
-                call.pop(call.exception)
-            except Exception:
-                logger.exception("Tearing down the context of task %r raised", name)
-            # Forget the task, its arguments and its contexts, which the call
-            # of a worker's thread would otherwise keep until its next task.
-            call.task = call.args = call.kwargs = None
-            call.app_ctx = call.request_ctx = None
+            end(call, token, name)
 
     return trace
 

@@ -32,6 +32,9 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_celery_ctx")
 
+#: A ``teardown_appcontext`` function.
+Teardown = t.Callable[[BaseException | None], t.Any]
+
 # libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
 _LIBPQ_ACTIVE = 1
 
@@ -96,6 +99,14 @@ class Database(ABC):
 
         :param app: The Flask application.
         """
+
+    def teardown_substitutes(self) -> list[tuple[Teardown, Teardown]]:
+        """The integration's own ``teardown_appcontext`` functions that a
+        task's context can run for less, each with the function called in its
+        place (see :mod:`flask_celery_ctx.appcontext`). A substitute does what
+        the function does, in the current context.
+        """
+        return []
 
     def session_in_transaction(self) -> Session | None:
         """The current application context's session, when it exists and a

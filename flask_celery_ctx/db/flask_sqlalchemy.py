@@ -5,15 +5,18 @@ which Flask-SQLAlchemy removes in a ``teardown_appcontext`` function."""
 from __future__ import annotations
 
 import typing as t
+from importlib.metadata import version
 
 from flask import Flask
 from flask.ctx import AppContext
+from flask.globals import _cv_app
 
 from .base import Database
 from .base import extension_of_type
 from .base import invalidate
 from .base import invalidate_if_interrupted
 from .base import NamedEngine
+from .base import Teardown
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,6 +65,31 @@ class FlaskSQLAlchemy(Database):
     def take_sessions(self, ctx: AppContext) -> list[Session]:
         session = self._by_context.pop(id(ctx), None)
         return [] if session is None else [session]
+
+    def teardown_substitutes(self) -> list[tuple[Teardown, Teardown]]:
+        # Flask-SQLAlchemy 3.1's teardown function calls db.session.remove(),
+        # whose registry looks up the context's id through the app_ctx proxy
+        # three times.
+        from flask_sqlalchemy import SQLAlchemy
+        from flask_sqlalchemy.session import _app_ctx_id
+
+        registry = self.db.session.registry
+        if (
+            not version("flask-sqlalchemy").startswith("3.1.")
+            or type(self.db)._teardown_session is not SQLAlchemy._teardown_session
+            or getattr(registry, "scopefunc", None) is not _app_ctx_id
+            or getattr(registry, "registry", None) is not self._by_context
+        ):
+            return []
+        return [(self.db._teardown_session, self._remove_session)]
+
+    def _remove_session(self, exc: BaseException | None) -> None:
+        """``db.session.remove()``, with the context's id read once."""
+        key = id(_cv_app.get())
+        session = self._by_context.get(key)
+        if session is not None:
+            session.close()
+        self._by_context.pop(key, None)
 
     def teardown(
         self,

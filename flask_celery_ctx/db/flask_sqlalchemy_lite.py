@@ -10,13 +10,16 @@ own teardown function only: closing one needs the event loop it was used in.
 from __future__ import annotations
 
 import typing as t
+from importlib.metadata import version
 
 from flask import Flask
 from flask.ctx import AppContext
+from flask.globals import _cv_app
 
 from .base import Database
 from .base import extension_of_type
 from .base import NamedEngine
+from .base import Teardown
 
 if t.TYPE_CHECKING:
     from flask_sqlalchemy_lite import SQLAlchemy
@@ -24,6 +27,7 @@ if t.TYPE_CHECKING:
 
 # Where Flask-SQLAlchemy-Lite keeps a context's sessions, in ``g``.
 _SESSIONS = "_sqlalchemy_sessions"
+_ASYNC_SESSIONS = "_sqlalchemy_async_sessions"
 
 
 def find(app: Flask) -> FlaskSQLAlchemyLite | None:
@@ -59,6 +63,24 @@ class FlaskSQLAlchemyLite(Database):
 
     def take_sessions(self, ctx: AppContext) -> list[Session]:
         return list(ctx.g.pop(_SESSIONS, {}).values())
+
+    def teardown_substitutes(self) -> list[tuple[Teardown, Teardown]]:
+        # Flask-SQLAlchemy-Lite 0.2 closes the async sessions of a context in
+        # an async teardown function, which Flask runs in an event loop of its
+        # own, in a thread of its own, at every pop: also when the context
+        # opened none, as a task that uses no async session.
+        from flask_sqlalchemy_lite import _extension
+
+        close = getattr(_extension, "_close_async_sessions", None)
+        if close is None or not version("flask-sqlalchemy-lite").startswith("0.2."):
+            return []
+
+        def close_async_sessions(exc: BaseException | None) -> None:
+            ctx = _cv_app.get()
+            if _ASYNC_SESSIONS in ctx.g:
+                ctx.app.ensure_sync(close)(exc)
+
+        return [(close, close_async_sessions)]
 
     def engines(self, app: Flask) -> list[NamedEngine]:
         with app.app_context():

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -15,13 +16,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from flask_celery_ctx.db import base as db_base
+
 import taskapp
 from conftest import idle_in_transaction
+from conftest import make_app
 from conftest import Worker
 from conftest import WorkerFactory
 
@@ -134,6 +139,41 @@ def test_soft_time_limit_in_a_blocking_query(
     assert idle_in_transaction(pg_admin, worker.application_name) == 0
     assert all(outcomes([taskapp.backend_pid.delay() for _ in range(5)]))
     worker.stop()
+
+
+class InfoConnection(sqlite3.Connection):
+    """A sqlite3 connection with an ``info()`` method, as MySQLdb's
+    connections have: it reports no transaction status."""
+
+    def info(self) -> str:
+        return "no status here"
+
+
+@taskapp.ext.celery.task
+def select_one() -> int | None:
+    return taskapp.db.session.scalar(select(1))
+
+
+def test_connection_that_reports_no_status_goes_back_to_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection is looked at after each task for an interrupted query;
+    one whose driver reports no status is kept."""
+    # Which dialects report no status, as if no connection was looked at yet.
+    monkeypatch.setattr(db_base, "_NO_STATUS", set())
+    app = make_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'info.sqlite'}",
+            "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"factory": InfoConnection}},
+        }
+    )
+    with app.app_context():
+        engine = taskapp.db.engine
+    invalidated: list[object] = []
+    event.listen(engine, "invalidate", lambda *args: invalidated.append(args))
+    assert select_one.apply().get() == 1
+    assert select_one.apply().get() == 1
+    assert invalidated == []
 
 
 def test_statement_timeout_stops_a_query_the_soft_limit_cannot(

@@ -239,8 +239,9 @@ def pool_limits(engine: Engine) -> tuple[int, int] | None:
     return int(size()), overflow
 
 
-# The dialects whose DBAPI connections report no status (no ``info``): those
-# of other drivers than libpq's, such as sqlite3's.
+# The dialects whose DBAPI connections report no status (no
+# ``info.transaction_status``): those of other drivers than libpq's, such as
+# sqlite3's and MySQLdb's.
 _NO_STATUS: set[type] = set()
 
 
@@ -271,10 +272,12 @@ def _is_unsafe(session: Session) -> bool:
             dbapi = connection.connection.dbapi_connection
             if dbapi is None:
                 continue
-            if not hasattr(type(dbapi), "info"):
+            # Not a mere "info": MySQLdb's connections have an info() method.
+            status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+            if status is None:
                 _NO_STATUS.add(dialect)
                 continue
-            if dbapi.info.transaction_status == _LIBPQ_ACTIVE:
+            if status == _LIBPQ_ACTIVE:
                 return True
     except Exception:
         return True

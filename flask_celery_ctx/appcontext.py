@@ -144,7 +144,10 @@ def push(app: Flask) -> AppContext:
     :return: The context.
     """
     ctx = app.app_context()
-    if _plan_of(app) is None or type(ctx) is not AppContext:
+    # _plan_of(app), inline for the last app.
+    last = _last
+    plan = last[1] if last is not None and last[0]() is app else _plan_of(app)
+    if plan is None or type(ctx) is not AppContext:
         ctx.push()
         return ctx
     ctx._cv_tokens.append(_cv_app.set(ctx))
@@ -162,7 +165,8 @@ def pop(ctx: AppContext, exc: BaseException | None) -> None:
         raises.
     """
     app = ctx.app
-    plan = _plan_of(app)
+    last = _last
+    plan = last[1] if last is not None and last[0]() is app else _plan_of(app)
     if plan is None or type(ctx) is not AppContext:
         ctx.pop(exc)
         return

@@ -164,10 +164,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
         """
         app = extension_of(self).app
         task_id = options.get("task_id")
-        tracing.end_retried_attempt(self, task_id)
         if task_id is None:
             # Celery's apply() makes the same, if not given one.
             options["task_id"] = task_id = uuid()
+        else:  # the next attempt of a task that retried, maybe
+            tracing.end_retried_attempt(self, task_id)
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
         push = not in_app_context(app)

@@ -45,6 +45,7 @@ from celery.loaders.app import AppLoader
 
 from . import carry
 from .appcontext import push as push_app_context
+from .context import logger
 from .context import TaskContext
 from .db import database
 
@@ -200,7 +201,11 @@ def end(
     """
     if token is not None:
         _reset(token)
-    call.close(call.exception, task_name)
+    # TaskContext.close, inline: this runs for every task.
+    try:
+        call.pop(call.exception)
+    except Exception:
+        logger.exception("Tearing down the context of task %r raised", task_name)
     call.task = call.args = call.kwargs = None
     call.app_ctx = call.request_ctx = None
 

@@ -11,10 +11,12 @@ callgrind counts them, vary by a fraction of a percent. Each variant's
 ``instructions_child.py`` runs under callgrind, which writes its counts at
 every mark the child makes; per task, a cell costs the difference between
 ``N2`` and ``N1`` calls, divided by ``N2 - N1``: the start-up cancels out.
-Counts depend a little on where things land in memory (string hashes, the
-size of the environment), so every variant runs in several layouts, each
-with its own ``PYTHONHASHSEED`` and environment size, and the mean is
-reported with the spread.
+Counts depend on where things land in memory and on the probes of
+string-keyed dicts (string hashes, the size of the environment, the length
+of the database file's path: the SELECT cells move by tens of thousands of
+instructions with them), so every variant runs in several layouts, each with
+its own ``PYTHONHASHSEED``, environment size and database path, and the mean
+is reported with the spread.
 
 It needs no server: the query task reads a SQLite file. valgrind is installed
 with apt-get when missing and possible; otherwise the run stops and says
@@ -98,7 +100,9 @@ def valgrind() -> str:
 
 
 def prepare_database(directory: Path) -> str:
-    """A SQLite file with the row the query task reads; its URL."""
+    """A SQLite file with the row the query task reads, in ``directory``;
+    its URL."""
+    directory.mkdir(exist_ok=True)
     url = f"sqlite:///{directory / 'bench.sqlite'}"
     engine = create_engine(url)
     TABLE.metadata.create_all(engine)
@@ -115,6 +119,14 @@ def layout_env(layout: int) -> dict[str, str]:
         # Moves the stack, and what is allocated after the environment.
         "FCC_BENCH_PAD": "x" * (layout * 1237 % 4096),
     }
+
+
+def layout_database(layout: int, directory: Path) -> dict[str, str]:
+    """The database of a memory layout, made in ``directory``: the length
+    of its path moves the SELECT cells by tens of thousands of instructions,
+    as much as the hash seed does."""
+    url = prepare_database(directory / f"layout-{layout}{'-' * (layout * 7 % 32)}")
+    return {"FCC_BENCH": json.dumps({"database_url": url})}
 
 
 def run_child(
@@ -178,14 +190,15 @@ def measure(args: argparse.Namespace) -> dict[str, t.Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="fccb-instr-") as tmp:
             directory = Path(tmp)
-            database_url = prepare_database(directory)
             env = {
                 **os.environ,
-                "FCC_BENCH": json.dumps({"database_url": database_url}),
                 "PYTHONPATH": os.pathsep.join(
                     str(p) for p in (BENCH / "variants", package) if p is not None
                 ),
             }
+            databases = [
+                layout_database(layout, directory) for layout in range(args.layouts)
+            ]
             jobs = [
                 (variant, layout)
                 for layout in range(args.layouts)
@@ -202,7 +215,13 @@ def measure(args: argparse.Namespace) -> dict[str, t.Any]:
             def one(job: tuple[str, int]) -> None:
                 variant, layout = job
                 per_call = run_child(
-                    tool, variant, layout, args.n1, args.n2, env, directory
+                    tool,
+                    variant,
+                    layout,
+                    args.n1,
+                    args.n2,
+                    {**env, **databases[layout]},
+                    directory,
                 )
                 for cell, value in per_call.items():
                     samples[variant][cell][layout] = value
@@ -221,7 +240,7 @@ def measure(args: argparse.Namespace) -> dict[str, t.Any]:
                         variant,
                         args.n1,
                         args.n2,
-                        {**env, "PYTHONHASHSEED": "0"},
+                        {**env, **databases[0], "PYTHONHASHSEED": "0"},
                         directory,
                     )
                     for variant in ("flasktask", "ctx")

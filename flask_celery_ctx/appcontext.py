@@ -51,7 +51,7 @@ _FOLLOWED_VERSION = version("flask").startswith(FOLLOWED)
 class _Plan:
     """How to tear down a context of one app: its teardown functions, in the
     order Flask calls them, each as ``ensure_sync`` returned it for a plain
-    function, and kept up to date with the app's list."""
+    function, worked out again by :func:`pop` when the app's list changes."""
 
     __slots__ = ("app", "calls", "funcs")
 
@@ -61,18 +61,8 @@ class _Plan:
         self.funcs: list[Teardown] = []
         self.calls: tuple[Teardown, ...] = ()
 
-    def teardown(self, exc: BaseException | None) -> None:
-        """Flask's ``do_teardown_appcontext(exc)``."""
-        app = self.app
-        funcs = app.teardown_appcontext_funcs
-        if funcs != self.funcs:
-            self._work_out(funcs)
-        for call in self.calls:
-            call(exc)
-        if appcontext_tearing_down.receivers:
-            appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
-
-    def _work_out(self, funcs: list[Teardown]) -> None:
+    def work_out(self, funcs: list[Teardown]) -> None:
+        """Work out the calls for the app's teardown functions ``funcs``."""
         found = database(self.app)
         substitutes = [] if found is None else found.teardown_substitutes()
         ensure_sync = self.app.ensure_sync
@@ -173,7 +163,16 @@ def pop(ctx: AppContext, exc: BaseException | None) -> None:
     tokens = ctx._cv_tokens
     try:
         if len(tokens) == 1:
-            plan.teardown(exc)
+            # Flask's do_teardown_appcontext(exc).
+            funcs = app.teardown_appcontext_funcs
+            if funcs != plan.funcs:
+                plan.work_out(funcs)
+            for call in plan.calls:
+                call(exc)
+            if appcontext_tearing_down.receivers:
+                appcontext_tearing_down.send(
+                    app, _async_wrapper=app.ensure_sync, exc=exc
+                )
     finally:
         current = _cv_app.get()
         _cv_app.reset(tokens.pop())

@@ -78,20 +78,16 @@ class TaskContext:
         app_ctx = self.app_ctx
         if app_ctx is None:  # a call that shares its caller's context
             return
+        pop = pop_app_context if self.request_ctx is None else self._pop_both
         found = database(self.app)
         if found is None:
-            self._pop(exc)
+            pop(app_ctx, exc)
         else:
-            found.teardown(app_ctx, self._pop, exc)
+            found.teardown(app_ctx, pop, exc)
 
-    def _pop(self, exc: BaseException | None) -> None:
-        app_ctx = t.cast(AppContext, self.app_ctx)
-        request_ctx = self.request_ctx
-        if request_ctx is None:
-            pop_app_context(app_ctx, exc)
-            return
+    def _pop_both(self, app_ctx: AppContext, exc: BaseException | None) -> None:
         try:
-            request_ctx.pop(exc)
+            t.cast(RequestContext, self.request_ctx).pop(exc)
         finally:
             pop_app_context(app_ctx, exc)
 

@@ -152,10 +152,10 @@ class Database(ABC):
     def teardown(
         self,
         ctx: AppContext,
-        pop: t.Callable[[BaseException | None], None],
+        pop: t.Callable[[AppContext, BaseException | None], None],
         exc: BaseException | None,
     ) -> None:
-        """Pop a task's context with ``pop(exc)``, which runs its teardown
+        """Pop a task's context with ``pop(ctx, exc)``, which runs its teardown
         functions, and make sure its sessions are gone after it. This never
         leaves a session behind: whatever state the connections are in, the
         context must be torn down.
@@ -185,7 +185,7 @@ class Database(ABC):
         for session in self.sessions(ctx):
             invalidate_if_interrupted(session, exc)
         try:
-            pop(exc)
+            pop(ctx, exc)
         finally:
             for session in self.take_sessions(ctx):
                 invalidate(session)

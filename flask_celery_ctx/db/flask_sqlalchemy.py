@@ -94,7 +94,7 @@ class FlaskSQLAlchemy(Database):
     def teardown(
         self,
         ctx: AppContext,
-        pop: Callable[[BaseException | None], None],
+        pop: Callable[[AppContext, BaseException | None], None],
         exc: BaseException | None,
     ) -> None:
         # Database.teardown for the one session of a context, with a dict
@@ -104,7 +104,7 @@ class FlaskSQLAlchemy(Database):
         if session is not None:
             invalidate_if_interrupted(session, exc)
         try:
-            pop(exc)
+            pop(ctx, exc)
         finally:
             left = self._by_context.pop(key, None)
             if left is not None:

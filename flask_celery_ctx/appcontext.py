@@ -28,8 +28,6 @@ from __future__ import annotations
 import typing as t
 from functools import partial
 from importlib.metadata import version
-from weakref import ref
-from weakref import WeakKeyDictionary
 
 from flask import appcontext_popped
 from flask import appcontext_pushed
@@ -53,19 +51,19 @@ class _Plan:
     order Flask calls them, each as ``ensure_sync`` returned it for a plain
     function, worked out again by :func:`pop` when the app's list changes."""
 
-    __slots__ = ("app", "calls", "funcs")
+    __slots__ = ("calls",)
 
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        #: A copy of the list the calls were worked out from.
-        self.funcs: list[Teardown] = []
-        self.calls: tuple[Teardown, ...] = ()
+    def __init__(self) -> None:
+        #: A copy of the list of teardown functions, and the calls worked out
+        #: from it: one attribute, which threads replace at once.
+        self.calls: tuple[list[Teardown], tuple[Teardown, ...]] = ([], ())
 
-    def work_out(self, funcs: list[Teardown]) -> None:
-        """Work out the calls for the app's teardown functions ``funcs``."""
-        found = database(self.app)
+    def work_out(self, app: Flask, funcs: list[Teardown]) -> tuple[Teardown, ...]:
+        """Work out and keep the calls for the teardown functions ``funcs``
+        of ``app``; return them."""
+        found = database(app)
         substitutes = [] if found is None else found.teardown_substitutes()
-        ensure_sync = self.app.ensure_sync
+        ensure_sync = app.ensure_sync
         calls = []
         for func in reversed(funcs):
             for original, substitute in substitutes:
@@ -79,8 +77,9 @@ class _Plan:
                     # A coroutine function: wrapped for each call, as Flask
                     # does.
                     calls.append(partial(_call_async, ensure_sync, func))
-        self.funcs = list(funcs)
-        self.calls = tuple(calls)
+        worked_out = tuple(calls)
+        self.calls = (list(funcs), worked_out)
+        return worked_out
 
 
 def _call_async(
@@ -105,24 +104,19 @@ def _followed(app: Flask) -> bool:
     )
 
 
-_plans: WeakKeyDictionary[Flask, _Plan | None] = WeakKeyDictionary()
-
-# The last app looked up and its plan: every task asks, nearly always for the
-# same app.
-_last: tuple[ref[Flask], _Plan | None] | None = None
+# Where an app keeps its plan, in ``app.extensions``: with the app, for as
+# long as it lives. A plan holds the app's teardown functions, which often
+# refer to the app: kept anywhere else, it would keep the app alive.
+_KEY = "flask_celery_ctx.appcontext"
 
 
 def _plan_of(app: Flask) -> _Plan | None:
-    """The plan of ``app``, or ``None`` when it needs Flask's own methods."""
-    global _last
-    last = _last
-    if last is not None and last[0]() is app:
-        return last[1]
+    """The plan of ``app``, made on first use, or ``None`` when the app needs
+    Flask's own methods."""
     try:
-        plan = _plans[app]
+        plan: _Plan | None = app.extensions[_KEY]
     except KeyError:
-        plan = _plans[app] = _Plan(app) if _followed(app) else None
-    _last = (ref(app), plan)
+        plan = app.extensions[_KEY] = _Plan() if _followed(app) else None
     return plan
 
 
@@ -134,10 +128,7 @@ def push(app: Flask) -> AppContext:
     :return: The context.
     """
     ctx = app.app_context()
-    # _plan_of(app), inline for the last app.
-    last = _last
-    plan = last[1] if last is not None and last[0]() is app else _plan_of(app)
-    if plan is None or type(ctx) is not AppContext:
+    if _plan_of(app) is None or type(ctx) is not AppContext:
         ctx.push()
         return ctx
     ctx._cv_tokens.append(_cv_app.set(ctx))
@@ -155,8 +146,7 @@ def pop(ctx: AppContext, exc: BaseException | None) -> None:
         raises.
     """
     app = ctx.app
-    last = _last
-    plan = last[1] if last is not None and last[0]() is app else _plan_of(app)
+    plan = _plan_of(app)
     if plan is None or type(ctx) is not AppContext:
         ctx.pop(exc)
         return
@@ -165,9 +155,10 @@ def pop(ctx: AppContext, exc: BaseException | None) -> None:
         if len(tokens) == 1:
             # Flask's do_teardown_appcontext(exc).
             funcs = app.teardown_appcontext_funcs
-            if funcs != plan.funcs:
-                plan.work_out(funcs)
-            for call in plan.calls:
+            known, calls = plan.calls
+            if funcs != known:
+                calls = plan.work_out(app, funcs)
+            for call in calls:
                 call(exc)
             if appcontext_tearing_down.receivers:
                 appcontext_tearing_down.send(

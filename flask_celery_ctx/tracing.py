@@ -192,8 +192,8 @@ def end(
 ) -> None:
     """End a call that :func:`begin` started: pop its context, logging what
     a teardown function raised (the task's outcome is already recorded), and
-    forget the task, its arguments and its contexts, which the call of a
-    thread would otherwise keep until its next task.
+    forget the task, its arguments, its contexts and its app, which the call
+    of a thread would otherwise keep until its next task.
 
     :param call: The call.
     :param token: What :func:`begin` returned with it.
@@ -208,6 +208,7 @@ def end(
         logger.exception("Tearing down the context of task %r raised", task_name)
     call.task = call.args = call.kwargs = None
     call.app_ctx = call.request_ctx = None
+    call.app = None  # type: ignore[assignment]  # until the call starts again
 
 
 def end_retried_attempt(task: ContextTask, task_id: str | None) -> None:

@@ -6,9 +6,11 @@ functions are done without what costs most in them."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import typing as t
+import weakref
 from types import CodeType
 from types import FrameType
 
@@ -180,3 +182,30 @@ def test_lite_async_teardown_only_when_an_async_session_was_opened(
     make_dbapp({"FCC_DATABASE": "lite", "SQLALCHEMY_DATABASE_URI": postgres_url})
     code = _extension._close_async_sessions.__code__
     assert calls_of(code, lambda: lite_sessions.apply((opened,))) == int(opened)
+
+
+def run_a_task_in_a_new_app() -> weakref.ref[Flask]:
+    app = Flask(__name__)
+    app.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    own.init_app(app)
+
+    @app.teardown_appcontext
+    def log_name(exc: BaseException | None) -> None:
+        app.logger.debug("%s torn down", app.name)
+
+    async def log_exception(exc: BaseException | None) -> None:
+        app.logger.debug("torn down with %r", exc)
+
+    app.teardown_appcontext(log_exception)
+    noop.apply()
+    return weakref.ref(app)
+
+
+def test_app_freed_once_unbound() -> None:
+    """What is worked out for an app's contexts lives as long as the app."""
+    freed = run_a_task_in_a_new_app()
+    other = Flask(__name__)
+    other.config["CELERY_TASK_ALWAYS_EAGER"] = True
+    own.init_app(other)
+    gc.collect()
+    assert freed() is None

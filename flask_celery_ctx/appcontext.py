@@ -128,7 +128,9 @@ def push(app: Flask) -> AppContext:
     :return: The context.
     """
     ctx = app.app_context()
-    if _plan_of(app) is None or type(ctx) is not AppContext:
+    if (app.extensions.get(_KEY) or _plan_of(app)) is None or type(
+        ctx
+    ) is not AppContext:
         ctx.push()
         return ctx
     ctx._cv_tokens.append(_cv_app.set(ctx))
@@ -146,7 +148,7 @@ def pop(ctx: AppContext, exc: BaseException | None) -> None:
         raises.
     """
     app = ctx.app
-    plan = _plan_of(app)
+    plan = app.extensions.get(_KEY) or _plan_of(app)
     if plan is None or type(ctx) is not AppContext:
         ctx.pop(exc)
         return

@@ -9,6 +9,7 @@ from celery import Task
 from celery.utils import uuid
 from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
+from flask.globals import _cv_app
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
@@ -17,7 +18,6 @@ from . import coroutines
 from . import models
 from . import oncommit
 from . import tracing
-from .context import in_app_context
 from .context import inline_context
 from .db import database
 from .tracing import current as _current_call
@@ -171,7 +171,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
             tracing.end_retried_attempt(self, task_id)
         # Copies: model references in them are replaced by instances in place.
         args, kwargs = list(args or ()), dict(kwargs or {})
-        push = not in_app_context(app)
+        # not in_app_context(app), inline.
+        caller = _cv_app.get(None)
+        push = caller is None or caller.app is not app
         call, token = tracing.begin(app, self, args, kwargs, task_id, push)
         try:
             result = super().apply(args, kwargs, *arguments, **options)

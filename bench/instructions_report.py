@@ -75,8 +75,9 @@ def markdown(results: dict[str, t.Any]) -> str:
         "",
         goal_sentence(table),
         "",
-        f"Mean over {meta['layouts']} memory layouts (PYTHONHASHSEED and"
-        " environment size), [min, max] across them; each the difference"
+        f"Mean over {meta['layouts']} memory layouts (PYTHONHASHSEED,"
+        " environment size and database path), [min, max] across them; each"
+        " the difference"
         f" between {meta['calls'][1]} and {meta['calls'][0]} calls, divided by"
         f" {meta['calls'][1] - meta['calls'][0]}.",
         "",

@@ -128,9 +128,8 @@ def push(app: Flask) -> AppContext:
     :return: The context.
     """
     ctx = app.app_context()
-    if (app.extensions.get(_KEY) or _plan_of(app)) is None or type(
-        ctx
-    ) is not AppContext:
+    plan = app.extensions.get(_KEY) or _plan_of(app)
+    if plan is None or type(ctx) is not AppContext:
         ctx.push()
         return ctx
     ctx._cv_tokens.append(_cv_app.set(ctx))

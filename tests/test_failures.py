@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import typing as t
@@ -412,3 +413,86 @@ def test_dropped_connection_still_tears_down(
     worker.wait_for("teardown got OperationalError", timeout=20)
     assert taskapp.context_state.delay("m").get(timeout=20)["g"] is None
     assert idle_in_transaction(pg_admin, worker.application_name) == 0
+
+
+WATCHED = """
+import signal, sys
+
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import create_engine, event, text
+
+from flask_celery_ctx import FlaskCelery
+from flask_celery_ctx.db import base
+
+url, when = sys.argv[1:]
+db = SQLAlchemy()
+ext = FlaskCelery()
+app = Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://" if when == "later" else url
+db.init_app(app)
+ext.init_app(app)
+
+
+@ext.celery.task
+def select_one():
+    return db.session.scalar(text("select 1"))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt(*args):
+    raise Interrupted
+
+
+@ext.celery.task
+def busy(engine):
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        db.session.execute(text("select pg_sleep(3)"), bind_arguments={"bind": engine})
+    except Interrupted:
+        return "interrupted"
+    return "slept"
+
+
+if when == "later":
+    assert select_one.apply().get() == 1
+    print("sqlite only:", "psycopg" in sys.modules, base.libpq_seen)
+    engine = create_engine(url)  # imports psycopg only now
+else:
+    with app.app_context():  # a pooled connection, before any task
+        db.session.execute(text("select 1"))
+        engine = db.engine
+    print("watching:", base._watching)
+invalidated = []
+event.listen(engine, "invalidate", lambda conn, record, exc: invalidated.append(exc))
+print("busy:", busy.apply((engine,)).get())
+print("invalidated:", invalidated, base.libpq_seen)
+"""
+
+
+@pytest.mark.parametrize("when", ["later", "before"])
+def test_a_libpq_connection_is_looked_at_for_a_busy_query(
+    postgres_url: str, when: str
+) -> None:
+    """A task that swallowed the interruption of its query leaves a busy
+    connection, which is closed, not rolled back while busy: whether the
+    process opened it before its first task (``before``), or only after
+    tasks that used SQLite, which are not looked at (``later``)."""
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHED, postgres_url, when],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    first = "sqlite only: False False" if when == "later" else "watching: False"
+    assert done.stdout.splitlines() == [
+        first,
+        "busy: interrupted",
+        "invalidated: [None] True",
+    ], done.stderr
+    assert "Exception during reset" not in done.stderr

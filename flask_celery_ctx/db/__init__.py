@@ -30,6 +30,7 @@ from flask import Flask
 from . import flask_sqlalchemy
 from . import flask_sqlalchemy_lite
 from .base import Database as Database
+from .base import watch_connections
 
 _FINDERS: tuple[t.Callable[[Flask], Database | None], ...] = (
     flask_sqlalchemy.find,
@@ -57,6 +58,7 @@ def database(app: Flask) -> Database | None:
         for find in _FINDERS:
             found = find(app)
             if found is not None:
+                watch_connections()
                 _found[app] = found
                 break
     if found is not None:
@@ -72,5 +74,6 @@ def use(app: Flask, found: Database) -> None:
     :param found: The integration.
     """
     global _last
+    watch_connections()
     _found[app] = found
     _last = None

@@ -19,6 +19,7 @@ from abc import ABC
 from abc import abstractmethod
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
+from threading import Lock
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
@@ -244,6 +245,50 @@ def pool_limits(engine: Engine) -> tuple[int, int] | None:
 # sqlite3's and MySQLdb's.
 _NO_STATUS: set[type] = set()
 
+# The modules of the drivers whose connections report libpq's status.
+_LIBPQ_DRIVERS = ("psycopg", "psycopg2")
+
+#: Whether a connection of this process may report libpq's status, as
+#: :func:`watch_connections` learns. Until one may, no connection can be
+#: found busy, and :func:`_is_unsafe` does not look.
+libpq_seen = False
+_watching = False
+_watch_lock = Lock()
+
+
+def watch_connections() -> None:
+    """Learn whether a connection of this process may report libpq's
+    status: any connection opened from now on, as it connects; and, for
+    connections an app opened before, whether a driver built on libpq is
+    imported already. Called once an app's database integration is found,
+    before its tasks run.
+    """
+    global _watching, libpq_seen
+    if _watching:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    with _watch_lock:
+        if _watching:
+            return
+        event.listen(Pool, "connect", _on_connect)
+        if any(name in sys.modules for name in _LIBPQ_DRIVERS):
+            libpq_seen = True
+        _watching = True
+
+
+def _on_connect(dbapi_connection: t.Any, record: t.Any) -> None:
+    global libpq_seen
+    if not libpq_seen and _status(dbapi_connection) is not None:
+        libpq_seen = True
+
+
+def _status(dbapi_connection: t.Any) -> t.Any:
+    """A DBAPI connection's libpq transaction status, or ``None``."""
+    # Not a mere "info": MySQLdb's connections have an info() method.
+    return getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+
 
 def invalidate_if_interrupted(session: Session, exc: BaseException | None) -> None:
     """Invalidate a session before its context is popped when a query may
@@ -259,7 +304,11 @@ def invalidate_if_interrupted(session: Session, exc: BaseException | None) -> No
 
 def _is_unsafe(session: Session) -> bool:
     """Whether a connection of the session is still running a command, as
-    libpq drivers (psycopg, psycopg2) report it, or cannot be looked at."""
+    libpq drivers (psycopg, psycopg2) report it, or cannot be looked at.
+    Only they can be found busy: while no connection of the process may
+    report libpq's status, this does not look."""
+    if not libpq_seen:
+        return False
     try:
         transaction = session.get_transaction()
         if transaction is None:
@@ -272,8 +321,7 @@ def _is_unsafe(session: Session) -> bool:
             dbapi = connection.connection.dbapi_connection
             if dbapi is None:
                 continue
-            # Not a mere "info": MySQLdb's connections have an info() method.
-            status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+            status = _status(dbapi)
             if status is None:
                 _NO_STATUS.add(dialect)
                 continue

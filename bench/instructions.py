@@ -33,10 +33,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from datetime import timezone
 from importlib.metadata import version
@@ -53,7 +53,7 @@ from instructions_profile import write_profile  # noqa: E402
 from instructions_report import write_instructions  # noqa: E402
 from instructions_report import write_worker  # noqa: E402
 from instructions_worker import worker_per_task  # noqa: E402
-from run import snapshot  # noqa: E402
+from run import git  # noqa: E402
 from run import VARIANTS  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
@@ -121,6 +121,51 @@ def layout_env(layout: int) -> dict[str, str]:
     }
 
 
+@contextmanager
+def workspace(working_tree: bool) -> t.Iterator[tuple[Path, dict[str, str], str]]:
+    """The directory a run works in, the environment of its children and the
+    commit measured.
+
+    Both are the same from one run to the next: the paths in them (the
+    package's, the databases') and the environment's size are part of the
+    memory layout, so a run repeats the counts of an earlier one with the
+    same code, and two commits compare layout by layout. The package is
+    copied into the directory, from ``HEAD`` or from the working tree, so
+    that its path does not depend on which. One run at a time: a run
+    removes what an earlier one left there.
+    """
+    directory = Path(os.environ.get("TMPDIR", "/tmp")) / "fccb-instructions"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    try:
+        package = directory / "src"
+        package.mkdir()
+        if working_tree:
+            commit = git("describe", "--always", "--dirty")
+            shutil.copytree(
+                BENCH.parent / "flask_celery_ctx",
+                package / "flask_celery_ctx",
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+        else:
+            commit = git("rev-parse", "--short", "HEAD")
+            archive = subprocess.run(
+                ["git", "archive", commit, "flask_celery_ctx"],
+                cwd=BENCH.parent,
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(package)], input=archive, check=True)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": os.environ.get("HOME", "/"),
+            "PYTHONPATH": os.pathsep.join([str(BENCH / "variants"), str(package)]),
+        }
+        yield directory, env, commit
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def layout_database(layout: int, directory: Path) -> dict[str, str]:
     """The database of a memory layout, made in ``directory``: the length
     of its path moves the SELECT cells by tens of thousands of instructions,
@@ -186,68 +231,54 @@ def dumps(out: Path) -> list[int]:
 
 def measure(args: argparse.Namespace) -> dict[str, t.Any]:
     tool = valgrind()
-    package, commit = snapshot(args.working_tree)
-    try:
-        with tempfile.TemporaryDirectory(prefix="fccb-instr-") as tmp:
-            directory = Path(tmp)
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(
-                    str(p) for p in (BENCH / "variants", package) if p is not None
-                ),
-            }
-            databases = [
-                layout_database(layout, directory) for layout in range(args.layouts)
-            ]
-            jobs = [
-                (variant, layout)
-                for layout in range(args.layouts)
-                for variant in VARIANTS
-            ]
-            log(
-                f"{len(jobs)} runs under callgrind, {args.jobs} at a time,"
-                f" {args.n1} and {args.n2} calls per cell"
-            )
-            samples: dict[str, dict[str, list[float]]] = {
-                v: {c: [0.0] * args.layouts for c in CELLS} for v in VARIANTS
-            }
+    with workspace(args.working_tree) as (directory, env, commit):
+        databases = [
+            layout_database(layout, directory) for layout in range(args.layouts)
+        ]
+        jobs = [
+            (variant, layout) for layout in range(args.layouts) for variant in VARIANTS
+        ]
+        log(
+            f"{len(jobs)} runs under callgrind, {args.jobs} at a time,"
+            f" {args.n1} and {args.n2} calls per cell"
+        )
+        samples: dict[str, dict[str, list[float]]] = {
+            v: {c: [0.0] * args.layouts for c in CELLS} for v in VARIANTS
+        }
 
-            def one(job: tuple[str, int]) -> None:
-                variant, layout = job
-                per_call = run_child(
+        def one(job: tuple[str, int]) -> None:
+            variant, layout = job
+            per_call = run_child(
+                tool,
+                variant,
+                layout,
+                args.n1,
+                args.n2,
+                {**env, **databases[layout]},
+                directory,
+            )
+            for cell, value in per_call.items():
+                samples[variant][cell][layout] = value
+            log(f"{variant} layout {layout}: done")
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for _ in pool.map(one, jobs):
+                pass
+        profiles = None
+        if args.profile:
+            log(f"profile by Python function, with {args.profile} -X perf")
+            profiles = {
+                variant: profile(
                     tool,
+                    args.profile,
                     variant,
-                    layout,
                     args.n1,
                     args.n2,
-                    {**env, **databases[layout]},
+                    {**env, **databases[0], "PYTHONHASHSEED": "0"},
                     directory,
                 )
-                for cell, value in per_call.items():
-                    samples[variant][cell][layout] = value
-                log(f"{variant} layout {layout}: done")
-
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for _ in pool.map(one, jobs):
-                    pass
-            profiles = None
-            if args.profile:
-                log(f"profile by Python function, with {args.profile} -X perf")
-                profiles = {
-                    variant: profile(
-                        tool,
-                        args.profile,
-                        variant,
-                        args.n1,
-                        args.n2,
-                        {**env, **databases[0], "PYTHONHASHSEED": "0"},
-                        directory,
-                    )
-                    for variant in ("flasktask", "ctx")
-                }
-    finally:
-        if package is not None:
-            shutil.rmtree(package, ignore_errors=True)
+                for variant in ("flasktask", "ctx")
+            }
     return {"samples": samples, "commit": commit, "profiles": profiles}
 
 
@@ -255,39 +286,28 @@ def measure_workers(args: argparse.Namespace) -> dict[str, t.Any]:
     """Per variant, a real worker's instructions per no-op task, through
     Redis (``instructions_worker.py``)."""
     tool = valgrind()
-    package, commit = snapshot(args.working_tree)
-    try:
-        with tempfile.TemporaryDirectory(prefix="fccb-instr-") as tmp:
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(
-                    str(p) for p in (BENCH / "variants", package) if p is not None
-                ),
-            }
-            jobs = [(v, layout) for layout in range(args.layouts) for v in VARIANTS]
-            log(f"{len(jobs)} workers under callgrind, {args.jobs} at a time")
-            per_task = {v: [0.0] * args.layouts for v in VARIANTS}
+    with workspace(args.working_tree) as (directory, env, commit):
+        jobs = [(v, layout) for layout in range(args.layouts) for v in VARIANTS]
+        log(f"{len(jobs)} workers under callgrind, {args.jobs} at a time")
+        per_task = {v: [0.0] * args.layouts for v in VARIANTS}
 
-            def one(job: tuple[str, int]) -> None:
-                variant, layout = job
-                per_task[variant][layout] = worker_per_task(
-                    tool,
-                    variant,
-                    args.n1,
-                    args.n2,
-                    {**env, **layout_env(layout)},
-                    Path(tmp),
-                    args.redis_url,
-                )
-                log(f"{variant} worker, layout {layout}: done")
+        def one(job: tuple[str, int]) -> None:
+            variant, layout = job
+            per_task[variant][layout] = worker_per_task(
+                tool,
+                variant,
+                args.n1,
+                args.n2,
+                {**env, **layout_env(layout)},
+                directory,
+                args.redis_url,
+            )
+            log(f"{variant} worker, layout {layout}: done")
 
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for _ in pool.map(one, jobs):
-                    pass
-    finally:
-        if package is not None:
-            shutil.rmtree(package, ignore_errors=True)
-    return {"per_task": per_task, "commit": commit}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for _ in pool.map(one, jobs):
+                pass
+    return {"per_task": per_task, "commit": commit, "profiles": None}
 
 
 def meta(args: argparse.Namespace, commit: str) -> dict[str, t.Any]:

@@ -14,7 +14,6 @@ dumps divided by the difference of their calls.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -171,32 +170,18 @@ def write_profile(
 if __name__ == "__main__":
     # python bench/instructions_profile.py PYTHON: the profile alone, of the
     # package as committed, written to bench/results/instructions-profile.md.
-    import shutil
-    import tempfile
     from datetime import datetime
     from datetime import timezone
 
-    from instructions import prepare_database
+    from instructions import layout_database
     from instructions import valgrind
-    from run import snapshot
+    from instructions import workspace
 
-    package, commit = snapshot(False)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            url = prepare_database(Path(tmp))
-            env = {
-                **os.environ,
-                "FCC_BENCH": json.dumps({"database_url": url}),
-                "PYTHONPATH": os.pathsep.join([str(BENCH / "variants"), str(package)]),
-                "PYTHONHASHSEED": "0",
-            }
-            found = {
-                variant: profile(
-                    valgrind(), sys.argv[1], variant, 20, 80, env, Path(tmp)
-                )
-                for variant in ("flasktask", "ctx")
-            }
-    finally:
-        shutil.rmtree(str(package), ignore_errors=True)
+    with workspace(False) as (directory, env, commit):
+        env = {**env, **layout_database(0, directory), "PYTHONHASHSEED": "0"}
+        found = {
+            variant: profile(valgrind(), sys.argv[1], variant, 20, 80, env, directory)
+            for variant in ("flasktask", "ctx")
+        }
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_profile(found, {"commit": commit, "date": date}, BENCH / "results")

@@ -151,7 +151,14 @@ class ContextTask(_GenericTask[_P, _R_co]):
         self,
         args: t.Any = None,
         kwargs: t.Any = None,
-        *arguments: t.Any,
+        link: t.Any = None,
+        link_error: t.Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: t.Any = None,
+        loglevel: t.Any = None,
+        headers: t.Any = None,
         **options: t.Any,
     ) -> EagerResult[_R_co]:
         """Run the task inline, as :meth:`celery.app.task.Task.apply` does, in
@@ -163,10 +170,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
             was not called yet.
         """
         app = extension_of(self).app
-        task_id = options.get("task_id")
         if task_id is None:
             # Celery's apply() makes the same, if not given one.
-            options["task_id"] = task_id = uuid()
+            task_id = uuid()
         else:  # the next attempt of a task that retried, maybe
             tracing.end_retried_attempt(self, task_id)
         # Copies: model references in them are replaced by instances in place.
@@ -176,7 +182,19 @@ class ContextTask(_GenericTask[_P, _R_co]):
         push = caller is None or caller.app is not app
         call, token = tracing.begin(app, self, args, kwargs, task_id, push)
         try:
-            result = super().apply(args, kwargs, *arguments, **options)
+            result = super().apply(
+                args,
+                kwargs,
+                link,
+                link_error,
+                task_id,
+                retries,
+                throw,
+                logfile,
+                loglevel,
+                headers,
+                **options,
+            )
         except BaseException as exc:
             call.exception = exc
             raise

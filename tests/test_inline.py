@@ -141,3 +141,16 @@ def test_signal_receivers_run_in_the_task_context(inline_app: Flask) -> None:
         signals.task_prerun.disconnect(prerun)
         signals.task_postrun.disconnect(postrun)
     assert seen == ["task_prerun"]
+
+
+@ext.celery.task(bind=True)
+def own_id(self: t.Any) -> str:
+    return str(self.request.id)
+
+
+def test_apply_takes_celerys_arguments_by_position(app: Flask) -> None:
+    """``apply()`` has Celery's signature: a task id given by position is
+    the id the task runs with."""
+    result = own_id.apply((), {}, None, None, "given-id", 0, True)
+    assert result.id == "given-id"
+    assert result.get() == "given-id"

@@ -53,6 +53,7 @@ from instructions_profile import write_profile  # noqa: E402
 from instructions_report import write_instructions  # noqa: E402
 from instructions_report import write_worker  # noqa: E402
 from instructions_worker import worker_per_task  # noqa: E402
+from run import extract  # noqa: E402
 from run import git  # noqa: E402
 from run import VARIANTS  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
@@ -149,13 +150,7 @@ def workspace(working_tree: bool) -> t.Iterator[tuple[Path, dict[str, str], str]
             )
         else:
             commit = git("rev-parse", "--short", "HEAD")
-            archive = subprocess.run(
-                ["git", "archive", commit, "flask_celery_ctx"],
-                cwd=BENCH.parent,
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(package)], input=archive, check=True)
+            extract(commit, package)
         env = {
             "PATH": "/usr/bin:/bin",
             "HOME": os.environ.get("HOME", "/"),

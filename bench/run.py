@@ -403,6 +403,12 @@ def snapshot(working_tree: bool) -> tuple[Path | None, str]:
     commit = git("rev-parse", "--short", "HEAD")
     directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"{PREFIX}-src"
     directory.mkdir()
+    extract(commit, directory)
+    return directory, commit
+
+
+def extract(commit: str, directory: Path) -> None:
+    """Write ``flask_celery_ctx`` as of ``commit`` into ``directory``."""
     archive = subprocess.run(
         ["git", "archive", commit, "flask_celery_ctx"],
         cwd=BENCH.parent,
@@ -410,7 +416,6 @@ def snapshot(working_tree: bool) -> tuple[Path | None, str]:
         check=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
-    return directory, commit
 
 
 def git(*args: str) -> str:

@@ -58,8 +58,7 @@ def database(app: Flask) -> Database | None:
         for find in _FINDERS:
             found = find(app)
             if found is not None:
-                watch_connections()
-                _found[app] = found
+                use(app, found)
                 break
     if found is not None:
         _last = (ref(app), found)

@@ -37,8 +37,13 @@ DEFAULTS: dict[str, t.Any] = {
 #: (``celery.app.utils.Settings``), by the setting they override.
 ENVIRONMENT_OVERRIDES = {
     "broker_url": "CELERY_BROKER_URL",
+    "broker_read_url": "CELERY_BROKER_READ_URL",
+    "broker_write_url": "CELERY_BROKER_WRITE_URL",
     "result_backend": "CELERY_RESULT_BACKEND",
 }
+
+# Settings that Celery takes from ``broker_url`` when the config has none.
+_FALLBACKS = {"broker_read_url": "broker_url", "broker_write_url": "broker_url"}
 
 #: The key that tests set to run tasks inline; read once, by ``init_app``.
 EAGER_KEY = "CELERY_TASK_ALWAYS_EAGER"
@@ -109,7 +114,8 @@ def check_environment(
     settings: t.Mapping[str, t.Any], environ: t.Mapping[str, str]
 ) -> None:
     """Refuse an environment variable that Celery would read in the place of
-    the broker or result backend of the config, unless it says the same.
+    the broker (to send to, or to consume from) or the result backend of the
+    config, unless it says the same.
 
     :param settings: The settings read from the config.
     :param environ: The environment, ``os.environ``.
@@ -134,7 +140,7 @@ def override_problem(
     differs from the config's; ``None`` when it is the same.
 
     :param settings: The settings read from the config.
-    :param name: ``"broker_url"`` or ``"result_backend"``.
+    :param name: A key of :data:`ENVIRONMENT_OVERRIDES`.
     :param value: The value that ``source`` gives.
     :param source: Where the value comes from, to start the message with.
     :param undo: How to take that value away, to end the message with.
@@ -142,9 +148,15 @@ def override_problem(
     :meta private:
     """
     configured = settings.get(name)
+    fallback = _FALLBACKS.get(name)
+    if configured is None and fallback is not None:
+        used = settings.get(fallback)
+        said = f"nothing, so Celery uses its {fallback}, {_masked(used)!r}"
+        configured = used
+    else:
+        said = "nothing" if configured is None else repr(_masked(configured))
     if value == configured:
         return None
-    said = "nothing" if configured is None else repr(_masked(configured))
     key = f"{_PREFIX}{name.upper()}"
     return (
         f"{source} sets Celery's {name} to {_masked(value)!r}, but the app's"

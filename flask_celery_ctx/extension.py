@@ -184,6 +184,7 @@ class FlaskCelery:
             would not read, or a setting given twice, or a setting of the
             outbox a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
+            ``CELERY_BROKER_READ_URL``, ``CELERY_BROKER_WRITE_URL``,
             ``CELERY_RESULT_BACKEND``).
         :raises TypeError: ``session`` is not a ``sessionmaker`` or
             ``scoped_session``.

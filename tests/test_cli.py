@@ -173,7 +173,36 @@ def test_worker_refuses_another_broker_than_the_config(
 
 
 @pytest.mark.parametrize(
-    "env", ["BROKER_URL", "CELERY_BROKER_URL", "RESULT_BACKEND", "--broker"]
+    "variable", ["CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"]
+)
+@pytest.mark.parametrize("command", [["worker", "--pool", "solo"], ["purge", "-f"]])
+def test_commands_refuse_another_read_or_write_broker(
+    workers: WorkerFactory, variable: str, command: list[str]
+) -> None:
+    """Celery consumes from the read broker and sends to the write broker,
+    both read from the environment before the config."""
+    config = workers.config()
+    result = flask_celery(config, *command, env={variable: OTHER_BROKER})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    setting = variable.removeprefix("CELERY_").lower()
+    assert f"The environment variable {variable} sets Celery's {setting}" in output
+    assert "'redis://someone:**@127.0.0.1:6379/9'" in output
+    assert "says nothing, so Celery uses its broker_url," in output
+    assert "s3cret" not in output
+    assert " ready." not in output
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        "BROKER_URL",
+        "CELERY_BROKER_URL",
+        "CELERY_BROKER_READ_URL",
+        "CELERY_BROKER_WRITE_URL",
+        "RESULT_BACKEND",
+        "--broker",
+    ],
 )
 def test_worker_accepts_the_configs_own_broker(
     workers: WorkerFactory, env: str

@@ -135,7 +135,15 @@ def test_extra_settings_of_plugins() -> None:
         configured({"CELERY_ONCE": {}})
 
 
-@pytest.mark.parametrize("variable", ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CELERY_BROKER_URL",
+        "CELERY_BROKER_READ_URL",
+        "CELERY_BROKER_WRITE_URL",
+        "CELERY_RESULT_BACKEND",
+    ],
+)
 def test_environment_cannot_override_the_config(
     monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
@@ -152,6 +160,23 @@ def test_environment_cannot_override_the_config(
     assert f"Unset the environment variable {variable}" in message
     with pytest.raises(ValueError, match="says nothing"):
         configured({})
+
+
+@pytest.mark.parametrize(
+    "variable", ["CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"]
+)
+def test_read_and_write_brokers_default_to_the_broker(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Celery takes them from broker_url when the config names none."""
+    monkeypatch.setenv(variable, "redis://h/1")
+    conf = configured({"CELERY_BROKER_URL": "redis://h/1"})
+    assert (conf.broker_read_url, conf.broker_write_url) == ("redis://h/1",) * 2
+    with pytest.raises(ValueError) as info:
+        configured({"CELERY_BROKER_URL": "redis://h/2"})
+    assert "says nothing, so Celery uses its broker_url, 'redis://h/2'" in str(
+        info.value
+    )
 
 
 def test_environment_may_repeat_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -173,6 +173,25 @@ def test_worker_refuses_another_broker_than_the_config(
 
 
 @pytest.mark.parametrize(
+    ("config", "fix"),
+    [({"CELERY_REDBEAT_REDIS_URL": "redis://"},
+      "FlaskCelery(extra_settings=['redbeat_redis_url'])"),
+     ({"CELERY_CONFIG": {"task_ignore_result": True}}, "rename CELERY_CONFIG to CELERY"),
+     ({"CELERY": {"eager_propagates_exceptions": True}},
+      "did you mean 'task_eager_propagates'?")],
+)  # fmt: skip
+def test_worker_says_how_to_fix_the_config(
+    workers: WorkerFactory, config: dict[str, t.Any], fix: str
+) -> None:
+    result = flask_celery({**workers.config(), **config}, "worker", "--pool", "solo")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "is not a Celery setting" in output
+    assert fix in output
+    assert " ready." not in output
+
+
+@pytest.mark.parametrize(
     "variable", ["CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"]
 )
 @pytest.mark.parametrize("command", [["worker", "--pool", "solo"], ["purge", "-f"]])

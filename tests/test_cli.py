@@ -8,6 +8,7 @@ import subprocess
 import time
 import typing as t
 import uuid
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -236,3 +237,53 @@ def test_worker_accepts_the_configs_own_broker(
     worker.wait_ready()
     worker.client()
     assert taskapp.add.delay(2, 2).get(timeout=20) == 4
+
+
+OWN_COMMAND_APP = """
+import click
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+ext = FlaskCelery()
+
+
+@click.group("celery")
+def celery_group():
+    pass
+
+
+def create_app(kind):
+    app = Flask(__name__)
+    app.config["CELERY_BROKER_URL"] = "memory://"
+    if kind == "command":
+        @app.cli.command("celery")
+        @click.argument("args", nargs=-1)
+        def celery(args):
+            click.echo("forum celery command ran")
+    else:
+        app.cli.add_command(celery_group)
+    ext.init_app(app)
+    return app
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [("command", "forum.create_app.<locals>.celery"), ("group", "forum.celery_group")],
+)
+def test_an_apps_own_celery_command_is_refused(
+    tmp_path: Path, kind: str, found: str
+) -> None:
+    """It would shadow ``flask celery``, or be shadowed, without a word."""
+    (tmp_path / "forum.py").write_text(OWN_COMMAND_APP)
+    result = subprocess.run(
+        [FLASK, "--app", f"forum:create_app('{kind}')", "celery", "-b", "memory://",
+         "worker", "--pool", "solo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"The app already has a 'celery' command ({found})" in output
+    assert "Remove the app's own command" in output
+    assert "forum celery command ran" not in output
+    assert " ready." not in output

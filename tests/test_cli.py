@@ -254,7 +254,17 @@ def celery_group():
 
 def create_app(kind):
     app = Flask(__name__)
-    app.config["CELERY_BROKER_URL"] = "memory://"
+    app.config["CELERY_BROKER_URL"] = "redis://127.0.0.1:9/0"
+    if kind == "late":
+        ext.init_app(app)
+
+        @app.cli.command("celery", context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+        def celery(args):
+            click.echo("forum celery command ran")
+            ext.celery.start(list(args))
+
+        return app
     if kind == "command":
         @app.cli.command("celery")
         @click.argument("args", nargs=-1)
@@ -286,4 +296,26 @@ def test_an_apps_own_celery_command_is_refused(
     assert f"The app already has a 'celery' command ({found})" in output
     assert "Remove the app's own command" in output
     assert "forum celery command ran" not in output
+    assert " ready." not in output
+
+
+def test_a_worker_started_by_an_apps_own_command_checks_the_broker(
+    tmp_path: Path,
+) -> None:
+    """A command registered after init_app replaces ``flask celery``; the
+    worker it starts refuses the broker that its ``-b`` put in the
+    environment after init_app checked it."""
+    (tmp_path / "forum.py").write_text(OWN_COMMAND_APP)
+    result = subprocess.run(
+        [FLASK, "--app", "forum:create_app('late')", "celery", "-b", "memory://",
+         "worker", "--pool", "solo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "forum celery command ran" in output
+    assert result.returncode != 0, output
+    assert (
+        "The environment variable CELERY_BROKER_URL sets Celery's broker_url to"
+        " 'memory:" in output
+    )
     assert " ready." not in output

@@ -73,11 +73,13 @@ def unknown_key(key: str, value: t.Any, by_upper: t.Mapping[str, str]) -> str:
             " CELERY = {'broker_url': 'redis://'}, or from CELERY_ keys such"
             f" as CELERY_BROKER_URL: {fix}."
         )
-    name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-    spelling = name if name == "ONCE" else name.lower()
     close = difflib.get_close_matches(
         key, [PREFIX + upper for upper in by_upper], n=1, cutoff=0.75
     )
+    if not key.startswith(PREFIX):
+        return f"{key} is not a Celery setting. {_guess(close)}"
+    name = key[len(PREFIX) :]
+    spelling = name if name == "ONCE" else name.lower()
     return f"{key} is not a Celery setting. {_fix(spelling, close)}"
 
 
@@ -131,5 +133,8 @@ def _fix(spelling: str, close: t.Sequence[str]) -> str:
     )
     if extension is not None:
         return f"It is a setting of {extension}, not of Celery: {name_it}"
-    guess = f"Did you mean {close[0]}? " if close else f"See {_DOCS}. "
-    return f"{guess}If a Celery extension reads it, {name_it}"
+    return f"{_guess(close)} If a Celery extension reads it, {name_it}"
+
+
+def _guess(close: t.Sequence[str]) -> str:
+    return f"Did you mean {close[0]}?" if close else f"See {_DOCS}."

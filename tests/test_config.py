@@ -285,6 +285,10 @@ def test_unknown_settings_say_how_to_name_them() -> None:
     with pytest.raises(ValueError) as info:
         configured({"CELERY": {"MyPluginOption": 1}})
     assert "FlaskCelery(extra_settings=['MyPluginOption'])" in str(info.value)
+    # Only CELERY_ keys are read: naming another one would not help.
+    with pytest.raises(ValueError) as info:
+        configured({"BROKER_SOMETHING": 1})
+    assert "extra_settings" not in str(info.value)
 
 
 def test_celerys_own_beat_settings_are_settings() -> None:

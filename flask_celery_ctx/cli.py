@@ -17,6 +17,7 @@ from .tasklist import tasks_command
 
 if t.TYPE_CHECKING:
     from celery import Celery
+    from flask import Flask
 
     from .extension import FlaskCelery
 
@@ -63,6 +64,32 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
         prog_name=ctx.command_path,
         auto_envvar_prefix="CELERY",
     )
+
+
+def add_to(app: Flask) -> None:
+    """Add ``flask celery`` to the app's command line.
+
+    :param app: The Flask application.
+    :raises RuntimeError: The app has a ``celery`` command of its own, which
+        ``flask celery`` would replace.
+    """
+    found = app.cli.commands.get("celery")
+    if found is not None and found is not celery_command:
+        callback = getattr(found, "callback", None)
+        where = (
+            f" ({callback.__module__}.{callback.__qualname__})"
+            if callback is not None
+            else ""
+        )
+        raise RuntimeError(
+            f"The app already has a 'celery' command{where}. FlaskCelery adds"
+            " 'flask celery', Celery's whole command line bound to the app"
+            " ('flask celery worker', 'beat', 'inspect', ...), which would"
+            " replace it. Remove the app's own command, or give it another"
+            " name, such as @app.cli.command('celery-tools'). See"
+            " 'Migrating from other integrations' in the docs."
+        )
+    app.cli.add_command(celery_command)
 
 
 # Celery's global options that override a setting of the config, with their

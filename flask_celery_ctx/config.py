@@ -16,12 +16,15 @@ process use different ones, so a conflicting environment is an error too.
 
 from __future__ import annotations
 
-import difflib
 import typing as t
 
-from celery.app.defaults import _TO_NEW_KEY  # type: ignore[attr-defined]
 from celery.app.defaults import SETTING_KEYS
 from kombu.utils.url import maybe_sanitize_url
+
+from .confighints import OLD_PREFIXES
+from .confighints import PREFIX
+from .confighints import unknown_key
+from .confighints import unknown_name
 
 #: Defaults that differ from Celery's own, applied unless the config says
 #: otherwise. JSON only: a pickled message is refused by the worker.
@@ -37,15 +40,16 @@ DEFAULTS: dict[str, t.Any] = {
 #: (``celery.app.utils.Settings``), by the setting they override.
 ENVIRONMENT_OVERRIDES = {
     "broker_url": "CELERY_BROKER_URL",
+    "broker_read_url": "CELERY_BROKER_READ_URL",
+    "broker_write_url": "CELERY_BROKER_WRITE_URL",
     "result_backend": "CELERY_RESULT_BACKEND",
 }
 
+# Settings that Celery takes from ``broker_url`` when the config has none.
+_FALLBACKS = {"broker_read_url": "broker_url", "broker_write_url": "broker_url"}
+
 #: The key that tests set to run tasks inline; read once, by ``init_app``.
 EAGER_KEY = "CELERY_TASK_ALWAYS_EAGER"
-
-_PREFIX = "CELERY_"
-# Prefixes of Celery 3 setting names that are not ``CELERY_`` + a new name.
-_OLD_PREFIXES = ("CELERYD_", "CELERYBEAT_", "CELERYMON_", "BROKER_")
 
 
 def celery_settings(
@@ -88,19 +92,17 @@ def celery_settings(
         )
     for name, value in nested.items():
         if name not in known:
-            raise ValueError(
-                f"CELERY[{name!r}] is not a Celery setting. {_hint(name, known)}"
-            )
+            raise ValueError(unknown_name(name, known))
         add(name, value, f"CELERY[{name!r}]")
 
     for key, value in config.items():
-        if key.startswith(_PREFIX):
-            name = by_upper.get(key[len(_PREFIX) :])
+        if key.startswith(PREFIX):
+            name = by_upper.get(key[len(PREFIX) :])
             if name is None:
-                raise ValueError(_unknown_key(key, by_upper))
+                raise ValueError(unknown_key(key, value, by_upper))
             add(name, value, key)
-        elif key.startswith(_OLD_PREFIXES):
-            raise ValueError(_unknown_key(key, by_upper))
+        elif key.startswith(OLD_PREFIXES):
+            raise ValueError(unknown_key(key, value, by_upper))
 
     return {**DEFAULTS, **settings}
 
@@ -109,7 +111,8 @@ def check_environment(
     settings: t.Mapping[str, t.Any], environ: t.Mapping[str, str]
 ) -> None:
     """Refuse an environment variable that Celery would read in the place of
-    the broker or result backend of the config, unless it says the same.
+    the broker (to send to, or to consume from) or the result backend of the
+    config, unless it says the same.
 
     :param settings: The settings read from the config.
     :param environ: The environment, ``os.environ``.
@@ -134,7 +137,7 @@ def override_problem(
     differs from the config's; ``None`` when it is the same.
 
     :param settings: The settings read from the config.
-    :param name: ``"broker_url"`` or ``"result_backend"``.
+    :param name: A key of :data:`ENVIRONMENT_OVERRIDES`.
     :param value: The value that ``source`` gives.
     :param source: Where the value comes from, to start the message with.
     :param undo: How to take that value away, to end the message with.
@@ -142,10 +145,16 @@ def override_problem(
     :meta private:
     """
     configured = settings.get(name)
+    fallback = _FALLBACKS.get(name)
+    if configured is None and fallback is not None:
+        used = settings.get(fallback)
+        said = f"nothing, so Celery uses its {fallback}, {_masked(used)!r}"
+        configured = used
+    else:
+        said = "nothing" if configured is None else repr(_masked(configured))
     if value == configured:
         return None
-    said = "nothing" if configured is None else repr(_masked(configured))
-    key = f"{_PREFIX}{name.upper()}"
+    key = f"{PREFIX}{name.upper()}"
     return (
         f"{source} sets Celery's {name} to {_masked(value)!r}, but the app's"
         f" config ({key} or CELERY[{name!r}]) says {said}. The Flask config is"
@@ -157,24 +166,3 @@ def override_problem(
 
 def _masked(value: t.Any) -> t.Any:
     return maybe_sanitize_url(value) if isinstance(value, str) else value
-
-
-def _unknown_key(key: str, by_upper: t.Mapping[str, str]) -> str:
-    new = _TO_NEW_KEY.get(key)
-    if new is not None:
-        return (
-            f"{key} is a Celery 3 setting name that Celery no longer reads."
-            f" Use {_PREFIX}{new.upper()} (or CELERY[{new!r}]) instead."
-        )
-    prefixed = [_PREFIX + upper for upper in by_upper]
-    return f"{key} is not a Celery setting. {_hint(key, prefixed, prefix=True)}"
-
-
-def _hint(name: str, candidates: t.Iterable[str], prefix: bool = False) -> str:
-    new = _TO_NEW_KEY.get(name)
-    if new is not None:
-        return f"It is a Celery 3 name: use {new!r}."
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
-    if close:
-        return f"Did you mean {close[0]}?" if prefix else f"Did you mean {close[0]!r}?"
-    return "See https://docs.celeryq.dev/en/stable/userguide/configuration.html"

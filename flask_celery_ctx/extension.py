@@ -16,7 +16,7 @@ from kombu.utils.url import maybe_sanitize_url
 from .carry import carry_other_sends
 from .carry import check_names
 from .celery_app import ContextCelery
-from .cli import celery_command
+from .cli import add_to as add_command_to
 from .config import celery_settings
 from .config import check_environment
 from .config import EAGER_KEY
@@ -184,10 +184,12 @@ class FlaskCelery:
             would not read, or a setting given twice, or a setting of the
             outbox a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
+            ``CELERY_BROKER_READ_URL``, ``CELERY_BROKER_WRITE_URL``,
             ``CELERY_RESULT_BACKEND``).
         :raises TypeError: ``session`` is not a ``sessionmaker`` or
             ``scoped_session``.
-        :raises RuntimeError: This app already has a ``FlaskCelery``.
+        :raises RuntimeError: This app already has a ``FlaskCelery``, or a
+            ``celery`` command of its own.
         """
         if "celery" in app.extensions:
             raise RuntimeError(
@@ -199,13 +201,13 @@ class FlaskCelery:
         )
         check_environment(settings, os.environ)
         check_outbox_settings(settings)
+        add_command_to(app)
         factory = session if session is not None else self._session_factory
         if factory is not None:
             sessions = SessionFactory(factory)
             use_database(app, sessions)
             app.teardown_appcontext(sessions.close)
         app.extensions["celery"] = self
-        app.cli.add_command(celery_command)
         self._configure(settings, app.import_name)
         self._app = app
         self._eager_read = app.config.get(EAGER_KEY)

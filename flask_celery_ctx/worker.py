@@ -12,6 +12,7 @@ from celery import current_app as current_celery
 from celery import signals
 from kombu.utils.url import maybe_sanitize_url
 
+from .config import check_environment
 from .db import database
 from .db.base import pool_limits
 from .drivers import missing_driver
@@ -38,6 +39,7 @@ def install(ext: FlaskCelery) -> None:
         if getattr(sender, "app", None) is not celery:
             return
         worker_pid = os.getpid()
+        check_environment_unchanged(celery)
         pool = pool_name(sender.pool_cls)
         check_pool(pool)
         check_broker(celery)
@@ -140,6 +142,22 @@ def check_engine_pools(ext: FlaskCelery, pool: str, concurrency: int) -> None:
             setting,
             concurrency,
         )
+
+
+def check_environment_unchanged(celery: Celery[t.Any]) -> None:
+    """Refuse, at start, a broker or result backend that the environment
+    gained after ``init_app`` checked it: a command of the app's own that
+    starts the worker through Celery's command line with ``-b``, for one.
+
+    :param celery: The Celery app.
+    :raises SystemExit: The environment gives another broker or result
+        backend than the config, with the message of ``init_app``.
+    """
+    try:
+        check_environment(celery.conf, os.environ)
+    except ValueError as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(1) from None
 
 
 def check_broker(celery: Celery[t.Any]) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import time
 import typing as t
 import uuid
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -173,7 +174,55 @@ def test_worker_refuses_another_broker_than_the_config(
 
 
 @pytest.mark.parametrize(
-    "env", ["BROKER_URL", "CELERY_BROKER_URL", "RESULT_BACKEND", "--broker"]
+    ("config", "fix"),
+    [({"CELERY_REDBEAT_REDIS_URL": "redis://"},
+      "FlaskCelery(extra_settings=['redbeat_redis_url'])"),
+     ({"CELERY_CONFIG": {"task_ignore_result": True}}, "rename CELERY_CONFIG to CELERY"),
+     ({"CELERY": {"eager_propagates_exceptions": True}},
+      "did you mean 'task_eager_propagates'?")],
+)  # fmt: skip
+def test_worker_says_how_to_fix_the_config(
+    workers: WorkerFactory, config: dict[str, t.Any], fix: str
+) -> None:
+    result = flask_celery({**workers.config(), **config}, "worker", "--pool", "solo")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "is not a Celery setting" in output
+    assert fix in output
+    assert " ready." not in output
+
+
+@pytest.mark.parametrize(
+    "variable", ["CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"]
+)
+@pytest.mark.parametrize("command", [["worker", "--pool", "solo"], ["purge", "-f"]])
+def test_commands_refuse_another_read_or_write_broker(
+    workers: WorkerFactory, variable: str, command: list[str]
+) -> None:
+    """Celery consumes from the read broker and sends to the write broker,
+    both read from the environment before the config."""
+    config = workers.config()
+    result = flask_celery(config, *command, env={variable: OTHER_BROKER})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    setting = variable.removeprefix("CELERY_").lower()
+    assert f"The environment variable {variable} sets Celery's {setting}" in output
+    assert "'redis://someone:**@127.0.0.1:6379/9'" in output
+    assert "says nothing, so Celery uses its broker_url," in output
+    assert "s3cret" not in output
+    assert " ready." not in output
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        "BROKER_URL",
+        "CELERY_BROKER_URL",
+        "CELERY_BROKER_READ_URL",
+        "CELERY_BROKER_WRITE_URL",
+        "RESULT_BACKEND",
+        "--broker",
+    ],
 )
 def test_worker_accepts_the_configs_own_broker(
     workers: WorkerFactory, env: str
@@ -188,3 +237,85 @@ def test_worker_accepts_the_configs_own_broker(
     worker.wait_ready()
     worker.client()
     assert taskapp.add.delay(2, 2).get(timeout=20) == 4
+
+
+OWN_COMMAND_APP = """
+import click
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+ext = FlaskCelery()
+
+
+@click.group("celery")
+def celery_group():
+    pass
+
+
+def create_app(kind):
+    app = Flask(__name__)
+    app.config["CELERY_BROKER_URL"] = "redis://127.0.0.1:9/0"
+    if kind == "late":
+        ext.init_app(app)
+
+        @app.cli.command("celery", context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+        def celery(args):
+            click.echo("forum celery command ran")
+            ext.celery.start(list(args))
+
+        return app
+    if kind == "command":
+        @app.cli.command("celery")
+        @click.argument("args", nargs=-1)
+        def celery(args):
+            click.echo("forum celery command ran")
+    else:
+        app.cli.add_command(celery_group)
+    ext.init_app(app)
+    return app
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [("command", "forum.create_app.<locals>.celery"), ("group", "forum.celery_group")],
+)
+def test_an_apps_own_celery_command_is_refused(
+    tmp_path: Path, kind: str, found: str
+) -> None:
+    """It would shadow ``flask celery``, or be shadowed, without a word."""
+    (tmp_path / "forum.py").write_text(OWN_COMMAND_APP)
+    result = subprocess.run(
+        [FLASK, "--app", f"forum:create_app('{kind}')", "celery", "-b", "memory://",
+         "worker", "--pool", "solo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"The app already has a 'celery' command ({found})" in output
+    assert "Remove the app's own command" in output
+    assert "forum celery command ran" not in output
+    assert " ready." not in output
+
+
+def test_a_worker_started_by_an_apps_own_command_checks_the_broker(
+    tmp_path: Path,
+) -> None:
+    """A command registered after init_app replaces ``flask celery``; the
+    worker it starts refuses the broker that its ``-b`` put in the
+    environment after init_app checked it."""
+    (tmp_path / "forum.py").write_text(OWN_COMMAND_APP)
+    result = subprocess.run(
+        [FLASK, "--app", "forum:create_app('late')", "celery", "-b", "memory://",
+         "worker", "--pool", "solo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "forum celery command ran" in output
+    assert result.returncode != 0, output
+    assert (
+        "The environment variable CELERY_BROKER_URL sets Celery's broker_url to"
+        " 'memory:" in output
+    )
+    assert " ready." not in output

@@ -49,6 +49,14 @@ SALT = "flask-celery-ctx.model-reference"
 #: to 65,535, SQLite to 32,766, Oracle's ``IN`` lists to 1,000 items).
 KEYS_PER_QUERY = 500
 
+#: Load every reference with the query a worker runs, also those whose
+#: instance is in the session already: the eager fixtures of
+#: :mod:`flask_celery_ctx.testing` set it, so that a test runs what a worker
+#: would.
+#:
+#: :meta private:
+query_always = False
+
 
 class MissingInstanceError(LookupError):
     """A task argument refers to a row that no longer exists.
@@ -399,32 +407,34 @@ def load(
         return
 
     found: dict[tuple[type[t.Any], tuple[t.Any, ...]], t.Any] = {}
-    rows: list[t.Any] = []  # holds what the queries loaded: the map is weak
     missing: list[str] = []
     for cls, keys in wanted.items():
         mapper = sa.inspect(cls)
         todo = []
         for key in keys:
-            instance = session.identity_map.get(
-                mapper.identity_key_from_primary_key(key)
-            )
+            instance = None
+            if not query_always:
+                instance = session.identity_map.get(
+                    mapper.identity_key_from_primary_key(key)
+                )
             if instance is None:
                 todo.append(key)
             else:
                 found[cls, key] = instance
         columns = mapper.primary_key
         size = max(1, KEYS_PER_QUERY // len(columns))
+        loaded: dict[tuple[t.Any, ...], t.Any] = {}
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             if len(columns) == 1:
                 where = columns[0].in_([key[0] for key in chunk])
             else:
                 where = sa.tuple_(*columns).in_(chunk)
-            rows.extend(session.scalars(sa.select(cls).where(where)))
+            # unique(): a joined eager load repeats an instance per row.
+            for instance in session.scalars(sa.select(cls).where(where)).unique():
+                loaded[sa.inspect(instance).identity] = instance
         for key in todo:
-            instance = session.identity_map.get(
-                mapper.identity_key_from_primary_key(key)
-            )
+            instance = loaded.get(key)
             if instance is None:
                 missing.append(shown(cls, key))
             found[cls, key] = instance

@@ -196,7 +196,11 @@ def shown_instances(value: t.Any) -> t.Any:
 
 
 def check_pending(
-    task_name: str, values: t.Any, session: Session, sign: Signer | None
+    task_name: str,
+    values: t.Any,
+    session: Session,
+    sign: Signer | None,
+    embedded: bool = False,
 ) -> None:
     """Check, before a send is queued for the commit, that every instance in
     ``values`` can be sent by then: it has a primary key, or it is pending in
@@ -206,6 +210,7 @@ def check_pending(
     :param values: The positional and keyword argument values.
     :param session: The session whose commit the send waits for.
     :param sign: The app's :func:`signer`.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
     :raises ValueError: An instance is not saved and would not be.
     :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
@@ -221,7 +226,7 @@ def check_pending(
                 " pass a saved instance."
             )
 
-    _replace_instances(values, check)
+    _replace_instances(values, check, embedded)
 
 
 def has_instances(signature: t.Any) -> bool:
@@ -233,13 +238,15 @@ def has_instances(signature: t.Any) -> bool:
     return _replace_instances(signature, lambda *_: None, embedded=True)[1]
 
 
-def placeholders(value: t.Any) -> t.Any:
+def placeholders(value: t.Any, embedded: bool = False) -> t.Any:
     """Replace the instances in a value by a reference with no key, for a trial
     of the serializer before the keys are known.
 
     :param value: Arguments, or one of them.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
     """
-    return _replace_instances(value, lambda *_: {MODEL: "", KEY: [], SIG: ""})[0]
+    placeholder = {MODEL: "", KEY: [], SIG: ""}
+    return _replace_instances(value, lambda *_: placeholder, embedded)[0]
 
 
 def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:

@@ -30,6 +30,7 @@ from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
 
+from . import models
 from . import outbox
 from .db import database
 
@@ -111,7 +112,8 @@ def send_on_commit(
     if outbox.enabled(task.app):
         from .outbox.table import check_options
 
-        check_options(task.name, options)
+        # The instances in signatures are stored as references.
+        check_options(task.name, models.placeholders(options, embedded=True))
     _install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})

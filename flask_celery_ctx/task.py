@@ -53,6 +53,11 @@ else:
     _GenericTask = _TaskOf()
 
 
+#: The options of ``apply_async`` whose signatures the worker sends when the
+#: task is done, with the task's :class:`ContextTask` loading their instances.
+_SIGNATURE_OPTIONS = ("link", "chain", "chord")
+
+
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
     """Return the :class:`~flask_celery_ctx.FlaskCelery` whose Celery app a
     task belongs to.
@@ -295,6 +300,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
             check_arguments(*args, **kwargs)
         sign = models.signer(ext.app)
         models.check_pending(self.name, [args, kwargs], session, sign)
+        self._check_signatures(options)
+        signatures = [options.get(name) for name in _SIGNATURE_OPTIONS]
+        models.check_pending(self.name, signatures, session, sign, embedded=True)
         args, kwargs = models.placeholders([args, kwargs])
         try:
             serialization.dumps((args, kwargs), self._serializer(options))
@@ -367,27 +375,35 @@ class ContextTask(_GenericTask[_P, _R_co]):
         ``chain`` and ``chord`` (the body of a chord this task is part of):
         their tasks load them. Refuse those that would not be loaded.
         """
-        for name in ("link", "chain", "chord"):
+        self._check_signatures(options)
+        for name in _SIGNATURE_OPTIONS:
             value = options.get(name)
             if not value:
                 continue
-            signatures = list(maybe_list(value))
-            for index, signature in enumerate(signatures):
+            signatures = [
+                models.dump(signature["task"], signature, app, embedded=True)[0]
+                for signature in maybe_list(value)
+            ]
+            options[name] = (
+                signatures if isinstance(value, (list, tuple)) else signatures[0]
+            )
+
+    def _check_signatures(self, options: dict[str, t.Any]) -> None:
+        """Refuse the instances in the signatures of the options whose task
+        would not load them: one that is not a ContextTask, or an error
+        callback."""
+        for name in _SIGNATURE_OPTIONS:
+            for signature in maybe_list(options.get(name)) or ():
                 task = self.app.tasks.get(signature["task"])
-                if isinstance(task, ContextTask):
-                    signatures[index] = models.dump(
-                        task.name, signature, app, embedded=True
-                    )[0]
-                elif models.has_instances(signature):
+                if not isinstance(task, ContextTask) and models.has_instances(
+                    signature
+                ):
                     raise ValueError(
                         f"Task {signature['task']!r}, in the {name} of task"
                         f" {self.name!r}, got a model instance in its arguments,"
                         " but it is not a ContextTask here, so it could not load"
                         " it. Pass ids, or declare it with '@ext.celery.task'."
                     )
-            options[name] = (
-                signatures if isinstance(value, (list, tuple)) else signatures[0]
-            )
         for errback in maybe_list(options.get("link_error")) or ():
             if models.has_instances(errback):
                 raise ValueError(

@@ -323,3 +323,79 @@ def test_eager_follows_the_same_rules(app: Flask) -> None:
     with app.app_context():
         db.session.commit()
         assert names(*n.values()) == [n["released"]]
+
+
+# Signatures with instances, as apply_async takes them.
+
+
+def seen(name: str) -> dict[str, t.Any]:
+    return {"model": "Item", "name": name, "attached": True}
+
+
+def test_a_linked_signature_gets_its_instances_after_the_commit(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item, later = Item(name=unique("linked")), Item(name=unique("pending"))
+        db.session.add(item)
+        db.session.flush()
+        db.session.add(later)  # pending until the commit flushes it
+        callback = ormtasks.describe.si(item, kept=later)
+        linked = callback.freeze()
+        first = ormtasks.describe.apply_async_on_commit([item], link=callback)
+        names = item.name, later.name
+        db.session.commit()
+        assert first.get(timeout=20)["args"] == {"list": [seen(names[0])]}
+        described = linked.get(timeout=20)
+    assert described["args"] == {"list": [seen(names[0])]}
+    assert described["kwargs"] == {"kept": seen(names[1])}
+
+
+def test_signatures_are_refused_when_queued_as_apply_async_refuses_them(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("refused"))
+        db.session.add(item)
+        db.session.flush()
+        with pytest.raises(ValueError, match=r"The error callback .* pass ids"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link_error=ormtasks.describe.si(item)
+            )
+        with pytest.raises(ValueError, match=r"not a ContextTask"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link=taskapp.foreign_context_state.si(item)
+            )
+        with pytest.raises(ValueError, match=r"not pending in db\.session"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link=ormtasks.describe.si(Item(name="transient"))
+            )
+        db.session.rollback()
+
+
+def test_a_linked_signature_gets_its_instances_after_the_relay(
+    workers: WorkerFactory, other_postgres_url: str
+) -> None:
+    """The broker is down at the commit: the row holds the signature, its
+    instances as references, and a worker's relay publishes it."""
+    relaying = workers(
+        **ormtasks.config(other_postgres_url),
+        CELERY_OUTBOX_LEASE=1,
+        CELERY_OUTBOX_RELAY_INTERVAL=0.2,
+    )
+    down = relaying.client(
+        CELERY_BROKER_URL="redis://127.0.0.1:9/0",
+        CELERY_TASK_PUBLISH_RETRY=False,
+        CELERY_BROKER_TRANSPORT_OPTIONS={"max_retries": 0},
+    )
+    with down.app_context():
+        item = Item(name=unique("relayed"))
+        db.session.add(item)
+        callback = ormtasks.describe.si(kept=[item])
+        linked = callback.freeze()
+        ormtasks.same.apply_async_on_commit([1], link=callback)
+        name = item.name
+        db.session.commit()
+    with relaying.client().app_context():
+        described = AsyncResult(linked.id).get(timeout=30)
+    assert described["kwargs"] == {"kept": {"list": [seen(name)]}}

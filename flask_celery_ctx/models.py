@@ -229,6 +229,23 @@ def check_pending(
     _replace_instances(values, check, embedded)
 
 
+def sessions(value: t.Any) -> list[Session]:
+    """The sessions that hold the instances in a value, its lists, tuples,
+    dicts and signatures, each once, in the order met.
+
+    :param value: Arguments and options, or one of them.
+    """
+    found: dict[Session, None] = {}
+
+    def held(instance: t.Any, state: InstanceState[t.Any]) -> None:
+        session = state.session
+        if session is not None:
+            found[session] = None
+
+    _replace_instances(value, held, embedded=True)
+    return list(found)
+
+
 def has_instances(signature: t.Any) -> bool:
     """Whether a signature holds mapped instances, in its arguments, its
     options or the signatures it embeds.

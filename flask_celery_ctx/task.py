@@ -259,9 +259,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def apply_async_on_commit(
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> AsyncResult[_R_co]:
-        """Send the task after the outermost transaction of the current app
-        context's session commits; at once when no transaction is in
-        progress. A rollback drops it. See :doc:`/on-commit` for the rules.
+        """Send the task after the outermost transaction of the session that
+        holds the model instances in the arguments commits, or of the current
+        app context's session when they are in none; at once when no
+        transaction is in progress. A rollback drops it. See
+        :doc:`/on-commit` for the rules.
 
         :param args: Positional arguments of the task.
         :param kwargs: Keyword arguments of the task.
@@ -269,7 +271,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
         :return: The task's result, whose id is known at once.
         :raises TypeError: The arguments do not fit the task's signature.
         :raises ValueError: An instance in the arguments is not saved and is
-            not pending in the session.
+            not pending in the session, or the instances belong to two
+            sessions in a transaction.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments, or a value of ``g`` to carry is not JSON.
         """

@@ -21,6 +21,7 @@ from flask import Flask
 from kombu.exceptions import OperationalError
 from sqlalchemy import func
 from sqlalchemy import insert
+from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -399,3 +400,47 @@ def test_a_linked_signature_gets_its_instances_after_the_relay(
     with relaying.client().app_context():
         described = AsyncResult(linked.id).get(timeout=30)
     assert described["kwargs"] == {"kept": {"list": [seen(name)]}}
+
+
+# The session that holds the instances.
+
+
+def test_a_send_waits_for_the_session_that_holds_its_instances(
+    orm_client: Flask,
+) -> None:
+    """A view that keeps a session of its own, while ``db.session`` is in a
+    transaction too or not."""
+    own = orm.sessionmaker()
+    with orm_client.app_context():
+        for reading in (False, True):
+            if reading:
+                db.session.scalar(select(func.count()).select_from(Item))
+            session = own(bind=db.engine)
+            item = Item(name=unique("own"))
+            session.add(item)
+            session.flush()
+            result = ormtasks.describe.delay_on_commit(item)
+            name = item.name
+            barrier()
+            assert result.state == "PENDING"
+            session.commit()
+            assert result.get(timeout=20)["args"] == {"list": [seen(name)]}
+            session.close()
+            db.session.rollback()
+
+
+def test_instances_of_two_sessions_in_transactions_are_refused(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        session = orm.Session(db.engine)
+        mine, theirs = Item(name=unique("mine")), Item(name=unique("theirs"))
+        session.add(mine)
+        db.session.add(theirs)
+        session.flush()
+        db.session.flush()
+        with pytest.raises(ValueError, match=r"belong to 2 sessions, each in a"):
+            ormtasks.describe.delay_on_commit(mine, theirs)
+        session.rollback()
+        session.close()
+        db.session.rollback()

@@ -447,7 +447,7 @@ def load(
                 found[cls, key] = instance
         columns = mapper.primary_key
         size = max(1, KEYS_PER_QUERY // len(columns))
-        loaded: dict[tuple[t.Any, ...], t.Any] = {}
+        by_key: dict[tuple[t.Any, ...], t.Any] = {}
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             if len(columns) == 1:
@@ -456,9 +456,9 @@ def load(
                 where = sa.tuple_(*columns).in_(chunk)
             # unique(): a joined eager load repeats an instance per row.
             for instance in session.scalars(sa.select(cls).where(where)).unique():
-                loaded[sa.inspect(instance).identity] = instance
+                by_key[sa.inspect(instance).identity] = instance
         for key in todo:
-            instance = loaded.get(key)
+            instance = by_key.get(key)
             if instance is None:
                 missing.append(shown(cls, key))
             found[cls, key] = instance

@@ -80,8 +80,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
     """The default base class of tasks declared with ``@ext.celery.task``.
 
     - Run by a worker or inline with :meth:`apply`, the task runs in a Flask
-      context that spans its hooks too (see :doc:`/contexts`); tasks of
-      another base class get one from Celery's task signals.
+      context that spans its hooks too (see :doc:`/contexts`). A task
+      declared with ``base=`` a class of another library derives from both
+      (see :func:`with_context`).
     - A direct call, ``add(1, 2)``, runs in the caller's application context,
       or in one pushed for the call when none is active.
     - When the task raises, the session of a context pushed for it is rolled
@@ -109,6 +110,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
 
     _context_tracer: t.Callable[..., t.Any] | None = None
 
+    #: The ``__call__`` of a base class that follows ContextTask in the
+    #: class's bases (see :func:`with_context`), which a traced call runs in
+    #: the place of ``run``; ``None`` when that is Celery's own.
+    _base_call: t.Callable[..., t.Any] | None = None
+
     if not t.TYPE_CHECKING:
         # ContextTask[[int, int], int], on Celery 5.4 too.
         __class_getitem__ = classmethod(types.GenericAlias)
@@ -116,6 +122,10 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
         coroutines.adapt(cls)
+        mro = cls.__mro__
+        after = mro[mro.index(ContextTask) + 1 :]
+        owner = next(base for base in after if "__call__" in vars(base))
+        cls._base_call = None if owner is Task else vars(owner)["__call__"]
 
     @property
     def __trace__(self) -> t.Callable[..., t.Any] | None:
@@ -145,6 +155,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
             try:
                 if call.error is not None:
                     raise call.error
+                if self._base_call is not None:
+                    return t.cast("_R_co", self._base_call(*args, **kwargs))
                 return self.run(*args, **kwargs)
             except Exception as exc:
                 call.failed(exc)
@@ -427,3 +439,31 @@ class ContextTask(_GenericTask[_P, _R_co]):
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
             " of mapped models."
         )
+
+
+_with_context: dict[type[t.Any], type[ContextTask]] = {}
+
+
+def with_context(base: type[Task[t.Any, t.Any]]) -> type[ContextTask]:
+    """The base class of a task declared with ``base=`` on a FlaskCelery app:
+    ``base`` itself when it derives from ContextTask, else a class of the same
+    name that derives from ContextTask and ``base``, in that order, made once
+    per base. The task gets its context, its instances and the on-commit
+    sends, and ``base`` its hooks, its ``apply_async`` and its ``__call__``.
+
+    :param base: The class given with ``base=``, a :class:`celery.Task`.
+    """
+    if issubclass(base, ContextTask):
+        return base
+    found = _with_context.get(base)
+    if found is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        found = _with_context[base] = t.cast(
+            "type[ContextTask]",
+            type(t.cast("str", base.__name__), (ContextTask, base), namespace),
+        )
+    return found

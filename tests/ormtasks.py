@@ -122,7 +122,10 @@ class Document(db.Model):  # type: ignore[name-defined,misc]
     kind: orm.Mapped[str]
     name: orm.Mapped[str]
     notes: orm.Mapped[list[Note]] = orm.relationship(lazy="joined")
-    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "document"}
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "document",
+    }
 
 
 class Report(Document):
@@ -132,7 +135,7 @@ class Report(Document):
         ForeignKey("document.id"), primary_key=True
     )
     pages: orm.Mapped[int]
-    __mapper_args__ = {"polymorphic_identity": "report"}
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "report"}
 
 
 class Note(db.Model):  # type: ignore[name-defined,misc]
@@ -147,14 +150,17 @@ class Animal(db.Model):  # type: ignore[name-defined,misc]
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
     kind: orm.Mapped[str]
     name: orm.Mapped[str]
-    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "animal"}
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "animal",
+    }
 
 
 class Dog(Animal):
     """A subclass in its base's table, with an eager-joined collection."""
 
     toys: orm.Mapped[list[Toy]] = orm.relationship(lazy="joined")
-    __mapper_args__ = {"polymorphic_identity": "dog"}
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "dog"}
 
 
 class Toy(db.Model):  # type: ignore[name-defined,misc]
@@ -308,3 +314,45 @@ def related(*instances: t.Any) -> list[dict[str, t.Any]]:
         }
         for instance in instances
     ]
+
+
+class DatabaseTask(Task):  # type: ignore[type-arg]
+    """A base class of the kind blog posts show: a plain ``celery.Task`` with
+    a session of its own, closed after each task."""
+
+    _session: orm.Session | None = None
+
+    @property
+    def session(self) -> orm.Session:
+        if self._session is None:
+            self._session = orm.Session(db.engine)
+        return self._session
+
+    def after_return(self, *args: t.Any, **kwargs: t.Any) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+@ext.celery.task(base=DatabaseTask, bind=True)
+def rename(self: DatabaseTask, item: Item, name: str) -> dict[str, t.Any]:
+    """Rename the item in the base class's session."""
+    own = self.session.get(Item, item.id)
+    assert own is not None
+    own.name = name
+    self.session.commit()
+    return {"item": describe_value(item), "renamed": own.name}
+
+
+class CallingTask(Task):  # type: ignore[type-arg]
+    """A base class whose ``__call__`` calls ``run`` itself, as Flask's
+    documented ``FlaskTask`` does."""
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        g.called_by_base = True
+        return self.run(*args, **kwargs)
+
+
+@ext.celery.task(base=CallingTask)
+def called(item: Item) -> dict[str, t.Any]:
+    return {"item": describe_value(item), "base": g.get("called_by_base", False)}

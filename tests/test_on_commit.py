@@ -16,14 +16,18 @@ import uuid
 
 import pytest
 from celery import signals
+from celery import signature
 from celery.result import AsyncResult
 from flask import Flask
 from kombu.exceptions import OperationalError
+from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+
+from flask_celery_ctx import MissingInstanceError
 
 import ormtasks
 import taskapp
@@ -365,7 +369,7 @@ def test_signatures_are_refused_when_queued_as_apply_async_refuses_them(
             )
         with pytest.raises(ValueError, match=r"not a ContextTask"):
             ormtasks.same.apply_async_on_commit(
-                [1], link=taskapp.foreign_context_state.si(item)
+                [1], link=signature("billing.charge", args=(item,))
             )
         with pytest.raises(ValueError, match=r"not pending in db\.session"):
             ormtasks.same.apply_async_on_commit(
@@ -398,7 +402,7 @@ def test_a_linked_signature_gets_its_instances_after_the_relay(
         name = item.name
         db.session.commit()
     with relaying.client().app_context():
-        described = AsyncResult(linked.id).get(timeout=30)
+        described: dict[str, t.Any] = AsyncResult(linked.id).get(timeout=30)
     assert described["kwargs"] == {"kept": {"list": [seen(name)]}}
 
 
@@ -444,3 +448,43 @@ def test_instances_of_two_sessions_in_transactions_are_refused(
         session.rollback()
         session.close()
         db.session.rollback()
+
+
+# Tasks of a third-party base class.
+
+
+def test_a_task_of_a_third_party_base_class_sends_on_commit(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("based"))
+        db.session.add(item)
+        # Typed as its base class, which type checkers see without it.
+        result = ormtasks.rename.delay_on_commit(item, "renamed")  # type: ignore[attr-defined]
+        barrier()
+        assert result.state == "PENDING"
+        name = item.name
+        db.session.commit()
+        assert result.get(timeout=20) == {"item": seen(name), "renamed": "renamed"}
+        db.session.refresh(item)
+        assert item.name == "renamed"
+
+
+def test_a_base_class_that_calls_run_itself(
+    orm_client: Flask, pg_admin: Engine
+) -> None:
+    """Its ``__call__`` runs, in the task's context, after the instances are
+    loaded; a missing row fails the task before it."""
+    with orm_client.app_context():
+        kept, gone = Item(name=unique("kept")), Item(name=unique("gone"))
+        db.session.add_all([kept, gone])
+        db.session.commit()
+        name = kept.name
+        assert ormtasks.called.delay(kept).get(timeout=20) == {
+            "item": seen(name),
+            "base": True,
+        }
+        with pg_admin.begin() as conn:
+            conn.execute(delete(Item).where(Item.id == gone.id))
+        with pytest.raises(MissingInstanceError, match="do not exist"):
+            ormtasks.called.delay(gone).get(timeout=20)

@@ -408,7 +408,10 @@ class ContextTask(_GenericTask[_P, _R_co]):
         would not load them: one that is not a ContextTask, or an error
         callback."""
         for name in _SIGNATURE_OPTIONS:
-            for signature in maybe_list(options.get(name)) or ():
+            value = options.get(name)
+            if not value:
+                continue
+            for signature in maybe_list(value):
                 task = self.app.tasks.get(signature["task"])
                 if not isinstance(task, ContextTask) and models.has_instances(
                     signature

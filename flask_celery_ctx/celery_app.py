@@ -10,6 +10,7 @@ from celery import Celery
 from celery import Task
 
 from .task import ContextTask
+from .task import with_context
 
 if t.TYPE_CHECKING:
     _P = t.ParamSpec("_P")
@@ -85,3 +86,19 @@ class ContextCelery(_Celery):
             self, *, base: type[_T], bind: bool = False, **options: t.Any
         ) -> t.Callable[[t.Callable[..., t.Any]], _T]: ...
         def task(self, *args: t.Any, **options: t.Any) -> t.Any: ...
+
+    def _task_from_fun(  # type: ignore[override]
+        self,
+        fun: t.Callable[..., t.Any],
+        name: str | None = None,
+        base: type[Task[t.Any, t.Any]] | None = None,
+        bind: bool = False,
+        **options: t.Any,
+    ) -> Task[t.Any, t.Any]:
+        """Make a task of a function, as Celery does, on a base class derived
+        from :class:`~flask_celery_ctx.ContextTask` when ``base=`` names a
+        class that is not (see :func:`~flask_celery_ctx.task.with_context`).
+        """
+        if base is not None:
+            base = with_context(base)
+        return super()._task_from_fun(fun, name, base, bind, **options)

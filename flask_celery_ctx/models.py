@@ -49,6 +49,14 @@ SALT = "flask-celery-ctx.model-reference"
 #: to 65,535, SQLite to 32,766, Oracle's ``IN`` lists to 1,000 items).
 KEYS_PER_QUERY = 500
 
+#: Load every reference with the query a worker runs, also those whose
+#: instance is in the session already: the eager fixtures of
+#: :mod:`flask_celery_ctx.testing` set it, so that a test runs what a worker
+#: would.
+#:
+#: :meta private:
+query_always = False
+
 
 class MissingInstanceError(LookupError):
     """A task argument refers to a row that no longer exists.
@@ -188,7 +196,11 @@ def shown_instances(value: t.Any) -> t.Any:
 
 
 def check_pending(
-    task_name: str, values: t.Any, session: Session, sign: Signer | None
+    task_name: str,
+    values: t.Any,
+    session: Session,
+    sign: Signer | None,
+    embedded: bool = False,
 ) -> None:
     """Check, before a send is queued for the commit, that every instance in
     ``values`` can be sent by then: it has a primary key, or it is pending in
@@ -198,6 +210,7 @@ def check_pending(
     :param values: The positional and keyword argument values.
     :param session: The session whose commit the send waits for.
     :param sign: The app's :func:`signer`.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
     :raises ValueError: An instance is not saved and would not be.
     :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
@@ -213,7 +226,24 @@ def check_pending(
                 " pass a saved instance."
             )
 
-    _replace_instances(values, check)
+    _replace_instances(values, check, embedded)
+
+
+def sessions(value: t.Any) -> list[Session]:
+    """The sessions that hold the instances in a value, its lists, tuples,
+    dicts and signatures, each once, in the order met.
+
+    :param value: Arguments and options, or one of them.
+    """
+    found: dict[Session, None] = {}
+
+    def held(instance: t.Any, state: InstanceState[t.Any]) -> None:
+        session = state.session
+        if session is not None:
+            found[session] = None
+
+    _replace_instances(value, held, embedded=True)
+    return list(found)
 
 
 def has_instances(signature: t.Any) -> bool:
@@ -225,13 +255,15 @@ def has_instances(signature: t.Any) -> bool:
     return _replace_instances(signature, lambda *_: None, embedded=True)[1]
 
 
-def placeholders(value: t.Any) -> t.Any:
+def placeholders(value: t.Any, embedded: bool = False) -> t.Any:
     """Replace the instances in a value by a reference with no key, for a trial
     of the serializer before the keys are known.
 
     :param value: Arguments, or one of them.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
     """
-    return _replace_instances(value, lambda *_: {MODEL: "", KEY: [], SIG: ""})[0]
+    placeholder = {MODEL: "", KEY: [], SIG: ""}
+    return _replace_instances(value, lambda *_: placeholder, embedded)[0]
 
 
 def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:
@@ -399,32 +431,34 @@ def load(
         return
 
     found: dict[tuple[type[t.Any], tuple[t.Any, ...]], t.Any] = {}
-    rows: list[t.Any] = []  # holds what the queries loaded: the map is weak
     missing: list[str] = []
     for cls, keys in wanted.items():
         mapper = sa.inspect(cls)
         todo = []
         for key in keys:
-            instance = session.identity_map.get(
-                mapper.identity_key_from_primary_key(key)
-            )
+            instance = None
+            if not query_always:
+                instance = session.identity_map.get(
+                    mapper.identity_key_from_primary_key(key)
+                )
             if instance is None:
                 todo.append(key)
             else:
                 found[cls, key] = instance
         columns = mapper.primary_key
         size = max(1, KEYS_PER_QUERY // len(columns))
+        by_key: dict[tuple[t.Any, ...], t.Any] = {}
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             if len(columns) == 1:
                 where = columns[0].in_([key[0] for key in chunk])
             else:
                 where = sa.tuple_(*columns).in_(chunk)
-            rows.extend(session.scalars(sa.select(cls).where(where)))
+            # unique(): a joined eager load repeats an instance per row.
+            for instance in session.scalars(sa.select(cls).where(where)).unique():
+                by_key[sa.inspect(instance).identity] = instance
         for key in todo:
-            instance = session.identity_map.get(
-                mapper.identity_key_from_primary_key(key)
-            )
+            instance = by_key.get(key)
             if instance is None:
                 missing.append(shown(cls, key))
             found[cls, key] = instance

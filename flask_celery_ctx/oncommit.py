@@ -1,9 +1,11 @@
 """Send task messages after the commit of the session's transaction.
 
-Sends wait in the ``info`` of the current app context's session (see
-:meth:`~flask_celery_ctx.db.base.Database.session_in_transaction`), each
-under the transaction it was queued in: the innermost savepoint, or the
-outermost transaction. Three SQLAlchemy session events move them on:
+A send waits for the session that holds the model instances it is given,
+when that session is in a transaction; for the current app context's
+session otherwise (see :func:`session_in_transaction`). Sends wait in the
+``info`` of that session, each under the transaction it was queued in: the
+innermost savepoint, or the outermost transaction. Three SQLAlchemy session
+events move them on:
 
 - ``before_commit`` fires before the outermost transaction commits and
   before a savepoint is released: the sends not written yet go into the
@@ -30,6 +32,7 @@ from celery.utils import uuid
 from flask import current_app
 from flask import has_app_context
 
+from . import models
 from . import outbox
 from .db import database
 
@@ -81,10 +84,26 @@ class _Pending:
         self.written: list[_Send] = []
 
 
-def session_in_transaction() -> Session | None:
-    """The current app context's session, when it exists and a transaction
-    is in progress in it, else ``None``.
+def session_in_transaction(values: t.Any = None) -> Session | None:
+    """The session a send of ``values`` waits for: the one that holds the
+    model instances in them, when a transaction is in progress in it; else
+    the current app context's session, when it exists and a transaction is
+    in progress in it; else ``None``.
+
+    :param values: The arguments and options of a send.
+    :raises ValueError: The instances belong to two sessions in a
+        transaction: no commit makes them all visible.
     """
+    held = [s for s in models.sessions(values) if s.in_transaction()]
+    if len(held) > 1:
+        raise ValueError(
+            "The model instances given to delay_on_commit belong to"
+            f" {len(held)} sessions, each in a transaction of its own: the"
+            " task would be sent after one commit, perhaps before the others."
+            " Load or add them in one session, or commit the others first."
+        )
+    if held:
+        return held[0]
     if not has_app_context():
         return None
     found = database(current_app._get_current_object())  # type: ignore[attr-defined]
@@ -94,24 +113,29 @@ def session_in_transaction() -> Session | None:
 def send_on_commit(
     task: ContextTask, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
 ) -> AsyncResult[t.Any]:
-    """Send a task after the outermost transaction of the current app
-    context's session commits, or at once when there is none.
+    """Send a task after the outermost transaction of the session that holds
+    its model instances commits, or of the current app context's session
+    when they are in none (see :func:`session_in_transaction`); at once when
+    there is no transaction.
 
     :param task: The task.
     :param args: Positional arguments.
     :param kwargs: Keyword arguments.
     :param options: Options of :meth:`~celery.app.task.Task.apply_async`.
     :return: The result of the task, whose id is fixed already.
+    :raises ValueError: The instances belong to two sessions in a
+        transaction.
     """
     options = {**options, "task_id": options.get("task_id") or uuid()}
-    session = session_in_transaction()
+    session = session_in_transaction([args, kwargs, options])
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
     if outbox.enabled(task.app):
         from .outbox.table import check_options
 
-        check_options(task.name, options)
+        # The instances in signatures are stored as references.
+        check_options(task.name, models.placeholders(options, embedded=True))
     _install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})

@@ -53,6 +53,11 @@ else:
     _GenericTask = _TaskOf()
 
 
+#: The options of ``apply_async`` whose signatures the worker sends when the
+#: task is done, with the task's :class:`ContextTask` loading their instances.
+_SIGNATURE_OPTIONS = ("link", "chain", "chord")
+
+
 def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
     """Return the :class:`~flask_celery_ctx.FlaskCelery` whose Celery app a
     task belongs to.
@@ -75,8 +80,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
     """The default base class of tasks declared with ``@ext.celery.task``.
 
     - Run by a worker or inline with :meth:`apply`, the task runs in a Flask
-      context that spans its hooks too (see :doc:`/contexts`); tasks of
-      another base class get one from Celery's task signals.
+      context that spans its hooks too (see :doc:`/contexts`). A task
+      declared with ``base=`` a class of another library derives from both
+      (see :func:`with_context`).
     - A direct call, ``add(1, 2)``, runs in the caller's application context,
       or in one pushed for the call when none is active.
     - When the task raises, the session of a context pushed for it is rolled
@@ -104,6 +110,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
 
     _context_tracer: t.Callable[..., t.Any] | None = None
 
+    #: The ``__call__`` of a base class that follows ContextTask in the
+    #: class's bases (see :func:`with_context`), which a traced call runs in
+    #: the place of ``run``; ``None`` when that is Celery's own.
+    _base_call: t.Callable[..., t.Any] | None = None
+
     if not t.TYPE_CHECKING:
         # ContextTask[[int, int], int], on Celery 5.4 too.
         __class_getitem__ = classmethod(types.GenericAlias)
@@ -111,6 +122,10 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
         coroutines.adapt(cls)
+        mro = cls.__mro__
+        after = mro[mro.index(ContextTask) + 1 :]
+        owner = next(base for base in after if "__call__" in vars(base))
+        cls._base_call = None if owner is Task else vars(owner)["__call__"]
 
     @property
     def __trace__(self) -> t.Callable[..., t.Any] | None:
@@ -140,6 +155,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
             try:
                 if call.error is not None:
                     raise call.error
+                if self._base_call is not None:
+                    return t.cast("_R_co", self._base_call(*args, **kwargs))
                 return self.run(*args, **kwargs)
             except Exception as exc:
                 call.failed(exc)
@@ -254,9 +271,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def apply_async_on_commit(
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> AsyncResult[_R_co]:
-        """Send the task after the outermost transaction of the current app
-        context's session commits; at once when no transaction is in
-        progress. A rollback drops it. See :doc:`/on-commit` for the rules.
+        """Send the task after the outermost transaction of the session that
+        holds the model instances in the arguments commits, or of the current
+        app context's session when they are in none; at once when no
+        transaction is in progress. A rollback drops it. See
+        :doc:`/on-commit` for the rules.
 
         :param args: Positional arguments of the task.
         :param kwargs: Keyword arguments of the task.
@@ -264,7 +283,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
         :return: The task's result, whose id is known at once.
         :raises TypeError: The arguments do not fit the task's signature.
         :raises ValueError: An instance in the arguments is not saved and is
-            not pending in the session.
+            not pending in the session, or the instances belong to two
+            sessions in a transaction.
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments, or a value of ``g`` to carry is not JSON.
         """
@@ -295,6 +315,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
             check_arguments(*args, **kwargs)
         sign = models.signer(ext.app)
         models.check_pending(self.name, [args, kwargs], session, sign)
+        self._check_signatures(options)
+        signatures = [options.get(name) for name in _SIGNATURE_OPTIONS]
+        models.check_pending(self.name, signatures, session, sign, embedded=True)
         args, kwargs = models.placeholders([args, kwargs])
         try:
             serialization.dumps((args, kwargs), self._serializer(options))
@@ -367,27 +390,38 @@ class ContextTask(_GenericTask[_P, _R_co]):
         ``chain`` and ``chord`` (the body of a chord this task is part of):
         their tasks load them. Refuse those that would not be loaded.
         """
-        for name in ("link", "chain", "chord"):
+        self._check_signatures(options)
+        for name in _SIGNATURE_OPTIONS:
             value = options.get(name)
             if not value:
                 continue
-            signatures = list(maybe_list(value))
-            for index, signature in enumerate(signatures):
+            signatures = [
+                models.dump(signature["task"], signature, app, embedded=True)[0]
+                for signature in maybe_list(value)
+            ]
+            options[name] = (
+                signatures if isinstance(value, (list, tuple)) else signatures[0]
+            )
+
+    def _check_signatures(self, options: dict[str, t.Any]) -> None:
+        """Refuse the instances in the signatures of the options whose task
+        would not load them: one that is not a ContextTask, or an error
+        callback."""
+        for name in _SIGNATURE_OPTIONS:
+            value = options.get(name)
+            if not value:
+                continue
+            for signature in maybe_list(value):
                 task = self.app.tasks.get(signature["task"])
-                if isinstance(task, ContextTask):
-                    signatures[index] = models.dump(
-                        task.name, signature, app, embedded=True
-                    )[0]
-                elif models.has_instances(signature):
+                if not isinstance(task, ContextTask) and models.has_instances(
+                    signature
+                ):
                     raise ValueError(
                         f"Task {signature['task']!r}, in the {name} of task"
                         f" {self.name!r}, got a model instance in its arguments,"
                         " but it is not a ContextTask here, so it could not load"
                         " it. Pass ids, or declare it with '@ext.celery.task'."
                     )
-            options[name] = (
-                signatures if isinstance(value, (list, tuple)) else signatures[0]
-            )
         for errback in maybe_list(options.get("link_error")) or ():
             if models.has_instances(errback):
                 raise ValueError(
@@ -408,3 +442,31 @@ class ContextTask(_GenericTask[_P, _R_co]):
             " for JSON, ids, strings, numbers, lists and dicts, and instances"
             " of mapped models."
         )
+
+
+_with_context: dict[type[t.Any], type[ContextTask]] = {}
+
+
+def with_context(base: type[Task[t.Any, t.Any]]) -> type[ContextTask]:
+    """The base class of a task declared with ``base=`` on a FlaskCelery app:
+    ``base`` itself when it derives from ContextTask, else a class of the same
+    name that derives from ContextTask and ``base``, in that order, made once
+    per base. The task gets its context, its instances and the on-commit
+    sends, and ``base`` its hooks, its ``apply_async`` and its ``__call__``.
+
+    :param base: The class given with ``base=``, a :class:`celery.Task`.
+    """
+    if issubclass(base, ContextTask):
+        return base
+    found = _with_context.get(base)
+    if found is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        found = _with_context[base] = t.cast(
+            "type[ContextTask]",
+            type(t.cast("str", base.__name__), (ContextTask, base), namespace),
+        )
+    return found

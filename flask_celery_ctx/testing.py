@@ -100,18 +100,27 @@ def celery_eager(app: Flask) -> t.Iterator[Celery[t.Any]]:
     ``task_eager_propagates``, off by default, is on. The settings are restored
     when the test ends.
 
-    Retries run at once, inside the failing call: a task that retries with a
-    countdown does not wait.
+    Model instances in the arguments are loaded by the query a worker runs
+    (see :doc:`/testing`). Retries run at once, inside the failing call: a
+    task that retries with a countdown does not wait.
     """
     celery = extension_of(app).celery
-    conf = celery.conf
-    saved = (conf.task_always_eager, conf.task_eager_propagates)
-    conf.task_always_eager = True
-    conf.task_eager_propagates = True
-    try:
+    with _eager(celery):
         yield celery
+
+
+@contextmanager
+def _eager(celery: Celery[t.Any]) -> t.Iterator[None]:
+    """Run tasks inline, their exceptions propagated, their instances loaded
+    by a worker's query."""
+    conf = celery.conf
+    saved = (conf.task_always_eager, conf.task_eager_propagates, models.query_always)
+    conf.task_always_eager = conf.task_eager_propagates = True
+    models.query_always = True
+    try:
+        yield
     finally:
-        conf.task_always_eager, conf.task_eager_propagates = saved
+        conf.task_always_eager, conf.task_eager_propagates, models.query_always = saved
 
 
 class SentTask(t.NamedTuple):
@@ -181,9 +190,9 @@ class OnCommitRecorder:
         """Run the recorded tasks inline, in order, and those that they send
         on commit in turn, until none is left.
 
-        Each task runs as ``delay()`` runs it in eager mode: model instances
-        travel as references and are loaded again in the task's session, and
-        an exception propagates. Outside an application context each task
+        Each task runs as ``delay()`` runs it under :func:`celery_eager`:
+        model instances travel as references and are loaded by the query a
+        worker runs, and an exception propagates. Outside an application context each task
         gets a fresh context, as in a worker; inside one, it shares it.
 
         :param limit: The most tasks to run, for tasks that keep sending
@@ -200,13 +209,8 @@ class OnCommitRecorder:
                     " Pass a larger 'limit' if they stop on their own."
                 )
             sent = self.sent.pop(0)
-            conf = sent.task.app.conf
-            saved = (conf.task_always_eager, conf.task_eager_propagates)
-            conf.task_always_eager = conf.task_eager_propagates = True
-            try:
+            with _eager(sent.task.app):
                 result = sent.task.apply_async(sent.args, sent.kwargs, **sent.options)
-            finally:
-                conf.task_always_eager, conf.task_eager_propagates = saved
             results.append(t.cast("EagerResult[t.Any]", result))
         return results
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import typing as t
+import uuid
 
 from celery import current_task
 from celery import Task
@@ -15,6 +16,8 @@ from flask import g
 from flask import has_app_context
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import ForeignKey
+from sqlalchemy import ForeignKeyConstraint
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -61,6 +64,108 @@ class Plain(PlainBase):
 
     __tablename__ = "plain_model"
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+
+
+class Forum(db.Model):  # type: ignore[name-defined,misc]
+    """A model whose collections load eagerly, each its own way."""
+
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+    moderators: orm.Mapped[list[Moderator]] = orm.relationship(lazy="joined")
+    topics: orm.Mapped[list[Topic]] = orm.relationship(lazy="selectin")
+    tags: orm.Mapped[list[Tag]] = orm.relationship(lazy="subquery")
+
+
+class Moderator(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    forum_id: orm.Mapped[int] = orm.mapped_column(ForeignKey("forum.id"))
+    name: orm.Mapped[str]
+
+
+class Topic(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    forum_id: orm.Mapped[int] = orm.mapped_column(ForeignKey("forum.id"))
+    name: orm.Mapped[str]
+
+
+class Tag(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    forum_id: orm.Mapped[int] = orm.mapped_column(ForeignKey("forum.id"))
+    name: orm.Mapped[str]
+
+
+class Order(db.Model):  # type: ignore[name-defined,misc]
+    """A model with a composite key and an eager-joined collection."""
+
+    region: orm.Mapped[str] = orm.mapped_column(primary_key=True)
+    number: orm.Mapped[int] = orm.mapped_column(primary_key=True, autoincrement=False)
+    name: orm.Mapped[str]
+    lines: orm.Mapped[list[OrderLine]] = orm.relationship(lazy="joined")
+
+
+class OrderLine(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    region: orm.Mapped[str]
+    number: orm.Mapped[int]
+    name: orm.Mapped[str]
+    __table_args__ = (
+        ForeignKeyConstraint(["region", "number"], ["order.region", "order.number"]),
+    )
+
+
+class Document(db.Model):  # type: ignore[name-defined,misc]
+    """The base of joined-table inheritance, keyed by UUID, with an
+    eager-joined collection."""
+
+    id: orm.Mapped[uuid.UUID] = orm.mapped_column(primary_key=True, default=uuid.uuid4)
+    kind: orm.Mapped[str]
+    name: orm.Mapped[str]
+    notes: orm.Mapped[list[Note]] = orm.relationship(lazy="joined")
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "document",
+    }
+
+
+class Report(Document):
+    """A subclass with a table of its own."""
+
+    id: orm.Mapped[uuid.UUID] = orm.mapped_column(
+        ForeignKey("document.id"), primary_key=True
+    )
+    pages: orm.Mapped[int]
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "report"}
+
+
+class Note(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    document_id: orm.Mapped[uuid.UUID] = orm.mapped_column(ForeignKey("document.id"))
+    name: orm.Mapped[str]
+
+
+class Animal(db.Model):  # type: ignore[name-defined,misc]
+    """The base of single-table inheritance."""
+
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    kind: orm.Mapped[str]
+    name: orm.Mapped[str]
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "animal",
+    }
+
+
+class Dog(Animal):
+    """A subclass in its base's table, with an eager-joined collection."""
+
+    toys: orm.Mapped[list[Toy]] = orm.relationship(lazy="joined")
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "dog"}
+
+
+class Toy(db.Model):  # type: ignore[name-defined,misc]
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    animal_id: orm.Mapped[int] = orm.mapped_column(ForeignKey("animal.id"))
     name: orm.Mapped[str]
 
 
@@ -189,3 +294,65 @@ def count_loaded(items: t.Sequence[Item]) -> dict[str, t.Any]:
         "attached": all(orm.object_session(item) is db.session() for item in items),
         "queries": len(g.get("statements", [])),
     }
+
+
+_COLLECTIONS = ("moderators", "topics", "tags", "lines", "notes", "toys")
+
+
+@ext.celery.task
+def related(*instances: t.Any) -> list[dict[str, t.Any]]:
+    """The class, the name and the eagerly loaded collections of each
+    instance, as the task sees them."""
+    return [
+        {
+            **describe_value(instance),
+            "related": {
+                attr: sorted(each.name for each in getattr(instance, attr))
+                for attr in _COLLECTIONS
+                if hasattr(instance, attr)
+            },
+        }
+        for instance in instances
+    ]
+
+
+class DatabaseTask(Task):  # type: ignore[type-arg]
+    """A base class of the kind blog posts show: a plain ``celery.Task`` with
+    a session of its own, closed after each task."""
+
+    _session: orm.Session | None = None
+
+    @property
+    def session(self) -> orm.Session:
+        if self._session is None:
+            self._session = orm.Session(db.engine)
+        return self._session
+
+    def after_return(self, *args: t.Any, **kwargs: t.Any) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+@ext.celery.task(base=DatabaseTask, bind=True)
+def rename(self: DatabaseTask, item: Item, name: str) -> dict[str, t.Any]:
+    """Rename the item in the base class's session."""
+    own = self.session.get(Item, item.id)
+    assert own is not None
+    own.name = name
+    self.session.commit()
+    return {"item": describe_value(item), "renamed": own.name}
+
+
+class CallingTask(Task):  # type: ignore[type-arg]
+    """A base class whose ``__call__`` calls ``run`` itself, as Flask's
+    documented ``FlaskTask`` does."""
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        g.called_by_base = True
+        return self.run(*args, **kwargs)
+
+
+@ext.celery.task(base=CallingTask)
+def called(item: Item) -> dict[str, t.Any]:
+    return {"item": describe_value(item), "base": g.get("called_by_base", False)}

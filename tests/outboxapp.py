@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import typing as t
 
 from celery import Task
@@ -22,6 +23,7 @@ from flask import request
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import orm
+from sqlalchemy.pool import NullPool
 
 from flask_celery_ctx import FlaskCelery
 
@@ -89,6 +91,22 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
             session.info[_KILL] = bool(request.args.get("kill"))
             session.commit()
         return {"task_id": result.id, "order_id": order.id}
+
+    # No pool: each connection is closed with its session.
+    own = orm.sessionmaker(create_engine(url, **{**options, "poolclass": NullPool}))
+
+    @app.post("/own-session/orders/<name>")
+    def create_order_in_own_session(name: str) -> dict[str, t.Any]:
+        """A view that keeps a session of its own, not the app's; it waits
+        ``pause`` seconds between the send and the commit."""
+        with own() as session:
+            order = Order(name=name)
+            session.add(order)
+            session.flush()
+            result = process.delay_on_commit(order)
+            time.sleep(float(request.args.get("pause", 0)))
+            session.commit()
+            return {"task_id": result.id, "order_id": order.id}
 
     return app
 

@@ -101,20 +101,34 @@ def test_inline(app: Flask) -> None:
     assert state["carried"] == {"request_id": "req-inline"}
 
 
-def test_refused_on_a_base_class_that_is_not_a_context_task() -> None:
-    ext = FlaskCelery()
+def test_on_a_third_party_base_class(app: Flask) -> None:
+    """Declared on ``ext.celery``, the task derives from ContextTask too."""
 
     class LibraryTask(Task):  # type: ignore[type-arg]
         pass
 
-    @ext.celery.task(base=LibraryTask, shared=False)
+    @taskapp.ext.celery.task(base=LibraryTask, shared=False)
     async def fetch(url: str) -> str:
-        return url
+        return f"{url} {g.get('request_id')}"
+
+    with app.test_request_context():
+        g.request_id = "req-base"
+        assert fetch.apply(("u",)).get() == "u req-base"
+
+
+def test_refused_on_a_class_that_is_not_a_context_task() -> None:
+    ext = FlaskCelery()
+
+    class Fetch(Task):  # type: ignore[type-arg]
+        name = "tests.library_fetch"
+
+        async def run(self, url: str) -> str:
+            return url
 
     with pytest.raises(
         TypeError, match="declared with 'async def' on a base class that is not"
     ):
-        ext.celery.tasks  # noqa: B018
+        ext.celery.register_task(Fetch())
 
 
 def test_a_class_based_task(app: Flask) -> None:

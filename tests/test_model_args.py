@@ -13,6 +13,7 @@ import uuid
 import pytest
 from celery import chain
 from celery import chord
+from celery import signature
 from flask import Flask
 from flask import request
 from sqlalchemy import delete
@@ -26,7 +27,6 @@ from flask_celery_ctx import MissingInstanceError
 from flask_celery_ctx import models
 
 import ormtasks
-import taskapp
 from conftest import Worker
 from conftest import WorkerFactory
 from ormtasks import Pair
@@ -403,10 +403,11 @@ def test_instances_that_callbacks_would_not_load_are_refused(
     with orm_client.app_context():
         item = Item(name=unique("errback"))
         saved(item)
-        foreign = taskapp.foreign_context_state.si(item)
+        # A task of another service, which this process does not know.
+        foreign = signature("billing.charge", args=(item,), immutable=True)
         with pytest.raises(
             ValueError,
-            match=r"Task 'taskapp\.foreign_context_state', in the chain of task"
+            match=r"Task 'billing\.charge', in the chain of task"
             r" 'ormtasks\.same', .* not a ContextTask",
         ):
             chain(ormtasks.same.si(1), foreign).apply_async()
@@ -427,3 +428,54 @@ def test_the_body_of_a_chord_gets_its_instances(orm_client: Flask) -> None:
         result = chord(header)(ormtasks.describe.s(kept=third))
         described = result.get(timeout=20)
         assert described["kwargs"] == {"kept": seen(third.name)}
+
+
+# The mappings of real applications.
+
+
+def eager_graph() -> list[t.Any]:
+    """Saved instances of the mappings a worker must load, each with a related
+    row in each of its eagerly loaded collections."""
+    forum = ormtasks.Forum(
+        name=unique("forum"),
+        moderators=[ormtasks.Moderator(name="m1"), ormtasks.Moderator(name="m2")],
+        topics=[ormtasks.Topic(name="t1")],
+        tags=[ormtasks.Tag(name="g1")],
+    )
+    order = ormtasks.Order(
+        region="eu",
+        number=int(time.time() * 1000) % 1_000_000_000,
+        name=unique("order"),
+        lines=[ormtasks.OrderLine(name="l1"), ormtasks.OrderLine(name="l2")],
+    )
+    report = ormtasks.Report(
+        name=unique("report"), pages=3, notes=[ormtasks.Note(name="n1")]
+    )
+    dog = ormtasks.Dog(name=unique("dog"), toys=[ormtasks.Toy(name="ball")])
+    saved(forum, order, report, dog)
+    return [forum, order, report, dog]
+
+
+def related_seen(forum: t.Any, order: t.Any, report: t.Any, dog: t.Any) -> list[t.Any]:
+    def one(model: str, name: str, **related: list[str]) -> dict[str, t.Any]:
+        return {"model": model, "name": name, "attached": True, "related": related}
+
+    return [
+        one("Forum", forum.name, moderators=["m1", "m2"], topics=["t1"], tags=["g1"]),
+        one("Order", order.name, lines=["l1", "l2"]),
+        one("Report", report.name, notes=["n1"]),
+        one("Dog", dog.name, toys=["ball"]),
+    ]
+
+
+def test_eager_loaded_collections_inheritance_and_keys(orm_client: Flask) -> None:
+    """Joined, selectin and subquery collections, joined-table and
+    single-table subclasses, composite and UUID keys: a worker loads each
+    instance as its own class, with its collections."""
+    with orm_client.app_context():
+        graph = eager_graph()
+        result = ormtasks.related.delay(*graph)
+        assert result.get(timeout=20) == related_seen(*graph)
+        report, dog = graph[2:]
+        sent = ormtasks.describe.delay(report, dog).get(timeout=20)
+    assert sent["argsrepr"] == f"(Report({report.id!r}), Dog({dog.id}))"

@@ -16,13 +16,18 @@ import uuid
 
 import pytest
 from celery import signals
+from celery import signature
 from celery.result import AsyncResult
 from flask import Flask
 from kombu.exceptions import OperationalError
+from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import insert
+from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+
+from flask_celery_ctx import MissingInstanceError
 
 import ormtasks
 import taskapp
@@ -323,3 +328,163 @@ def test_eager_follows_the_same_rules(app: Flask) -> None:
     with app.app_context():
         db.session.commit()
         assert names(*n.values()) == [n["released"]]
+
+
+# Signatures with instances, as apply_async takes them.
+
+
+def seen(name: str) -> dict[str, t.Any]:
+    return {"model": "Item", "name": name, "attached": True}
+
+
+def test_a_linked_signature_gets_its_instances_after_the_commit(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item, later = Item(name=unique("linked")), Item(name=unique("pending"))
+        db.session.add(item)
+        db.session.flush()
+        db.session.add(later)  # pending until the commit flushes it
+        callback = ormtasks.describe.si(item, kept=later)
+        linked = callback.freeze()
+        first = ormtasks.describe.apply_async_on_commit([item], link=callback)
+        names = item.name, later.name
+        db.session.commit()
+        assert first.get(timeout=20)["args"] == {"list": [seen(names[0])]}
+        described = linked.get(timeout=20)
+    assert described["args"] == {"list": [seen(names[0])]}
+    assert described["kwargs"] == {"kept": seen(names[1])}
+
+
+def test_signatures_are_refused_when_queued_as_apply_async_refuses_them(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("refused"))
+        db.session.add(item)
+        db.session.flush()
+        with pytest.raises(ValueError, match=r"The error callback .* pass ids"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link_error=ormtasks.describe.si(item)
+            )
+        with pytest.raises(ValueError, match=r"not a ContextTask"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link=signature("billing.charge", args=(item,))
+            )
+        with pytest.raises(ValueError, match=r"not pending in db\.session"):
+            ormtasks.same.apply_async_on_commit(
+                [1], link=ormtasks.describe.si(Item(name="transient"))
+            )
+        db.session.rollback()
+
+
+def test_a_linked_signature_gets_its_instances_after_the_relay(
+    workers: WorkerFactory, other_postgres_url: str
+) -> None:
+    """The broker is down at the commit: the row holds the signature, its
+    instances as references, and a worker's relay publishes it."""
+    relaying = workers(
+        **ormtasks.config(other_postgres_url),
+        CELERY_OUTBOX_LEASE=1,
+        CELERY_OUTBOX_RELAY_INTERVAL=0.2,
+    )
+    down = relaying.client(
+        CELERY_BROKER_URL="redis://127.0.0.1:9/0",
+        CELERY_TASK_PUBLISH_RETRY=False,
+        CELERY_BROKER_TRANSPORT_OPTIONS={"max_retries": 0},
+    )
+    with down.app_context():
+        item = Item(name=unique("relayed"))
+        db.session.add(item)
+        callback = ormtasks.describe.si(kept=[item])
+        linked = callback.freeze()
+        ormtasks.same.apply_async_on_commit([1], link=callback)
+        name = item.name
+        db.session.commit()
+    with relaying.client().app_context():
+        described: dict[str, t.Any] = AsyncResult(linked.id).get(timeout=30)
+    assert described["kwargs"] == {"kept": {"list": [seen(name)]}}
+
+
+# The session that holds the instances.
+
+
+def test_a_send_waits_for_the_session_that_holds_its_instances(
+    orm_client: Flask,
+) -> None:
+    """A view that keeps a session of its own, while ``db.session`` is in a
+    transaction too or not."""
+    own = orm.sessionmaker()
+    with orm_client.app_context():
+        for reading in (False, True):
+            if reading:
+                db.session.scalar(select(func.count()).select_from(Item))
+            session = own(bind=db.engine)
+            item = Item(name=unique("own"))
+            session.add(item)
+            session.flush()
+            result = ormtasks.describe.delay_on_commit(item)
+            name = item.name
+            barrier()
+            assert result.state == "PENDING"
+            session.commit()
+            assert result.get(timeout=20)["args"] == {"list": [seen(name)]}
+            session.close()
+            db.session.rollback()
+
+
+def test_instances_of_two_sessions_in_transactions_are_refused(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        session = orm.Session(db.engine)
+        mine, theirs = Item(name=unique("mine")), Item(name=unique("theirs"))
+        session.add(mine)
+        db.session.add(theirs)
+        session.flush()
+        db.session.flush()
+        with pytest.raises(ValueError, match=r"belong to 2 sessions, each in a"):
+            ormtasks.describe.delay_on_commit(mine, theirs)
+        session.rollback()
+        session.close()
+        db.session.rollback()
+
+
+# Tasks of a third-party base class.
+
+
+def test_a_task_of_a_third_party_base_class_sends_on_commit(
+    orm_client: Flask,
+) -> None:
+    with orm_client.app_context():
+        item = Item(name=unique("based"))
+        db.session.add(item)
+        # Typed as its base class, which type checkers see without it.
+        result = ormtasks.rename.delay_on_commit(item, "renamed")  # type: ignore[attr-defined]
+        barrier()
+        assert result.state == "PENDING"
+        name = item.name
+        db.session.commit()
+        assert result.get(timeout=20) == {"item": seen(name), "renamed": "renamed"}
+        db.session.refresh(item)
+        assert item.name == "renamed"
+
+
+def test_a_base_class_that_calls_run_itself(
+    orm_client: Flask, pg_admin: Engine
+) -> None:
+    """Its ``__call__`` runs, in the task's context, after the instances are
+    loaded; a missing row fails the task before it."""
+    with orm_client.app_context():
+        kept, gone = Item(name=unique("kept")), Item(name=unique("gone"))
+        db.session.add_all([kept, gone])
+        db.session.commit()
+        name = kept.name
+        assert ormtasks.called.delay(kept).get(timeout=20) == {
+            "item": seen(name),
+            "base": True,
+        }
+        with pg_admin.begin() as conn:
+            conn.execute(delete(Item).where(Item.id == gone.id))
+        with pytest.raises(MissingInstanceError, match="do not exist"):
+            ormtasks.called.delay(gone).get(timeout=20)

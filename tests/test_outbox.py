@@ -203,6 +203,20 @@ def test_the_row_is_committed_with_the_data_and_deleted_once_sent(
     assert dropped["task_id"] not in str(seen_at_commit)
 
 
+@pytest.mark.parametrize("kind", ["sessionmaker", "flask-sqlalchemy"])
+def test_a_view_with_a_session_of_its_own(url: str, engine: Engine, kind: str) -> None:
+    """The send waits for the commit of the view's session, which holds the
+    order, not for the app's session: the worker finds the order."""
+    settings = config(url, FCC_DATABASE=kind)
+    start_worker(settings)
+    app = make_app(settings)
+    path = f"/own-session/orders/own-{kind}?pause=1.5"
+    sent = app.test_client().post(path).get_json()
+    wait_until(lambda: sent["order_id"] in runs(engine), "the task ran", timeout=20)
+    assert runs(engine)[sent["order_id"]] == 1
+    wait_until(lambda: rows(engine) == [], "the outbox is empty", timeout=20)
+
+
 def test_savepoints(url: str, engine: Engine) -> None:
     app = make_app(config(url, **DOWN))
     with app.app_context():

@@ -413,3 +413,106 @@ def test_eager_set_after_init_app_is_refused(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=EAGER_AFTER_INIT_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+MODELS_CONFTEST = """
+import pytest
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import ForeignKey, event, orm
+
+from flask_celery_ctx import FlaskCelery
+
+db = SQLAlchemy()
+ext = FlaskCelery()
+statements = []
+
+
+class Forum(db.Model):
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str]
+    moderators: orm.Mapped[list["Moderator"]] = orm.relationship(lazy="joined")
+
+
+class Moderator(db.Model):
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    forum_id: orm.Mapped[int] = orm.mapped_column(ForeignKey("forum.id"))
+    name: orm.Mapped[str]
+
+
+@ext.celery.task
+def moderators(forum):
+    return sorted(m.name for m in forum.moderators)
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = Flask("user")
+    app.config.update(
+        SECRET_KEY="user",
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'user.db'}",
+        CELERY_BROKER_URL="memory://",
+        CELERY_RESULT_BACKEND="cache+memory://",
+    )
+    db.init_app(app)
+    ext.init_app(app)
+    with app.app_context():
+        db.create_all()
+        event.listen(
+            db.engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+    return app
+
+
+@pytest.fixture
+def forum(app):
+    with app.app_context():
+        forum = Forum(name="f", moderators=[Moderator(name="ann"), Moderator(name="bob")])
+        db.session.add(forum)
+        db.session.commit()
+        yield forum
+"""
+
+MODELS_TESTS = """
+import pytest
+from sqlalchemy import delete, text
+from flask_celery_ctx import MissingInstanceError
+from conftest import db, Forum, Moderator, moderators, statements
+
+
+def loads_forum():
+    # A worker's query, not the refresh of an expired instance.
+    return [s for s in statements if "FROM forum" in s and "forum.id IN (" in s]
+
+
+def test_eager(app, forum, celery_eager):
+    statements.clear()
+    assert moderators.delay(forum).get() == ["ann", "bob"]
+    assert len(loads_forum()) == 1
+
+
+def test_on_commit(app, forum, celery_on_commit):
+    moderators.delay_on_commit(forum)
+    statements.clear()
+    (result,) = celery_on_commit.run()
+    assert result.get() == ["ann", "bob"]
+    assert len(loads_forum()) == 1
+
+
+def test_a_row_deleted_meanwhile(app, forum, celery_eager):
+    with db.engine.begin() as conn:
+        conn.execute(delete(Moderator))
+        conn.execute(delete(Forum))
+    with pytest.raises(MissingInstanceError, match=r"Forum\\(1\\)"):
+        moderators.delay(forum)
+"""
+
+
+def test_eager_fixtures_load_instances_as_a_worker(pytester: pytest.Pytester) -> None:
+    """In the test's context too, where the session holds the instance, the
+    eager fixtures load it by the worker's query: a mapping the worker
+    cannot load, or a row gone since, fails the user's test."""
+    pytester.makeconftest(MODELS_CONFTEST)
+    pytester.makepyfile(test_user=MODELS_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=3)

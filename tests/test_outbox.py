@@ -470,3 +470,30 @@ def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
 def test_wrong_settings_are_refused_by_init_app(key: str, value: t.Any) -> None:
     with pytest.raises(ValueError, match=key):
         outboxapp.create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://", key: value})
+
+
+def test_70000_sends_in_one_transaction(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More sends than a PostgreSQL statement takes parameters (65,535):
+    each is published once, no row stays, nothing is logged."""
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's limit; 70,000 publishes take 40s")
+    app = make_app(config(url))
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    broker = redis.Redis.from_url(REDIS_URL)
+    started = time.monotonic()
+    with app.app_context(), caplog.at_level("WARNING", "flask_celery_ctx"):
+        outboxapp.ext.session.add(Order(name="bulk"))
+        ids = [outboxapp.note.delay_on_commit(n).id for n in range(70_000)]
+        outboxapp.ext.session.commit()
+    print(f"70000 sends committed and published in {time.monotonic() - started:.1f}s")
+    try:
+        assert rows(engine) == []
+        messages = broker.lrange(queue, 0, -1)
+    finally:
+        broker.delete(queue)
+    sent = collections.Counter(json.loads(m)["headers"]["id"] for m in messages)
+    assert set(sent) == set(ids)
+    assert set(sent.values()) == {1}
+    assert [r.getMessage() for r in caplog.records] == []

@@ -38,6 +38,7 @@ from werkzeug.serving import make_server
 import outboxapp
 from flask_celery_ctx.db import database
 from flask_celery_ctx.outbox import table as outbox
+from flask_celery_ctx.outbox.relay import relay_all
 from outboxapp import Order
 from outboxapp import Seen
 
@@ -497,3 +498,212 @@ def test_70000_sends_in_one_transaction(
     assert set(sent) == set(ids)
     assert set(sent.values()) == {1}
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def outbox_cli(
+    settings: dict[str, t.Any], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flask celery outbox ARGS`` with the app of ``settings``."""
+    env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
+    return subprocess.run(
+        [*APP, "outbox", *args], cwd=TESTS, env=env, capture_output=True, text=True
+    )
+
+
+def relay_once(settings: dict[str, t.Any]) -> str:
+    done = outbox_cli(settings, "relay")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def row_of(engine: Engine, task_id: str) -> t.Any:
+    [row] = [row for row in rows(engine) if row.task_id == task_id]
+    return row
+
+
+#: Rows whose publish fails, not for the broker, and what their error says.
+POISONS = {
+    "unknown task": "NotRegistered: The app has no task 'outboxapp.removed'",
+    "arguments": "TypeError: process() takes 2 positional arguments but 3",
+    "serializer": "SerializerNotInstalled",
+}
+
+
+def spoil(engine: Engine, task_id: str, poison: str) -> None:
+    """Make a row as an older app would have left it: of a task since
+    removed, with arguments the task no longer takes, or for a serializer
+    the app no longer has; available at once."""
+    row = row_of(engine, task_id)
+    message, name = json.loads(row.message), row.name
+    if poison == "unknown task":
+        name = "outboxapp.removed"
+    elif poison == "arguments":
+        message["args"].append("since removed")
+    else:
+        message["options"]["serializer"] = "removed-serializer"
+    with engine.begin() as conn:
+        conn.execute(
+            outbox.table.update()
+            .where(outbox.table.c.task_id == task_id)
+            .values(name=name, message=json.dumps(message), available=0)
+        )
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_a_row_that_cannot_be_sent_ends_dead_and_is_retried_or_dropped(
+    url: str, engine: Engine, poison: str
+) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=3, CELERY_OUTBOX_RETRY_BACKOFF=1)
+    down = make_app(settings | DOWN)
+    task_id = down.test_client().post("/orders/poison").get_json()["task_id"]
+    spoil(engine, task_id, poison)
+    make_app(settings)  # the relay's, in this process: quicker than the CLI's
+
+    assert relay_all(outboxapp.ext) == 0
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead) == (1, None)
+    assert POISONS[poison] in row.last_error
+    # Not tried again before the backoff: 1s, then 2s.
+    relay_all(outboxapp.ext)
+    assert row_of(engine, task_id).attempts == 1
+    time.sleep(1.05)
+    relay_all(outboxapp.ext)
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead) == (2, None)
+    assert 1.5 < row.available - time.time() <= 2
+    time.sleep(2.05)
+    relay_all(outboxapp.ext)
+    row = row_of(engine, task_id)
+    assert row.attempts == 3
+    assert row.dead is not None
+    # Kept, and never tried again.
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    said = relay_once(settings)
+    assert (
+        said
+        == "Sent 0 tasks from the outbox; 1 dead: see `flask celery outbox list`.\n"
+    )
+    assert row_of(engine, task_id).attempts == 3
+
+    listed = outbox_cli(settings, "list").stdout
+    assert "0 waiting, 1 dead" in listed
+    assert f"{task_id}  {row.name}  dead  attempts 3" in listed
+    assert f"last error: {POISONS[poison]}" in listed
+
+    retried = outbox_cli(settings, "retry", task_id)
+    assert retried.stdout == "1 dead row waits again, sent by the next relay.\n"
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead, row.last_error) == (0, None, None)
+    again = outbox_cli(settings, "retry", task_id)
+    assert again.returncode == 1
+    assert f"No dead row has the task id {task_id!r}" in again.stderr
+
+    # Dead at once with one attempt; dropped.
+    once = settings | {"CELERY_OUTBOX_MAX_ATTEMPTS": 1}
+    assert "1 dead" in relay_once(once)
+    dropped = outbox_cli(settings, "drop", task_id)
+    assert (
+        dropped.stdout
+        == f"Dropped the dead row of task {task_id}: it will not be sent.\n"
+    )
+    assert rows(engine) == []
+    assert outbox_cli(settings, "drop", task_id).returncode == 1
+
+
+def test_retry_all(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=1)
+    down = make_app(settings | DOWN)
+    ids = [
+        down.test_client().post(f"/orders/all-{n}").get_json()["task_id"]
+        for n in range(3)
+    ]
+    for task_id, poison in zip(ids, POISONS, strict=True):
+        spoil(engine, task_id, poison)
+    assert "3 dead" in relay_once(settings)
+    assert outbox_cli(settings, "retry").returncode == 2  # an id or --all
+    done = outbox_cli(settings, "retry", "--all")
+    assert done.stdout == "3 dead rows wait again, sent by the next relay.\n"
+    assert [row.dead for row in rows(engine)] == [None] * 3
+
+
+def test_a_worker_keeps_rows_that_cannot_be_sent_as_dead(
+    url: str, engine: Engine
+) -> None:
+    settings = config(
+        url, CELERY_OUTBOX_MAX_ATTEMPTS=3, CELERY_OUTBOX_RETRY_BACKOFF=0.5
+    )
+    down = make_app(settings | DOWN)
+    answers = [
+        down.test_client().post(f"/orders/worker-{n}").get_json() for n in range(4)
+    ]
+    spoiled = {
+        a["task_id"]: poison for a, poison in zip(answers[:3], POISONS, strict=True)
+    }
+    for task_id, poison in spoiled.items():
+        spoil(engine, task_id, poison)
+    good = answers[3]
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    started = time.monotonic()
+    worker = start_worker(settings)
+
+    def all_dead() -> bool:
+        return [row.dead is not None for row in rows(engine)] == [True] * 3
+
+    wait_until(all_dead, "the three rows are dead", 60)
+    took = time.monotonic() - started
+    assert list(runs(engine)) == [good["order_id"]]
+    for task_id, poison in spoiled.items():
+        row = row_of(engine, task_id)
+        assert row.attempts == 3
+        assert POISONS[poison] in row.last_error
+    # Three attempts, 0.5s then 1s apart.
+    assert took > 1.5
+    assert worker.log.count("gave up task") == 3
+
+
+def test_a_broker_outage_counts_no_attempt(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=1)
+    down = make_app(settings | DOWN)
+    task_id = down.test_client().post("/orders/outage").get_json()["task_id"]
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    for _ in range(3):
+        said = relay_once(settings | DOWN)
+        assert "Sent 0 tasks from the outbox; 1 wait, the first available in 0s" in said
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead, row.last_error) == (0, None, None)
+    assert relay_once(settings) == "Sent 1 task from the outbox.\n"
+    assert rows(engine) == []
+
+
+def test_relay_says_why_nothing_was_sent(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_LEASE=30)
+    down = make_app(settings | DOWN)
+    for n in range(3):
+        down.test_client().post(f"/orders/leased-{n}")
+    said = relay_once(settings)
+    assert said.startswith(
+        "Sent 0 tasks from the outbox; 3 wait, the first available in"
+    )
+    assert said.endswith("s (leased).\n")
+    assert int(said.rsplit(" in ", 1)[1].split("s")[0]) in (29, 30)
+
+
+def test_a_table_without_the_new_columns_is_refused_clearly(
+    url: str, engine: Engine
+) -> None:
+    settings = config(url)
+    make_app(settings | DOWN).test_client().post("/orders/old-table")
+    with engine.begin() as conn:
+        for column in ("last_error", "dead"):
+            conn.execute(text(f"ALTER TABLE {outbox.TABLE_NAME} DROP COLUMN {column}"))
+    try:
+        done = outbox_cli(settings, "relay")
+        assert done.returncode == 1
+        assert "lacks the column(s) last_error, dead" in done.stderr
+        assert f"ALTER TABLE {outbox.TABLE_NAME} ADD COLUMN last_error" in done.stderr
+    finally:
+        with engine.begin() as conn:
+            outbox.table.drop(conn)

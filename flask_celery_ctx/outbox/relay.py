@@ -88,11 +88,11 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
             except broker_errors as exc:
                 unsent = [row.id for row in rows[index:]]
                 logger.warning(
-                    "The outbox relay could not reach the broker: %s. %d %s"
-                    " wait in the outbox.",
-                    outbox.describe(exc),
+                    "The outbox relay could not reach the broker; %d %s wait"
+                    " in the outbox: %s",
                     len(unsent),
                     tasks_word(len(unsent)),
+                    outbox.describe(exc),
                 )
                 outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
@@ -125,8 +125,8 @@ def _failed(
 
     if outbox.fail(engine, celery, row, error):
         logger.error(
-            "The outbox relay gave up task %s[%s] after %d attempts: %s. It is"
-            " kept in the outbox as dead: see `flask celery outbox list`.",
+            "The outbox relay gave up task %s[%s] after %d attempts; it is"
+            " kept in the outbox as dead (see `flask celery outbox list`): %s",
             row.name,
             row.task_id,
             row.attempts + 1,
@@ -135,8 +135,8 @@ def _failed(
         )
     else:
         logger.warning(
-            "The outbox relay could not send task %s[%s] (attempt %d of %d): %s."
-            " It is tried again later.",
+            "The outbox relay could not send task %s[%s] (attempt %d of %d),"
+            " tried again later: %s",
             row.name,
             row.task_id,
             row.attempts + 1,

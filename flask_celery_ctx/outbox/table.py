@@ -466,7 +466,9 @@ def describe(error: BaseException, length: int = 300) -> str:
     """
     if isinstance(error, DBAPIError) and error.orig is not None:
         error = error.orig
-    text = f"{type(error).__name__}: {error}".strip()
+    # A KeyError shows its argument's repr.
+    keyed = isinstance(error, KeyError) and len(error.args) == 1
+    text = f"{type(error).__name__}: {error.args[0] if keyed else error}".strip()
     return text if len(text) <= length else text[: length - 3] + "..."
 
 

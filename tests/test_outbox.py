@@ -702,7 +702,10 @@ def test_a_table_without_the_new_columns_is_refused_clearly(
     try:
         done = outbox_cli(settings, "relay")
         assert done.returncode == 1
-        assert "lacks the column(s) last_error, dead" in done.stderr
+        assert done.stderr.startswith(
+            f"Error: The table {outbox.TABLE_NAME} of {engine.url} lacks the"
+            " column(s) last_error, dead, which this version"
+        )
         assert f"ALTER TABLE {outbox.TABLE_NAME} ADD COLUMN last_error" in done.stderr
     finally:
         with engine.begin() as conn:

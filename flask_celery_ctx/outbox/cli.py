@@ -28,8 +28,11 @@ def _engines(ctx: click.Context) -> list[Engine]:
     from .relay import engines
 
     found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
-    for engine in found:
-        outbox.check_columns(engine)
+    try:
+        for engine in found:
+            outbox.check_columns(engine)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     return found
 
 
@@ -88,6 +91,7 @@ def relay_command(ctx: click.Context, loop: bool) -> None:
 
     ext = _extension(ctx)
     interval = relay_interval(ext.celery) or DEFAULT_RELAY_INTERVAL
+    _engines(ctx)  # a table of an older version is refused clearly
     while True:
         sent = relay_all(ext)
         click.echo(f"Sent {sent} {tasks_word(sent)} from the outbox{_left(ctx)}.")

@@ -75,7 +75,6 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         return 0
     outbox.check_columns(engine)
     seconds = lease(celery)
-    broker_errors = _broker_errors(celery)
     total = 0
     while True:
         rows = outbox.claim(engine, batch, seconds)
@@ -85,8 +84,11 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         for index, row in enumerate(rows):
             try:
                 outbox.publish(celery, row)
-            except broker_errors as exc:
-                unsent = [row.id for row in rows[index:]]
+            except Exception as exc:
+                if not _from_broker(celery, exc):
+                    _failed(engine, celery, row, exc)
+                    continue
+                unsent = [left.id for left in rows[index:]]
                 logger.warning(
                     "The outbox relay could not reach the broker; %d %s wait"
                     " in the outbox: %s",
@@ -96,26 +98,22 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                 )
                 outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
-            except Exception as exc:
-                _failed(engine, celery, row, exc)
-            else:
-                published.append(row.id)
+            published.append(row.id)
         total += _delete(engine, published)
         if len(rows) < batch:
             return total
 
 
-def _broker_errors(celery: Celery[t.Any]) -> tuple[type[BaseException], ...]:
-    """The errors that tell of the broker, not of a row: kombu's, the
-    network's, and those of the broker's client library (but ``KeyError``,
-    which kombu's Redis transport counts as a connection error too)."""
+def _from_broker(celery: Celery[t.Any], error: Exception) -> bool:
+    """Whether ``error`` tells of the broker, not of a row: kombu's
+    ``OperationalError``, the network's, and the connection and channel
+    errors of the broker's client library (but ``KeyError``, which kombu's
+    Redis transport counts as a connection error too)."""
+    if isinstance(error, (OperationalError, OSError)):
+        return True
     with celery.connection_for_write() as conn:
         found = (*conn.connection_errors, *conn.channel_errors)
-    return (
-        OperationalError,
-        OSError,
-        *(error for error in found if not issubclass(error, KeyError)),
-    )
+    return isinstance(error, tuple(e for e in found if not issubclass(e, KeyError)))
 
 
 def _failed(

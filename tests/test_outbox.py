@@ -710,3 +710,34 @@ def test_a_table_without_the_new_columns_is_refused_clearly(
     finally:
         with engine.begin() as conn:
             outbox.table.drop(conn)
+
+
+def test_a_failed_delete_logs_a_short_warning(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The DELETE after the publish fails (here the table is renamed away
+    after the COMMIT): the warning says how many rows and why, without the
+    statement."""
+    app = make_app(config(url))
+    away = f"{outbox.TABLE_NAME}_away"
+
+    def rename(old: str, new: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    app.test_client().post("/orders/first")  # the table exists
+    outboxapp.after_commit = lambda: rename(outbox.TABLE_NAME, away)
+    try:
+        with caplog.at_level("WARNING", "flask_celery_ctx"):
+            app.test_client().post("/orders/kept")
+    finally:
+        outboxapp.after_commit = None
+        rename(away, outbox.TABLE_NAME)
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "The outbox rows of 1 sent tasks could not all be deleted: "
+    )
+    assert record.exc_info is None
+    assert "DELETE" not in caplog.text
+    assert len(caplog.text) < 500
+    assert len(rows(engine)) == 1  # sent, and to be sent again by a relay

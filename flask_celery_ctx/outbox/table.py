@@ -464,11 +464,14 @@ def describe(error: BaseException, length: int = 300) -> str:
     :param error: The error.
     :param length: The most characters.
     """
+    message = str(error)
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        message = str(error.args[0])  # not its repr
     if isinstance(error, DBAPIError) and error.orig is not None:
+        # The driver's first line: the next ones quote the statement.
         error = error.orig
-    # A KeyError shows its argument's repr.
-    keyed = isinstance(error, KeyError) and len(error.args) == 1
-    text = f"{type(error).__name__}: {error.args[0] if keyed else error}".strip()
+        message = str(error).partition("\n")[0]
+    text = f"{type(error).__name__}: {message}".strip()
     return text if len(text) <= length else text[: length - 3] + "..."
 
 

@@ -466,10 +466,13 @@ def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
         ("CELERY_OUTBOX", "no"),
         ("CELERY_OUTBOX_LEASE", "30s"),
         ("CELERY_OUTBOX_RELAY_INTERVAL", -1),
+        ("CELERY_OUTBOX_MAX_ATTEMPTS", 0),
+        ("CELERY_OUTBOX_MAX_ATTEMPTS", 2.5),
+        ("CELERY_OUTBOX_RETRY_BACKOFF", "1m"),
     ],
 )
 def test_wrong_settings_are_refused_by_init_app(key: str, value: t.Any) -> None:
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"{key} must be"):
         outboxapp.create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://", key: value})
 
 

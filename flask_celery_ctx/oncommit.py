@@ -282,14 +282,15 @@ def _send_all(sends: list[_Send]) -> None:
 
 
 def _remove(engine: Engine, ids: list[str]) -> None:
+    from .outbox.table import describe
     from .outbox.table import remove
 
     try:
         remove(engine, ids)
-    except Exception:
+    except Exception as exc:
         logger.warning(
-            "The outbox rows of %d sent tasks could not be deleted: a relay"
-            " will send them again.",
+            "The outbox rows of %d sent tasks could not all be deleted: %s. A"
+            " relay will send those left again.",
             len(ids),
-            exc_info=True,
+            describe(exc),
         )

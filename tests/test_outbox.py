@@ -38,6 +38,7 @@ from werkzeug.serving import make_server
 import outboxapp
 from flask_celery_ctx.db import database
 from flask_celery_ctx.outbox import table as outbox
+from flask_celery_ctx.outbox.relay import relay_all
 from outboxapp import Order
 from outboxapp import Seen
 
@@ -479,8 +480,281 @@ def test_every_new_session_factory_is_watched(url: str, engine: Engine) -> None:
         ("CELERY_OUTBOX", "no"),
         ("CELERY_OUTBOX_LEASE", "30s"),
         ("CELERY_OUTBOX_RELAY_INTERVAL", -1),
+        ("CELERY_OUTBOX_MAX_ATTEMPTS", 0),
+        ("CELERY_OUTBOX_MAX_ATTEMPTS", 2.5),
+        ("CELERY_OUTBOX_RETRY_BACKOFF", "1m"),
     ],
 )
 def test_wrong_settings_are_refused_by_init_app(key: str, value: t.Any) -> None:
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"{key} must be"):
         outboxapp.create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://", key: value})
+
+
+def test_70000_sends_in_one_transaction(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More sends than a PostgreSQL statement takes parameters (65,535):
+    each is published once, no row stays, nothing is logged."""
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's limit; 70,000 publishes take 40s")
+    app = make_app(config(url))
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    broker = redis.Redis.from_url(REDIS_URL)
+    started = time.monotonic()
+    with app.app_context(), caplog.at_level("WARNING", "flask_celery_ctx"):
+        outboxapp.ext.session.add(Order(name="bulk"))
+        ids = [outboxapp.note.delay_on_commit(n).id for n in range(70_000)]
+        outboxapp.ext.session.commit()
+    print(f"70000 sends committed and published in {time.monotonic() - started:.1f}s")
+    try:
+        assert rows(engine) == []
+        messages = broker.lrange(queue, 0, -1)
+    finally:
+        broker.delete(queue)
+    sent = collections.Counter(json.loads(m)["headers"]["id"] for m in messages)
+    assert set(sent) == set(ids)
+    assert set(sent.values()) == {1}
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def outbox_cli(
+    settings: dict[str, t.Any], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flask celery outbox ARGS`` with the app of ``settings``."""
+    env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
+    return subprocess.run(
+        [*APP, "outbox", *args], cwd=TESTS, env=env, capture_output=True, text=True
+    )
+
+
+def relay_once(settings: dict[str, t.Any]) -> str:
+    done = outbox_cli(settings, "relay")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def row_of(engine: Engine, task_id: str) -> t.Any:
+    [row] = [row for row in rows(engine) if row.task_id == task_id]
+    return row
+
+
+#: Rows whose publish fails, not for the broker, and what their error says.
+POISONS = {
+    "unknown task": "NotRegistered: The app has no task 'outboxapp.removed'",
+    "arguments": "TypeError: process() takes 2 positional arguments but 3",
+    "serializer": "SerializerNotInstalled",
+}
+
+
+def spoil(engine: Engine, task_id: str, poison: str) -> None:
+    """Make a row as an older app would have left it: of a task since
+    removed, with arguments the task no longer takes, or for a serializer
+    the app no longer has; available at once."""
+    row = row_of(engine, task_id)
+    message, name = json.loads(row.message), row.name
+    if poison == "unknown task":
+        name = "outboxapp.removed"
+    elif poison == "arguments":
+        message["args"].append("since removed")
+    else:
+        message["options"]["serializer"] = "removed-serializer"
+    with engine.begin() as conn:
+        conn.execute(
+            outbox.table.update()
+            .where(outbox.table.c.task_id == task_id)
+            .values(name=name, message=json.dumps(message), available=0)
+        )
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_a_row_that_cannot_be_sent_ends_dead_and_is_retried_or_dropped(
+    url: str, engine: Engine, poison: str
+) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=3, CELERY_OUTBOX_RETRY_BACKOFF=1)
+    down = make_app(settings | DOWN)
+    task_id = down.test_client().post("/orders/poison").get_json()["task_id"]
+    spoil(engine, task_id, poison)
+    make_app(settings)  # the relay's, in this process: quicker than the CLI's
+
+    assert relay_all(outboxapp.ext) == 0
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead) == (1, None)
+    assert POISONS[poison] in row.last_error
+    # Not tried again before the backoff: 1s, then 2s.
+    relay_all(outboxapp.ext)
+    assert row_of(engine, task_id).attempts == 1
+    time.sleep(1.05)
+    relay_all(outboxapp.ext)
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead) == (2, None)
+    assert 1.5 < row.available - time.time() <= 2
+    time.sleep(2.05)
+    relay_all(outboxapp.ext)
+    row = row_of(engine, task_id)
+    assert row.attempts == 3
+    assert row.dead is not None
+    # Kept, and never tried again.
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    said = relay_once(settings)
+    assert (
+        said
+        == "Sent 0 tasks from the outbox; 1 dead: see `flask celery outbox list`.\n"
+    )
+    assert row_of(engine, task_id).attempts == 3
+
+    listed = outbox_cli(settings, "list").stdout
+    assert "0 waiting, 1 dead" in listed
+    assert f"{task_id}  {row.name}  dead  attempts 3" in listed
+    assert f"last error: {POISONS[poison]}" in listed
+
+    retried = outbox_cli(settings, "retry", task_id)
+    assert retried.stdout == "1 dead row waits again, sent by the next relay.\n"
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead, row.last_error) == (0, None, None)
+    again = outbox_cli(settings, "retry", task_id)
+    assert again.returncode == 1
+    assert f"No dead row has the task id {task_id!r}" in again.stderr
+
+    # Dead at once with one attempt; dropped.
+    once = settings | {"CELERY_OUTBOX_MAX_ATTEMPTS": 1}
+    assert "1 dead" in relay_once(once)
+    dropped = outbox_cli(settings, "drop", task_id)
+    assert (
+        dropped.stdout
+        == f"Dropped the dead row of task {task_id}: it will not be sent.\n"
+    )
+    assert rows(engine) == []
+    assert outbox_cli(settings, "drop", task_id).returncode == 1
+
+
+def test_retry_all(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=1)
+    down = make_app(settings | DOWN)
+    ids = [
+        down.test_client().post(f"/orders/all-{n}").get_json()["task_id"]
+        for n in range(3)
+    ]
+    for task_id, poison in zip(ids, POISONS, strict=True):
+        spoil(engine, task_id, poison)
+    assert "3 dead" in relay_once(settings)
+    assert outbox_cli(settings, "retry").returncode == 2  # an id or --all
+    done = outbox_cli(settings, "retry", "--all")
+    assert done.stdout == "3 dead rows wait again, sent by the next relay.\n"
+    assert [row.dead for row in rows(engine)] == [None] * 3
+
+
+def test_a_worker_keeps_rows_that_cannot_be_sent_as_dead(
+    url: str, engine: Engine
+) -> None:
+    settings = config(
+        url, CELERY_OUTBOX_MAX_ATTEMPTS=3, CELERY_OUTBOX_RETRY_BACKOFF=0.5
+    )
+    down = make_app(settings | DOWN)
+    answers = [
+        down.test_client().post(f"/orders/worker-{n}").get_json() for n in range(4)
+    ]
+    spoiled = {
+        a["task_id"]: poison for a, poison in zip(answers[:3], POISONS, strict=True)
+    }
+    for task_id, poison in spoiled.items():
+        spoil(engine, task_id, poison)
+    good = answers[3]
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    started = time.monotonic()
+    worker = start_worker(settings)
+
+    def all_dead() -> bool:
+        return [row.dead is not None for row in rows(engine)] == [True] * 3
+
+    wait_until(all_dead, "the three rows are dead", 60)
+    took = time.monotonic() - started
+    assert list(runs(engine)) == [good["order_id"]]
+    for task_id, poison in spoiled.items():
+        row = row_of(engine, task_id)
+        assert row.attempts == 3
+        assert POISONS[poison] in row.last_error
+    # Three attempts, 0.5s then 1s apart.
+    assert took > 1.5
+    assert worker.log.count("gave up task") == 3
+
+
+def test_a_broker_outage_counts_no_attempt(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_MAX_ATTEMPTS=1)
+    down = make_app(settings | DOWN)
+    task_id = down.test_client().post("/orders/outage").get_json()["task_id"]
+    with engine.begin() as conn:
+        conn.execute(outbox.table.update().values(available=0))
+    for _ in range(3):
+        said = relay_once(settings | DOWN)
+        assert "Sent 0 tasks from the outbox; 1 wait, the first available in 0s" in said
+    row = row_of(engine, task_id)
+    assert (row.attempts, row.dead, row.last_error) == (0, None, None)
+    assert relay_once(settings) == "Sent 1 task from the outbox.\n"
+    assert rows(engine) == []
+
+
+def test_relay_says_why_nothing_was_sent(url: str, engine: Engine) -> None:
+    settings = config(url, CELERY_OUTBOX_LEASE=30)
+    down = make_app(settings | DOWN)
+    for n in range(3):
+        down.test_client().post(f"/orders/leased-{n}")
+    said = relay_once(settings)
+    assert said.startswith(
+        "Sent 0 tasks from the outbox; 3 wait, the first available in"
+    )
+    assert said.endswith("s (leased).\n")
+    assert int(said.rsplit(" in ", 1)[1].split("s")[0]) in (29, 30)
+
+
+def test_a_table_without_the_new_columns_is_refused_clearly(
+    url: str, engine: Engine
+) -> None:
+    settings = config(url)
+    make_app(settings | DOWN).test_client().post("/orders/old-table")
+    with engine.begin() as conn:
+        for column in ("last_error", "dead"):
+            conn.execute(text(f"ALTER TABLE {outbox.TABLE_NAME} DROP COLUMN {column}"))
+    try:
+        done = outbox_cli(settings, "relay")
+        assert done.returncode == 1
+        assert done.stderr.startswith(
+            f"Error: The table {outbox.TABLE_NAME} of {engine.url} lacks the"
+            " column(s) last_error, dead, which this version"
+        )
+        assert f"ALTER TABLE {outbox.TABLE_NAME} ADD COLUMN last_error" in done.stderr
+    finally:
+        with engine.begin() as conn:
+            outbox.table.drop(conn)
+
+
+def test_a_failed_delete_logs_a_short_warning(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The DELETE after the publish fails (here the table is renamed away
+    after the COMMIT): the warning says how many rows and why, without the
+    statement."""
+    app = make_app(config(url))
+    away = f"{outbox.TABLE_NAME}_away"
+
+    def rename(old: str, new: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    app.test_client().post("/orders/first")  # the table exists
+    outboxapp.after_commit = lambda: rename(outbox.TABLE_NAME, away)
+    try:
+        with caplog.at_level("WARNING", "flask_celery_ctx"):
+            app.test_client().post("/orders/kept")
+    finally:
+        outboxapp.after_commit = None
+        rename(away, outbox.TABLE_NAME)
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "The outbox rows of 1 sent tasks could not all be deleted: "
+    )
+    assert record.exc_info is None
+    assert "DELETE" not in caplog.text
+    assert len(caplog.text) < 500
+    assert len(rows(engine)) == 1  # sent, and to be sent again by a relay

@@ -21,12 +21,26 @@ if t.TYPE_CHECKING:
 
 #: The settings of the outbox, read from the Flask config as Celery
 #: settings are: ``CELERY_OUTBOX`` or ``CELERY = {"outbox": ...}``.
-SETTINGS = ("outbox", "outbox_lease", "outbox_relay_interval")
+SETTINGS = (
+    "outbox",
+    "outbox_lease",
+    "outbox_relay_interval",
+    "outbox_max_attempts",
+    "outbox_retry_backoff",
+)
 #: Seconds a row is left to the process that wrote it, or to the relay that
 #: claimed it, before another relay may publish it.
 DEFAULT_LEASE = 30.0
 #: Seconds between two looks of a worker's relay at the outbox.
 DEFAULT_RELAY_INTERVAL = 5.0
+#: Failed publishes of a row, other than the broker's, after which it is
+#: kept as dead.
+DEFAULT_MAX_ATTEMPTS = 5
+#: Seconds before a row whose publish failed is tried again; doubled at each
+#: attempt, up to :data:`MAX_BACKOFF`.
+DEFAULT_RETRY_BACKOFF = 30.0
+#: The longest wait between two attempts, in seconds.
+MAX_BACKOFF = 3600.0
 
 
 def check_settings(settings: t.Mapping[str, t.Any]) -> None:
@@ -42,15 +56,20 @@ def check_settings(settings: t.Mapping[str, t.Any]) -> None:
             f"CELERY_OUTBOX must be True or False, not {value!r}: False sends"
             " the messages of delay_on_commit without the outbox table."
         )
-    for name, least in (("outbox_lease", 0.0), ("outbox_relay_interval", 0.0)):
+    value = settings.get("outbox_max_attempts")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+        raise ValueError(
+            f"CELERY_OUTBOX_MAX_ATTEMPTS must be a whole number, 1 or more, not"
+            f" {value!r}: how many times a relay tries to send a row before it"
+            " keeps it as dead."
+        )
+    for name in ("outbox_lease", "outbox_relay_interval", "outbox_retry_backoff"):
         value = settings.get(name)
         if value is None:
             continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or value < least
-        ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(
                 f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
                 f" not {value!r}."
@@ -85,3 +104,25 @@ def relay_interval(celery: Celery[t.Any]) -> float:
     """
     value = celery.conf.get("outbox_relay_interval")
     return DEFAULT_RELAY_INTERVAL if value is None else float(value)
+
+
+def max_attempts(celery: Celery[t.Any]) -> int:
+    """The setting ``outbox_max_attempts``.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_max_attempts")
+    return DEFAULT_MAX_ATTEMPTS if value is None else int(value)
+
+
+def retry_delay(celery: Celery[t.Any], attempts: int) -> float:
+    """Seconds before a row that failed ``attempts`` times is tried again:
+    the setting ``outbox_retry_backoff``, doubled at each attempt after the
+    first, at most :data:`MAX_BACKOFF`.
+
+    :param celery: The Celery app.
+    :param attempts: The failed attempts so far, 1 or more.
+    """
+    value = celery.conf.get("outbox_retry_backoff")
+    backoff = DEFAULT_RETRY_BACKOFF if value is None else float(value)
+    return float(min(backoff * 2 ** min(attempts - 1, 32), MAX_BACKOFF))

@@ -1,4 +1,5 @@
-"""``flask celery outbox``: list what waits in the outbox, and relay it."""
+"""``flask celery outbox``: list what waits in the outbox, relay it, and
+retry or drop the rows kept as dead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import typing as t
 import click
 
 if t.TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from ..extension import FlaskCelery
 
 
@@ -16,6 +19,21 @@ def _extension(ctx: click.Context) -> FlaskCelery:
     # Celery's command line puts its app in the context object.
     ext: FlaskCelery = ctx.find_root().obj.app.flask_celery
     return ext
+
+
+def _engines(ctx: click.Context) -> list[Engine]:
+    """The engines of the app whose databases have the outbox table, with
+    every column."""
+    from . import table as outbox
+    from .relay import engines
+
+    found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
+    try:
+        for engine in found:
+            outbox.check_columns(engine)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    return found
 
 
 @click.group("outbox")
@@ -28,26 +46,32 @@ def outbox_command() -> None:
 @click.option("--limit", default=100, show_default=True, help="The most rows shown.")
 @click.pass_context
 def list_command(ctx: click.Context, limit: int) -> None:
-    """List the tasks waiting in the outbox, in the order they are sent."""
+    """List the tasks in the outbox, in the order they are sent, with their
+    state (waiting, leased, dead), attempts and last error."""
     from . import table as outbox
-    from .relay import engines
 
     now = time.time()
-    found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
+    found = _engines(ctx)
     if not found:
         click.echo("Nothing waits: no database of the app has the outbox table.")
     for engine in found:
-        rows = outbox.pending(engine, limit)
-        click.echo(f"{engine.url.render_as_string()}: {len(rows)} waiting")
-        for row in rows:
+        counts = outbox.summary(engine)
+        click.echo(
+            f"{engine.url.render_as_string()}: {counts.waiting} waiting,"
+            f" {counts.dead} dead"
+        )
+        for row in outbox.pending(engine, limit):
             created = datetime.datetime.fromtimestamp(
                 row.created, datetime.timezone.utc
             )
-            wait = max(0.0, row.available - now)
+            state = outbox.state(row, now)
+            when = "" if state == "dead" else f"  available in {_seconds(row, now)}"
             click.echo(
-                f"  {row.task_id}  {row.name}  committed {created:%Y-%m-%d %H:%M:%S}"
-                f"  tries {row.attempts}  available in {wait:.0f}s"
+                f"  {row.task_id}  {row.name}  {state}  attempts {row.attempts}"
+                f"  committed {created:%Y-%m-%d %H:%M:%S}{when}"
             )
+            if row.last_error:
+                click.echo(f"      last error: {row.last_error}")
 
 
 @outbox_command.command("relay")
@@ -67,9 +91,73 @@ def relay_command(ctx: click.Context, loop: bool) -> None:
 
     ext = _extension(ctx)
     interval = relay_interval(ext.celery) or DEFAULT_RELAY_INTERVAL
+    _engines(ctx)  # a table of an older version is refused clearly
     while True:
         sent = relay_all(ext)
-        click.echo(f"Sent {sent} {tasks_word(sent)} from the outbox.")
+        click.echo(f"Sent {sent} {tasks_word(sent)} from the outbox{_left(ctx)}.")
         if not loop:
             return
         time.sleep(interval)
+
+
+@outbox_command.command("retry")
+@click.argument("task_id", required=False)
+@click.option("--all", "every", is_flag=True, help="Every dead row.")
+@click.pass_context
+def retry_command(ctx: click.Context, task_id: str | None, every: bool) -> None:
+    """Make a dead row (TASK_ID), or every dead row (--all), wait again, its
+    attempts reset: the next relay sends it."""
+    from . import table as outbox
+
+    if every == (task_id is not None):
+        raise click.UsageError("Give the task id of a dead row, or --all.")
+    count = sum(outbox.retry(engine, task_id) for engine in _engines(ctx))
+    if not count and task_id is not None:
+        raise click.ClickException(_not_dead(task_id))
+    rows = "row waits" if count == 1 else "rows wait"
+    click.echo(f"{count} dead {rows} again, sent by the next relay.")
+
+
+@outbox_command.command("drop")
+@click.argument("task_id")
+@click.pass_context
+def drop_command(ctx: click.Context, task_id: str) -> None:
+    """Delete the dead row of TASK_ID: its task is never sent."""
+    from . import table as outbox
+
+    if not sum(outbox.drop(engine, task_id) for engine in _engines(ctx)):
+        raise click.ClickException(_not_dead(task_id))
+    click.echo(f"Dropped the dead row of task {task_id}: it will not be sent.")
+
+
+def _not_dead(task_id: str) -> str:
+    return (
+        f"No dead row has the task id {task_id!r}. `flask celery outbox list`"
+        " shows the rows, their task ids and states; only dead rows are"
+        " retried or dropped."
+    )
+
+
+def _left(ctx: click.Context) -> str:
+    """What still waits after a relay, and why, for its report."""
+    from . import table as outbox
+
+    now = time.time()
+    counts = [outbox.summary(engine) for engine in _engines(ctx)]
+    waiting = sum(c.waiting for c in counts)
+    dead = sum(c.dead for c in counts)
+    text = ""
+    firsts = [c.first for c in counts if c.first is not None]
+    if firsts:
+        first = min(firsts, key=lambda row: row.available)
+        text += (
+            f"; {waiting} wait, the first available in {_seconds(first, now)}"
+            f" ({outbox.state(first, now)})"
+        )
+    if dead:
+        text += f"; {dead} dead: see `flask celery outbox list`"
+    return text
+
+
+def _seconds(row: t.Any, now: float) -> str:
+    return f"{max(0.0, row.available - now):.0f}s"

@@ -27,6 +27,7 @@ from kombu.exceptions import OperationalError
 from ..db import database
 from . import enabled
 from . import lease
+from . import max_attempts
 from . import relay_interval
 
 if t.TYPE_CHECKING:
@@ -58,6 +59,11 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     """Publish the available rows of one database's outbox, a batch at a
     time, until none is left or the broker fails.
 
+    A row whose publish fails for another reason (its task is gone, its
+    arguments no longer fit, the serializer refuses them) counts an attempt,
+    and waits for the backoff or is kept as dead; the broker's failures count
+    none.
+
     :param engine: An engine whose database may have the table.
     :param celery: The Celery app to publish with.
     :param batch: The most rows to claim at once.
@@ -67,6 +73,7 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
 
     if not outbox.has_table(engine):
         return 0
+    outbox.check_columns(engine)
     seconds = lease(celery)
     total = 0
     while True:
@@ -74,36 +81,67 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         if not rows:
             return total
         published: list[str] = []
-        try:
-            for row in rows:
-                try:
-                    outbox.publish(celery, row)
-                except OperationalError:
-                    raise
-                except Exception:
-                    # This row alone: it is tried again when its claim ends.
-                    logger.exception(
-                        "The outbox relay could not send task %s[%s]",
-                        row.name,
-                        row.task_id,
-                    )
+        for index, row in enumerate(rows):
+            try:
+                outbox.publish(celery, row)
+            except Exception as exc:
+                if not _from_broker(celery, exc):
+                    _failed(engine, celery, row, exc)
                     continue
-                published.append(row.id)
-        except OperationalError as exc:
-            logger.warning(
-                "The outbox relay could not reach the broker: %r. %d %s"
-                " wait in the outbox.",
-                exc,
-                len(rows) - len(published),
-                tasks_word(len(rows) - len(published)),
-            )
-            done = set(published)
-            unsent = [row.id for row in rows if row.id not in done]
-            outbox.release(engine, unsent, time.time())
-            return total + _delete(engine, published)
+                unsent = [left.id for left in rows[index:]]
+                logger.warning(
+                    "The outbox relay could not reach the broker; %d %s wait"
+                    " in the outbox: %s",
+                    len(unsent),
+                    tasks_word(len(unsent)),
+                    outbox.describe(exc),
+                )
+                outbox.release(engine, unsent, time.time())
+                return total + _delete(engine, published)
+            published.append(row.id)
         total += _delete(engine, published)
         if len(rows) < batch:
             return total
+
+
+def _from_broker(celery: Celery[t.Any], error: Exception) -> bool:
+    """Whether ``error`` tells of the broker, not of a row: kombu's
+    ``OperationalError``, the network's, and the connection and channel
+    errors of the broker's client library (but ``KeyError``, which kombu's
+    Redis transport counts as a connection error too)."""
+    if isinstance(error, (OperationalError, OSError)):
+        return True
+    with celery.connection_for_write() as conn:
+        found = (*conn.connection_errors, *conn.channel_errors)
+    return isinstance(error, tuple(e for e in found if not issubclass(e, KeyError)))
+
+
+def _failed(
+    engine: Engine, celery: Celery[t.Any], row: t.Any, error: Exception
+) -> None:
+    from . import table as outbox
+
+    if outbox.fail(engine, celery, row, error):
+        logger.error(
+            "The outbox relay gave up task %s[%s] after %d attempts; it is"
+            " kept in the outbox as dead (see `flask celery outbox list`): %s",
+            row.name,
+            row.task_id,
+            row.attempts + 1,
+            outbox.describe(error),
+            exc_info=error,
+        )
+    else:
+        logger.warning(
+            "The outbox relay could not send task %s[%s] (attempt %d of %d),"
+            " tried again later: %s",
+            row.name,
+            row.task_id,
+            row.attempts + 1,
+            max_attempts(celery),
+            outbox.describe(error),
+            exc_info=error,
+        )
 
 
 def relay_all(ext: FlaskCelery) -> int:
@@ -115,7 +153,7 @@ def relay_all(ext: FlaskCelery) -> int:
     return sum(relay(engine, ext.celery) for engine in engines(ext))
 
 
-def _delete(engine: Engine, ids: list[str]) -> int:
+def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
     from . import table as outbox
 
     if ids:

@@ -15,6 +15,13 @@ options of ``apply_async``, its ``task_id`` and ``headers`` included. A row
 is *available* from a time on: the process that wrote it has until then to
 publish it (the lease, setting ``outbox_lease``); a relay claims the rows it
 publishes for as long.
+
+A row whose publish fails for another reason than the broker is tried again
+later, ``outbox_max_attempts`` times at most, and then kept as *dead* with
+its last error, until ``flask celery outbox retry`` or ``drop``.
+
+Statements that list rows list at most :data:`CHUNK` of them, whatever the
+number of sends of a transaction.
 """
 
 from __future__ import annotations
@@ -28,23 +35,29 @@ from weakref import WeakSet
 
 from kombu.utils.json import dumps
 from kombu.utils.json import loads
+from sqlalchemy import case
 from sqlalchemy import Column
 from sqlalchemy import delete
 from sqlalchemy import Float
+from sqlalchemy import func
 from sqlalchemy import Index
 from sqlalchemy import insert
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.schema import CreateTable
 
 from . import lease
+from . import max_attempts
+from . import retry_delay
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -64,7 +77,10 @@ TABLE_NAME = "flask_celery_outbox"
 metadata = MetaData()
 
 #: The outbox table. Rows are published in the order of ``created``, then
-#: ``position`` (the order of the sends of one transaction).
+#: ``position`` (the order of the sends of one transaction). ``attempts``
+#: counts the failed publishes other than the broker's, ``last_error`` tells
+#: the last, and ``dead`` is the time a row was given up (``NULL`` while it
+#: is tried).
 table = Table(
     TABLE_NAME,
     metadata,
@@ -77,11 +93,21 @@ table = Table(
     Column("available", Float, nullable=False),
     Column("claim", String(32), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("dead", Float, nullable=True),
 )
 _by_availability = Index(f"{TABLE_NAME}_available", table.c.available)
 
 # Engines known to hold the table, in this process.
 _created: WeakSet[Engine] = WeakSet()
+# Engines whose table is known to have every column, in this process.
+_complete: WeakSet[Engine] = WeakSet()
+
+#: The most rows a statement lists: PostgreSQL takes 65,535 parameters at
+#: most, older SQLite 999.
+CHUNK = 500
+#: The longest error message stored in a row.
+ERROR_LENGTH = 2000
 
 
 class Send(t.Protocol):
@@ -164,21 +190,23 @@ def write(
             }
         )
         ids.append(rows[-1]["id"])
-    if rows:
-        conn.execute(insert(table), rows)
+    for chunk in _chunks(rows):
+        conn.execute(insert(table), chunk)
     return engine, ids
 
 
-def remove(engine: Engine, ids: list[str]) -> None:
-    """Delete the rows of sends that were published.
+def remove(engine: Engine, ids: t.Sequence[str]) -> None:
+    """Delete the rows of sends that were published, :data:`CHUNK` at a
+    time.
 
     :param engine: The engine the rows were written to.
     :param ids: Their ids.
     """
-    # One statement, committed on its own: no BEGIN and COMMIT round trips.
+    # Each statement committed on its own: no BEGIN and COMMIT round trips.
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.execute(delete(table).where(table.c.id.in_(ids)))
+        for chunk in _chunks(ids):
+            conn.execute(delete(table).where(table.c.id.in_(chunk)))
     _created.add(engine)
 
 
@@ -198,9 +226,38 @@ def has_table(engine: Engine) -> bool:
     return found
 
 
+def check_columns(engine: Engine) -> None:
+    """Refuse a table made by an older version, which lacks columns.
+
+    :param engine: An engine whose database has the table.
+    :raises RuntimeError: A column is missing; the message names it and how
+        to add it.
+    """
+    if engine in _complete:
+        return
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        found = {column["name"] for column in inspect(conn).get_columns(TABLE_NAME)}
+    missing = [column for column in table.c if column.name not in found]
+    if missing:
+        names = ", ".join(column.name for column in missing)
+        adds = " ".join(
+            f"ALTER TABLE {TABLE_NAME} ADD COLUMN {column.name}"
+            f" {column.type.compile(engine.dialect)};"
+            for column in missing
+        )
+        raise RuntimeError(
+            f"The table {TABLE_NAME} of {engine.url} lacks the column(s)"
+            f" {names}, which this version of Flask-Celery-Ctx needs. Add"
+            f" them, by a migration or with: {adds}"
+        )
+    _complete.add(engine)
+
+
 def pending(engine: Engine, limit: int | None = None) -> list[Row[t.Any]]:
-    """The rows waiting in the outbox of ``engine``, in the order they are
-    published.
+    """The rows in the outbox of ``engine``, dead ones included, in the
+    order they are published.
 
     :param engine: An engine whose database has the table.
     :param limit: The most rows to return.
@@ -210,10 +267,55 @@ def pending(engine: Engine, limit: int | None = None) -> list[Row[t.Any]]:
         return list(conn.execute(query.limit(limit)))
 
 
+class Summary(t.NamedTuple):
+    """What waits in an outbox."""
+
+    #: The rows not dead.
+    waiting: int
+    #: The dead rows.
+    dead: int
+    #: The row not dead that is available first, if any.
+    first: Row[t.Any] | None
+
+
+def summary(engine: Engine) -> Summary:
+    """Count what waits in the outbox of ``engine``.
+
+    :param engine: An engine whose database has the table.
+    """
+    alive = table.c.dead.is_(None)
+    with engine.connect() as conn:
+        waiting, dead = conn.execute(
+            select(
+                func.coalesce(func.sum(case((alive, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((alive, 0), else_=1)), 0),
+            ).select_from(table)
+        ).one()
+        first = conn.execute(
+            select(table).where(alive).order_by(table.c.available).limit(1)
+        ).first()
+    return Summary(waiting, dead, first)
+
+
+def state(row: Row[t.Any], now: float) -> str:
+    """``"dead"``, ``"leased"`` (to the process that wrote it or to a
+    relay), or ``"waiting"`` (available, or after a failed attempt).
+
+    :param row: A row of the outbox.
+    :param now: The time.
+    """
+    if row.dead is not None:
+        return "dead"
+    if row.available > now and (row.claim is not None or not row.attempts):
+        return "leased"
+    return "waiting"
+
+
 def claim(
     engine: Engine, limit: int, seconds: float, now: float | None = None
 ) -> list[Row[t.Any]]:
-    """Take up to ``limit`` available rows for ``seconds``, for one relay.
+    """Take up to ``limit`` available rows, dead ones left out, for
+    ``seconds``, for one relay.
 
     On PostgreSQL the rows are locked with ``FOR UPDATE SKIP LOCKED``, so
     that relays claiming at the same moment pass each other's rows by;
@@ -229,54 +331,148 @@ def claim(
     now = time.time() if now is None else now
     token = uuid.uuid4().hex
     order = (table.c.created, table.c.position)
+    available = (table.c.available <= now, table.c.dead.is_(None))
     with engine.begin() as conn:
         ids = conn.scalars(
             select(table.c.id)
-            .where(table.c.available <= now)
+            .where(*available)
             .order_by(*order)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
         if not ids:
             return []
-        conn.execute(
-            update(table)
-            .where(table.c.id.in_(ids), table.c.available <= now)
-            .values(available=now + seconds, claim=token, attempts=table.c.attempts + 1)
-        )
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(table)
+                .where(table.c.id.in_(chunk), *available)
+                .values(available=now + seconds, claim=token)
+            )
         return list(
             conn.execute(select(table).where(table.c.claim == token).order_by(*order))
         )
 
 
-def release(engine: Engine, ids: list[str], at: float) -> None:
-    """Make claimed rows available again from ``at``.
+def release(engine: Engine, ids: t.Sequence[str], at: float) -> None:
+    """Make claimed rows available again from ``at``, their attempts
+    unchanged.
 
     :param engine: The engine of the rows.
     :param ids: Their ids.
     :param at: The time.
     """
     with engine.begin() as conn:
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(table)
+                .where(table.c.id.in_(chunk))
+                .values(available=at, claim=None)
+            )
+
+
+def fail(
+    engine: Engine, celery: Celery[t.Any], row: Row[t.Any], error: BaseException
+) -> bool:
+    """Count a failed publish of a claimed row: it is tried again after the
+    backoff (``outbox_retry_backoff``), or kept as dead after
+    ``outbox_max_attempts``.
+
+    :param engine: The engine of the row.
+    :param celery: The Celery app, for its settings.
+    :param row: The row, as claimed.
+    :param error: Why its publish failed.
+    :return: Whether the row is dead now.
+    """
+    now = time.time()
+    attempts = row.attempts + 1
+    dead: bool = attempts >= max_attempts(celery)
+    values: dict[str, t.Any] = {
+        "attempts": attempts,
+        "last_error": describe(error, ERROR_LENGTH),
+        "claim": None,
+    }
+    if dead:
+        values["dead"] = now
+    else:
+        values["available"] = now + retry_delay(celery, attempts)
+    with engine.begin() as conn:
         conn.execute(
-            update(table).where(table.c.id.in_(ids)).values(available=at, claim=None)
+            update(table)
+            .where(table.c.id == row.id, table.c.claim == row.claim)
+            .values(**values)
         )
+    return dead
+
+
+def retry(engine: Engine, key: str | None = None) -> int:
+    """Make dead rows waiting again, available at once, their attempts
+    reset.
+
+    :param engine: An engine whose database has the table.
+    :param key: The id or task id of one row; ``None`` for every dead row.
+    :return: How many rows wait again.
+    """
+    query = update(table).where(table.c.dead.is_not(None))
+    if key is not None:
+        query = query.where(or_(table.c.id == key, table.c.task_id == key))
+    values = {"dead": None, "attempts": 0, "last_error": None, "claim": None}
+    with engine.begin() as conn:
+        return conn.execute(query.values(available=time.time(), **values)).rowcount
+
+
+def drop(engine: Engine, key: str) -> int:
+    """Delete a dead row.
+
+    :param engine: An engine whose database has the table.
+    :param key: The id or task id of the row.
+    :return: How many rows were deleted.
+    """
+    query = delete(table).where(
+        table.c.dead.is_not(None), or_(table.c.id == key, table.c.task_id == key)
+    )
+    with engine.begin() as conn:
+        return conn.execute(query).rowcount
 
 
 def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
-    """Send the task of a row, as it was to be sent after its commit: by its
-    task's ``apply_async`` when this process knows the task, else by
-    ``send_task``.
+    """Send the task of a row, as it was to be sent after its commit, by its
+    task's ``apply_async``.
 
     :param celery: The Celery app.
     :param row: A row of the outbox.
+    :raises celery.exceptions.NotRegistered: The app has no task of the
+        row's name (any more).
     """
+    from celery.exceptions import NotRegistered
+
     message = loads(row.message)
-    options = message["options"]
     task = celery.tasks.get(row.name)
-    if task is not None:
-        task.apply_async(message["args"], message["kwargs"], **options)
-    else:
-        celery.send_task(row.name, message["args"], message["kwargs"], **options)
+    if task is None:
+        celery.loader.import_default_modules()
+        task = celery.tasks.get(row.name)
+    if task is None:
+        raise NotRegistered(
+            f"The app has no task {row.name!r}: it was renamed or removed."
+        )
+    task.apply_async(message["args"], message["kwargs"], **message["options"])
+
+
+def describe(error: BaseException, length: int = 300) -> str:
+    """A short account of an error, for a log or a row: its type and
+    message; for a database error, the driver's, without the statement.
+
+    :param error: The error.
+    :param length: The most characters.
+    """
+    message = str(error)
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        message = str(error.args[0])  # not its repr
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        # The driver's first line: the next ones quote the statement.
+        error = error.orig
+        message = str(error).partition("\n")[0]
+    text = f"{type(error).__name__}: {message}".strip()
+    return text if len(text) <= length else text[: length - 3] + "..."
 
 
 def _engine_of(session: Session) -> Engine:
@@ -338,3 +534,11 @@ def _absolute(options: dict[str, t.Any], now: float) -> dict[str, t.Any]:
     if isinstance(expires, (int, float)) and not isinstance(expires, bool):
         options["expires"] = at + datetime.timedelta(seconds=float(expires))
     return options
+
+
+_T = t.TypeVar("_T")
+
+
+def _chunks(items: t.Sequence[_T]) -> t.Iterator[t.Sequence[_T]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]

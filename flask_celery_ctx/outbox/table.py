@@ -40,6 +40,7 @@ from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.schema import CreateTable
@@ -121,9 +122,11 @@ def write(
     transaction; flush the session first, so that pending instances in the
     arguments have their primary keys.
 
-    The table is the one of the engine the session binds an unmapped table
-    to (its default engine); a session with per-model binds only uses the
-    first database its transaction opened.
+    The table is in the database the session sends an ``INSERT`` of it to
+    (its default engine, or the primary of a session that routes writes);
+    a session with per-model binds only uses the first database its
+    transaction opened. The row goes through the connection the
+    transaction holds on that database, when it holds one.
 
     :param session: The session, in the transaction that commits.
     :param sends: The sends, in order.
@@ -165,7 +168,12 @@ def write(
         )
         ids.append(rows[-1]["id"])
     if rows:
-        conn.execute(insert(table), rows)
+        try:
+            conn.execute(insert(table), rows)
+        except DBAPIError as exc:
+            if _sqlstate(exc) == _INSUFFICIENT_PRIVILEGE:
+                raise OutboxTableError(engine, exc) from exc
+            raise
     return engine, ids
 
 
@@ -208,6 +216,21 @@ def pending(engine: Engine, limit: int | None = None) -> list[Row[t.Any]]:
     with engine.connect() as conn:
         query = select(table).order_by(table.c.created, table.c.position)
         return list(conn.execute(query.limit(limit)))
+
+
+def next_available(engine: Engine) -> float | None:
+    """When the first row of the outbox of ``engine`` is available, or
+    ``None`` when it is empty: one query.
+
+    :param engine: An engine whose database has the table.
+    """
+    from sqlalchemy import func
+
+    # Without BEGIN and ROLLBACK round trips.
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        found: float | None = conn.scalar(select(func.min(table.c.available)))
+        return found
 
 
 def claim(
@@ -280,8 +303,11 @@ def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
 
 
 def _engine_of(session: Session) -> Engine:
+    """The engine the session writes the outbox rows to: the one it sends
+    an ``INSERT`` into the table to, so that a session routing writes to a
+    primary and reads to a replica writes them to the primary."""
     try:
-        bind = session.get_bind(clause=table)
+        bind = session.get_bind(clause=insert(table))
     except UnboundExecutionError:
         # Per-model binds only: the first database the transaction used.
         transaction = session.get_transaction()
@@ -320,11 +346,41 @@ def _create_table(conn: Connection, engine: Engine) -> None:
         with engine.begin() as own:
             for statement in statements:
                 own.execute(statement)
-    except Exception:
-        # Another process created it at the same moment.
+    except Exception as exc:
+        # Another process created it at the same moment, or this one may not.
         if not has_table(engine):
-            raise
+            raise OutboxTableError(engine, exc) from exc
     _created.add(engine)
+
+
+class OutboxTableError(RuntimeError):
+    """The outbox table is missing and cannot be created, or the app's
+    database role may not write to it.
+
+    :param engine: The engine of the database.
+    :param cause: What the database answered.
+    """
+
+    def __init__(self, engine: Engine, cause: BaseException | str) -> None:
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        super().__init__(
+            f"delay_on_commit cannot write to the outbox table {TABLE_NAME!r} in"
+            f" {engine.url!r}: {reason}. Create the table with a migration run"
+            " by a role that may, and grant the app's role SELECT, INSERT,"
+            " UPDATE and DELETE on it (docs: on-commit, 'Creating the table"
+            " by a migration'), or set CELERY_OUTBOX = False in the app's"
+            " config to send after the commit without the outbox."
+        )
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a driver's error, as psycopg and psycopg2 report it."""
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+# SQLSTATE of "permission denied".
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def _absolute(options: dict[str, t.Any], now: float) -> dict[str, t.Any]:

@@ -1,0 +1,63 @@
+"""Keep the relay's own queries out of the app's traces.
+
+An idle relay asks the database, now and then, whether anything waits: with
+OpenTelemetry's SQLAlchemy instrumentation or Sentry's tracing on, each
+question would become a trace of its own, stored and billed. Inside
+:func:`untraced`, OpenTelemetry instrumentations are suppressed, and Sentry
+(3.x, whose queries outside any span start traces of their own) sees an
+unsampled span as the current one, under which it records nothing. Neither
+library is required: each is left alone when it is not installed.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from contextlib import contextmanager
+from contextlib import ExitStack
+
+
+@contextmanager
+def untraced() -> t.Iterator[None]:
+    """Create no trace or span for what runs inside."""
+    with ExitStack() as stack:
+        stack.enter_context(_without_opentelemetry())
+        stack.enter_context(_without_sentry())
+        yield
+
+
+@contextmanager
+def _without_opentelemetry() -> t.Iterator[None]:
+    try:
+        from opentelemetry import context
+    except ImportError:
+        yield
+        return
+    key = getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
+    if key is None:
+        yield
+        return
+    token = context.attach(context.set_value(key, True))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+@contextmanager
+def _without_sentry() -> t.Iterator[None]:
+    try:
+        import sentry_sdk
+        from sentry_sdk.consts import VERSION
+        from sentry_sdk.traces import NoOpSpan
+    except ImportError:
+        yield
+        return
+    if int(VERSION.split(".")[0]) < 3:
+        # 2.x sends no query made outside a transaction.
+        yield
+        return
+    with (
+        sentry_sdk.new_scope() as scope,
+        NoOpSpan(name="flask-celery-ctx outbox relay", scope=scope),
+    ):
+        yield

@@ -166,8 +166,9 @@ class RelayThread(threading.Thread):
     a row committed meanwhile is not available sooner, and at least
     ``interval``. A database without the table is asked again every
     :data:`TABLE_LOOKUP` seconds. A database that refuses writes, a
-    read-only replica, is left alone after its first refusal. Nothing the
-    relay does is traced (:mod:`~flask_celery_ctx.outbox.untraced`).
+    read-only replica, is left alone after its first refusal. These looks
+    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); the work
+    done once rows are available, and the messages sent, are, as the app's.
 
     :param ext: The extension.
     :param interval: The least seconds between two looks at a database.
@@ -184,9 +185,8 @@ class RelayThread(threading.Thread):
         self._read_only: set[Engine] = set()
 
     def run(self) -> None:
-        with untraced():
-            while not self._stopped.wait(self.round()):
-                pass
+        while not self._stopped.wait(self.round()):
+            pass
 
     def round(self) -> float:
         """Look at the databases whose time has come.
@@ -225,10 +225,11 @@ class RelayThread(threading.Thread):
         """
         from . import table as outbox
 
-        if not outbox.has_table(engine):
-            return now + TABLE_LOOKUP
+        with untraced():
+            if not outbox.has_table(engine):
+                return now + TABLE_LOOKUP
+            available = outbox.next_available(engine)
         latest = now + lease(self.ext.celery)
-        available = outbox.next_available(engine)
         if available is None or available > now:
             return latest if available is None else min(available, latest)
         sent = relay(engine, self.ext.celery)
@@ -245,9 +246,10 @@ class RelayThread(threading.Thread):
 
 def _refuses_writes(exc: BaseException) -> bool:
     """Whether a database error says that the database is read-only."""
+    from .table import sqlstate
+
     orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return state == "25006" or getattr(orig, "sqlite_errorcode", None) == 8
+    return sqlstate(exc) == "25006" or getattr(orig, "sqlite_errorcode", None) == 8
 
 
 class RelayStep(bootsteps.StartStopStep):

@@ -171,7 +171,7 @@ def write(
         try:
             conn.execute(insert(table), rows)
         except DBAPIError as exc:
-            if _sqlstate(exc) == _INSUFFICIENT_PRIVILEGE:
+            if sqlstate(exc) == _INSUFFICIENT_PRIVILEGE:
                 raise OutboxTableError(engine, exc) from exc
             raise
     return engine, ids
@@ -373,9 +373,12 @@ class OutboxTableError(RuntimeError):
         )
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    """The SQLSTATE of a driver's error, as psycopg and psycopg2 report it."""
-    orig = exc.orig
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, as psycopg and psycopg2 report it.
+
+    :param exc: An error that SQLAlchemy raised.
+    """
+    orig = getattr(exc, "orig", None)
     return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
 
 

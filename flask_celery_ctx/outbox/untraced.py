@@ -1,4 +1,4 @@
-"""Keep the relay's own queries out of the app's traces.
+"""Keep the relay's idle looks out of the app's traces.
 
 An idle relay asks the database, now and then, whether anything waits: with
 OpenTelemetry's SQLAlchemy instrumentation or Sentry's tracing on, each

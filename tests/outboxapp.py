@@ -26,7 +26,6 @@ from flask import request
 from sqlalchemy import create_engine
 from sqlalchemy import Delete
 from sqlalchemy import event
-from sqlalchemy import Insert
 from sqlalchemy import orm
 from sqlalchemy import Update
 from sqlalchemy.engine import Engine
@@ -59,9 +58,10 @@ class Seen(Base):
 
 
 class RoutingSession(orm.Session):
-    """Sends flushes and other writes to the primary, and reads of unmapped
-    tables to the replica. The tests' replica is no replica: the models'
-    rows are read on the primary, where they are written."""
+    """Sends flushes, updates and deletes to the primary, and reads of
+    unmapped tables to the replica, as SQLAlchemy's routing example does.
+    The tests' replica is no replica: the models' rows are read on the
+    primary, where they are written."""
 
     primary: Engine
     replica: Engine
@@ -69,7 +69,7 @@ class RoutingSession(orm.Session):
     def get_bind(
         self, mapper: t.Any = None, clause: t.Any = None, **kw: t.Any
     ) -> Engine:
-        if self._flushing or isinstance(clause, (Insert, Update, Delete)):
+        if self._flushing or isinstance(clause, (Update, Delete)):
             return self.primary
         return self.primary if mapper is not None else self.replica
 

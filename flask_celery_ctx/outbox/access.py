@@ -70,14 +70,12 @@ def problems(ext: FlaskCelery) -> list[OutboxTableError]:
     if not enabled(ext.celery):
         return []
     found: list[OutboxTableError] = []
-    for engine in write_engines(ext):
-        try:
+    try:
+        for engine in write_engines(ext):
             error = problem(engine)
-        except Exception:
-            logger.warning(
-                "Could not check the outbox table in %r", engine.url, exc_info=True
-            )
-            continue
-        if error is not None:
-            found.append(error)
+            if error is not None:
+                found.append(error)
+    except Exception:
+        # The database down, say: the first commit tells what is wrong.
+        logger.warning("Could not check the outbox table", exc_info=True)
     return found

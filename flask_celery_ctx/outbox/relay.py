@@ -60,27 +60,22 @@ def engines(ext: FlaskCelery) -> list[Engine]:
 
 
 def write_engines(ext: FlaskCelery) -> list[Engine]:
-    """The engines the app's session writes outbox rows to: the one it
-    sends an ``INSERT`` into the table to, as
-    :func:`~flask_celery_ctx.outbox.table.write` does; every engine of the
-    app for a session with per-model binds only.
+    """The engines the app's session writes outbox rows to, as
+    :func:`~flask_celery_ctx.outbox.table.written_to` finds them; every
+    engine of the app for a session with per-model binds only.
 
     :param ext: The extension.
     """
-    from sqlalchemy import insert
-    from sqlalchemy.exc import UnboundExecutionError
-
-    from .table import table
+    from .table import written_to
 
     found = database(ext.app)
     if found is None:
         return []
     with ext.app.app_context():
-        try:
-            bind = found.session().get_bind(clause=insert(table))
-        except UnboundExecutionError:
-            return _unique([n.engine for n in found.engines(ext.app)])
-    return _unique([t.cast("Engine", getattr(bind, "engine", bind))])
+        engine = written_to(found.session())
+    if engine is None:
+        return _unique([n.engine for n in found.engines(ext.app)])
+    return _unique([engine])
 
 
 def _unique(found: list[Engine]) -> list[Engine]:

@@ -122,11 +122,11 @@ def write(
     transaction; flush the session first, so that pending instances in the
     arguments have their primary keys.
 
-    The table is in the database the session sends an ``INSERT`` of it to
-    (its default engine, or the primary of a session that routes writes);
-    a session with per-model binds only uses the first database its
-    transaction opened. The row goes through the connection the
-    transaction holds on that database, when it holds one.
+    The table is in the database of :func:`written_to` (the default
+    engine, or the primary of a session that routes writes); a session with
+    per-model binds only uses the first database its transaction opened.
+    The rows go through the connection the transaction holds on that
+    database, when it holds one.
 
     :param session: The session, in the transaction that commits.
     :param sends: The sends, in order.
@@ -302,25 +302,43 @@ def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
         celery.send_task(row.name, message["args"], message["kwargs"], **options)
 
 
-def _engine_of(session: Session) -> Engine:
-    """The engine the session writes the outbox rows to: the one it sends
-    an ``INSERT`` into the table to, so that a session routing writes to a
-    primary and reads to a replica writes them to the primary."""
+def written_to(session: Session) -> Engine | None:
+    """The engine ``session`` writes the outbox rows to, or ``None`` for a
+    session with per-model binds only.
+
+    The rows are written with the commit's writes, so the session is asked
+    as during a flush, for an ``INSERT`` into the table: a session that
+    routes flushes and other writes to a primary, and reads to replicas
+    (SQLAlchemy's documented ``get_bind`` recipe), names the primary.
+
+    :param session: A session.
+    """
+    flushing = session._flushing
+    session._flushing = True
     try:
         bind = session.get_bind(clause=insert(table))
     except UnboundExecutionError:
-        # Per-model binds only: the first database the transaction used.
-        transaction = session.get_transaction()
-        connections = [] if transaction is None else list(transaction._connections)
-        if not connections:
-            raise RuntimeError(
-                "delay_on_commit writes to the outbox table in the session's"
-                " database, but the session has no default bind and its"
-                " transaction used no database. Give the session a default"
-                " bind, or set CELERY_OUTBOX = False in the app's config."
-            ) from None
-        bind = connections[0]
+        return None
+    finally:
+        session._flushing = flushing
     return t.cast("Engine", getattr(bind, "engine", bind))
+
+
+def _engine_of(session: Session) -> Engine:
+    engine = written_to(session)
+    if engine is not None:
+        return engine
+    # Per-model binds only: the first database the transaction used.
+    transaction = session.get_transaction()
+    connections = [] if transaction is None else list(transaction._connections)
+    if not connections:
+        raise RuntimeError(
+            "delay_on_commit writes to the outbox table in the session's"
+            " database, but the session has no default bind and its"
+            " transaction used no database. Give the session a default"
+            " bind, or set CELERY_OUTBOX = False in the app's config."
+        )
+    return t.cast("Engine", getattr(connections[0], "engine", connections[0]))
 
 
 def _create_table(conn: Connection, engine: Engine) -> None:

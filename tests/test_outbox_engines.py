@@ -223,6 +223,9 @@ def test_a_session_that_writes_to_the_primary_and_reads_a_replica(
     # The replica's refusal is told once, and fails nothing.
     assert worker.log.count("read-only") == 1, worker.log
     assert "failed" not in worker.log and "Traceback" not in worker.log, worker.log
+    relayed = outbox_cli(settings, "relay")
+    assert relayed.returncode == 0, relayed.stderr
+    assert "Sent 0 tasks" in relayed.stdout
     primary.dispose()
 
 

@@ -136,12 +136,20 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
 
 
 def relay_all(ext: FlaskCelery) -> int:
-    """Publish the available rows of every database of the app.
+    """Publish the available rows of every database of the app, but those
+    that are read-only.
 
     :param ext: The extension.
     :return: How many tasks were published.
     """
-    return sum(relay(engine, ext.celery) for engine in engines(ext))
+    total = 0
+    for engine in engines(ext):
+        try:
+            total += relay(engine, ext.celery)
+        except Exception as exc:
+            if not _refuses_writes(exc):
+                raise
+    return total
 
 
 def _delete(engine: Engine, ids: list[str]) -> int:

@@ -17,6 +17,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import redis
 from flask import Flask
 from sqlalchemy import create_engine
 from sqlalchemy import func
@@ -26,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import outboxapp
+from flask_celery_ctx.outbox import relay as relay_module
 from flask_celery_ctx.outbox import table as outbox
 from flask_celery_ctx.outbox.table import OutboxTableError
 from outboxapp import Order
@@ -41,6 +43,7 @@ from test_outbox import start_worker
 from test_outbox import wait_until
 
 from conftest import POSTGRES_URL
+from conftest import REDIS_URL
 from conftest import require
 from conftest import RUN
 from conftest import TESTS
@@ -275,6 +278,43 @@ def test_an_idle_workers_relay_costs_one_query_per_lease(
     finally:
         drop_database(admin, with_table)
         drop_database(admin, without_table)
+
+
+def test_a_table_created_later_is_found_within_the_lookup(
+    admin: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that found no table finds the one a first commit in another
+    process created, within :data:`~flask_celery_ctx.outbox.relay.TABLE_LOOKUP`
+    (shortened here), and sends the row that commit left behind."""
+    url = new_database(admin, "later")
+    monkeypatch.setattr(relay_module, "TABLE_LOOKUP", 2.0)
+    try:
+        settings = config(url)
+        app = make_app(settings)
+        engine = create_engine(url)
+        thread = relay_module.RelayThread(outboxapp.ext, 0.2)
+        thread.start()
+        try:
+            time.sleep(0.5)  # its first look: no table
+            assert not outbox.has_table(engine)
+            writer = subprocess.run(
+                [sys.executable, "-c", "import outboxapp;"
+                 " outboxapp.create_app().test_client().post('/orders/later')"],
+                cwd=TESTS, env={**os.environ, "FCC_CONFIG": json.dumps(settings | DOWN)},
+                capture_output=True, text=True,
+            )  # fmt: skip
+            assert writer.returncode == 0, writer.stderr
+            [row] = rows(engine)
+            # The lookup (2 s), the writer's lease (1 s), a round.
+            wait_until(lambda: rows(engine) == [], "the row was relayed", 5)
+        finally:
+            thread.stop()
+        queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+        messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
+        assert [json.loads(m)["headers"]["id"] for m in messages] == [row.task_id]
+        engine.dispose()
+    finally:
+        drop_database(admin, url)
 
 
 def test_the_relay_creates_no_trace(admin: Engine) -> None:

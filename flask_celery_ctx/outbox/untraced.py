@@ -4,9 +4,10 @@ An idle relay asks the database, now and then, whether anything waits: with
 OpenTelemetry's SQLAlchemy instrumentation or Sentry's tracing on, each
 question would become a trace of its own, stored and billed. Inside
 :func:`untraced`, OpenTelemetry instrumentations are suppressed, and Sentry
-(3.x, whose queries outside any span start traces of their own) sees an
-unsampled span as the current one, under which it records nothing. Neither
-library is required: each is left alone when it is not installed.
+(3.x, or 2.x streaming spans: queries outside any span start traces of
+their own) sees an unsampled span as the current one, under which it
+records nothing. Neither library is required: each is left alone when it
+is not installed.
 """
 
 from __future__ import annotations
@@ -47,17 +48,15 @@ def _without_opentelemetry() -> t.Iterator[None]:
 def _without_sentry() -> t.Iterator[None]:
     try:
         import sentry_sdk
-        from sentry_sdk.consts import VERSION
-        from sentry_sdk.traces import NoOpSpan
+
+        # 3.x's NoOpSpan; 2.x's, for its span streaming, which starts traces
+        # as 3.x does. Older versions send no query made outside a transaction.
+        from sentry_sdk.traces import NoOpStreamedSpan
     except ImportError:
-        yield
-        return
-    if int(VERSION.split(".")[0]) < 3:
-        # 2.x sends no query made outside a transaction.
         yield
         return
     with (
         sentry_sdk.new_scope() as scope,
-        NoOpSpan(name="flask-celery-ctx outbox relay", scope=scope),
+        NoOpStreamedSpan(name="flask-celery-ctx outbox relay", scope=scope),
     ):
         yield

@@ -1,12 +1,15 @@
 """An application whose views commit orders and send a task for each with
 ``delay_on_commit``, on the database integration that ``FCC_DATABASE``
-names (``"flask-sqlalchemy"``, ``"lite"``, ``"sessionmaker"``, or
-``"binds"``: a ``sessionmaker`` with per-model binds only).
+names (``"flask-sqlalchemy"``, ``"lite"``, ``"sessionmaker"``,
+``"binds"``: a ``sessionmaker`` with per-model binds only, or ``"routing"``:
+a session that writes to the primary and reads from ``FCC_REPLICA_URL``).
 
 The task writes a :class:`Seen` row per run, so that the tests count how
 many times each order's task ran. A view asked to ``kill`` the process
 does so with SIGKILL right after its COMMIT, before the messages are
-published. The config comes as JSON in ``FCC_CONFIG``, as for ``taskapp``.
+published. The config comes as JSON in ``FCC_CONFIG``, as for ``taskapp``; with
+``FCC_QUERY_LOG`` set, the process appends the time of each of its queries
+to that file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from celery import Task
 from flask import Flask
 from flask import request
 from sqlalchemy import create_engine
+from sqlalchemy import Delete
 from sqlalchemy import event
 from sqlalchemy import orm
+from sqlalchemy import Update
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from flask_celery_ctx import FlaskCelery
@@ -52,7 +58,26 @@ class Seen(Base):
     name: orm.Mapped[str]
 
 
+class RoutingSession(orm.Session):
+    """Sends flushes, updates and deletes to the primary, and reads of
+    unmapped tables to the replica, as SQLAlchemy's routing example does.
+    The tests' replica is no replica: the models' rows are read on the
+    primary, where they are written."""
+
+    primary: Engine
+    replica: Engine
+
+    def get_bind(
+        self, mapper: t.Any = None, clause: t.Any = None, **kw: t.Any
+    ) -> Engine:
+        if self._flushing or isinstance(clause, (Update, Delete)):
+            return self.primary
+        return self.primary if mapper is not None else self.replica
+
+
 def create_app(config: dict[str, t.Any] | None = None) -> Flask:
+    if os.environ.get("FCC_QUERY_LOG"):
+        event.listen(Engine, "before_cursor_execute", _log_query)
     app = Flask("outboxapp")
     app.config.update(json.loads(os.environ.get("FCC_CONFIG", "{}")))
     app.config.update(config or {})
@@ -65,6 +90,15 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
         # Per-model binds, no default one.
         engine = create_engine(url, **options)
         ext.init_app(app, session=orm.sessionmaker(binds={Base: engine}))
+    elif kind == "routing":
+        # Reads on a replica, writes on the primary, as SQLAlchemy documents.
+        replica = create_engine(app.config["FCC_REPLICA_URL"], **options)
+        session = type(
+            "Session",
+            (RoutingSession,),
+            {"primary": create_engine(url, **options), "replica": replica},
+        )
+        ext.init_app(app, session=orm.sessionmaker(class_=session, bind=replica))
     elif kind == "flask-sqlalchemy":
         from flask_sqlalchemy import SQLAlchemy
 
@@ -109,6 +143,12 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
             return {"task_id": result.id, "order_id": order.id}
 
     return app
+
+
+def _log_query(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+    """Append the time of each query of the process to ``FCC_QUERY_LOG``."""
+    with open(os.environ["FCC_QUERY_LOG"], "a") as log:
+        log.write(f"{time.time()} {statement.split()[0]}\n")
 
 
 #: Called after each COMMIT, before the messages are published, when set.

@@ -37,9 +37,14 @@ def _engines(ctx: click.Context) -> list[Engine]:
 
 
 @click.group("outbox")
-def outbox_command() -> None:
+@click.pass_context
+def outbox_command(ctx: click.Context) -> None:
     """The outbox of delay_on_commit: the sends committed and not published
     yet."""
+    from .access import problems
+
+    for error in problems(_extension(ctx)):
+        click.secho(f"Error: {error}", err=True, fg="red")
 
 
 @outbox_command.command("list")

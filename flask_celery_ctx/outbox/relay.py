@@ -29,6 +29,7 @@ from . import enabled
 from . import lease
 from . import max_attempts
 from . import relay_interval
+from .untraced import untraced
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -40,19 +41,47 @@ logger = logging.getLogger("flask_celery_ctx")
 
 #: The most rows a relay claims at once.
 BATCH = 100
+#: Seconds between two looks for the outbox table in a database without it:
+#: the longest a relay takes to find a table another process created.
+TABLE_LOOKUP = 600.0
 
 
 def engines(ext: FlaskCelery) -> list[Engine]:
     """The engines of the app whose databases may hold an outbox: its
-    synchronous engines.
+    synchronous engines, and the one its session writes the outbox to (the
+    primary, for a session that routes writes and reads apart).
 
     :param ext: The extension.
     """
     found = database(ext.app)
     if found is None:
         return []
-    named = found.engines(ext.app)
-    return [n.engine for n in named if not n.engine.dialect.is_async]
+    named = [n.engine for n in found.engines(ext.app)]
+    return _unique([*named, *write_engines(ext)])
+
+
+def write_engines(ext: FlaskCelery) -> list[Engine]:
+    """The engines the app's session writes outbox rows to, as
+    :func:`~flask_celery_ctx.outbox.table.written_to` finds them; every
+    engine of the app for a session with per-model binds only.
+
+    :param ext: The extension.
+    """
+    from .table import written_to
+
+    found = database(ext.app)
+    if found is None:
+        return []
+    with ext.app.app_context():
+        engine = written_to(found.session())
+    if engine is None:
+        return _unique([n.engine for n in found.engines(ext.app)])
+    return _unique([engine])
+
+
+def _unique(found: list[Engine]) -> list[Engine]:
+    """The synchronous engines of ``found``, each once, in order."""
+    return list({e: None for e in found if not e.dialect.is_async})
 
 
 def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
@@ -145,12 +174,20 @@ def _failed(
 
 
 def relay_all(ext: FlaskCelery) -> int:
-    """Publish the available rows of every database of the app.
+    """Publish the available rows of every database of the app, but those
+    that are read-only.
 
     :param ext: The extension.
     :return: How many tasks were published.
     """
-    return sum(relay(engine, ext.celery) for engine in engines(ext))
+    total = 0
+    for engine in engines(ext):
+        try:
+            total += relay(engine, ext.celery)
+        except Exception as exc:
+            if not _refuses_writes(exc):
+                raise
+    return total
 
 
 def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
@@ -162,10 +199,20 @@ def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
 
 
 class RelayThread(threading.Thread):
-    """Runs :func:`relay_all` every ``interval`` seconds until stopped.
+    """Publishes what waits in the outbox of each database of the app, until
+    stopped.
+
+    An idle relay asks each database one question, when the next row is
+    available, and sleeps until then: at most ``outbox_lease`` seconds, for
+    a row committed meanwhile is not available sooner, and at least
+    ``interval``. A database without the table is asked again every
+    :data:`TABLE_LOOKUP` seconds. A database that refuses writes, a
+    read-only replica, is left alone after its first refusal. These looks
+    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); the work
+    done once rows are available, and the messages sent, are, as the app's.
 
     :param ext: The extension.
-    :param interval: Seconds between two rounds.
+    :param interval: The least seconds between two looks at a database.
     """
 
     def __init__(self, ext: FlaskCelery, interval: float) -> None:
@@ -173,18 +220,63 @@ class RelayThread(threading.Thread):
         self.ext = ext
         self.interval = interval
         self._stopped = threading.Event()
+        self._engines: list[Engine] | None = None
+        # When to look at each database next.
+        self._next: dict[Engine, float] = {}
+        self._read_only: set[Engine] = set()
 
     def run(self) -> None:
-        while True:
+        while not self._stopped.wait(self.round()):
+            pass
+
+    def round(self) -> float:
+        """Look at the databases whose time has come.
+
+        :return: Seconds until the next look.
+        """
+        now = time.time()
+        try:
+            if self._engines is None:
+                self._engines = engines(self.ext)
+        except Exception:
+            logger.exception("The outbox relay failed; it tries again.")
+            return self.interval
+        for engine in self._engines:
+            if engine in self._read_only or self._next.get(engine, now) > now:
+                continue
             try:
-                sent = relay_all(self.ext)
-            except Exception:
+                self._next[engine] = self._look(engine, now)
+            except Exception as exc:
+                if _refuses_writes(exc):
+                    self._read_only.add(engine)
+                    logger.info(
+                        "The outbox relay leaves %r alone: it is read-only.",
+                        engine.url,
+                    )
+                    continue
                 logger.exception("The outbox relay failed; it tries again.")
-            else:
-                if sent:
-                    logger.info("The outbox relay sent %d %s.", sent, tasks_word(sent))
-            if self._stopped.wait(self.interval):
-                return
+                self._next[engine] = now + self.interval
+        upcoming = [at for e, at in self._next.items() if e not in self._read_only]
+        return max(self.interval, min(upcoming, default=now) - time.time())
+
+    def _look(self, engine: Engine, now: float) -> float:
+        """Relay what is available in the outbox of ``engine``.
+
+        :return: When to look again.
+        """
+        from . import table as outbox
+
+        with untraced():
+            if not outbox.has_table(engine):
+                return now + TABLE_LOOKUP
+            available = outbox.next_available(engine)
+        latest = now + lease(self.ext.celery)
+        if available is None or available > now:
+            return latest if available is None else min(available, latest)
+        sent = relay(engine, self.ext.celery)
+        if sent:
+            logger.info("The outbox relay sent %d %s.", sent, tasks_word(sent))
+        return now
 
     def stop(self) -> None:
         """Stop after the current round; wait for it a little."""
@@ -193,9 +285,19 @@ class RelayThread(threading.Thread):
             self.join(10)
 
 
+def _refuses_writes(exc: BaseException) -> bool:
+    """Whether a database error says that the database is read-only."""
+    from .table import sqlstate
+
+    orig = getattr(exc, "orig", None)
+    return sqlstate(exc) == "25006" or getattr(orig, "sqlite_errorcode", None) == 8
+
+
 class RelayStep(bootsteps.StartStopStep):
     """The worker bootstep that runs a :class:`RelayThread` in the worker's
-    main process, when the app uses a database and the outbox is on."""
+    main process, when the app uses a database and the outbox is on. It
+    first logs, as errors, what keeps the app's database role from using
+    the outbox table (:mod:`~flask_celery_ctx.outbox.access`)."""
 
     label = "Outbox relay"
     requires = ("celery.worker.components:Pool",)
@@ -204,14 +306,19 @@ class RelayStep(bootsteps.StartStopStep):
         ext: FlaskCelery | None = getattr(parent.app, "flask_celery", None)
         if ext is None or not enabled(ext.celery):
             return None
-        interval = relay_interval(ext.celery)
         try:
             app = ext.app
         except RuntimeError:
             return None  # never bound: no database to relay from
-        if not interval or database(app) is None:
+        if database(app) is None:
             return None
-        return RelayThread(ext, interval)
+        from .access import problems
+
+        with untraced():
+            for error in problems(ext):
+                logger.error("%s", error)
+        interval = relay_interval(ext.celery)
+        return RelayThread(ext, interval) if interval else None
 
 
 def install(celery: Celery[t.Any]) -> None:

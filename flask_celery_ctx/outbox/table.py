@@ -147,9 +147,11 @@ def write(
     transaction; flush the session first, so that pending instances in the
     arguments have their primary keys.
 
-    The table is the one of the engine the session binds an unmapped table
-    to (its default engine); a session with per-model binds only uses the
-    first database its transaction opened.
+    The table is in the database of :func:`written_to` (the default
+    engine, or the primary of a session that routes writes); a session with
+    per-model binds only uses the first database its transaction opened.
+    The rows go through the connection the transaction holds on that
+    database, when it holds one.
 
     :param session: The session, in the transaction that commits.
     :param sends: The sends, in order.
@@ -190,8 +192,14 @@ def write(
             }
         )
         ids.append(rows[-1]["id"])
-    for chunk in _chunks(rows):
-        conn.execute(insert(table), chunk)
+    if rows:
+        try:
+            for chunk in _chunks(rows):
+                conn.execute(insert(table), chunk)
+        except DBAPIError as exc:
+            if sqlstate(exc) == _INSUFFICIENT_PRIVILEGE:
+                raise OutboxTableError(engine, exc) from exc
+            raise
     return engine, ids
 
 
@@ -309,6 +317,21 @@ def state(row: Row[t.Any], now: float) -> str:
     if row.available > now and (row.claim is not None or not row.attempts):
         return "leased"
     return "waiting"
+
+
+def next_available(engine: Engine) -> float | None:
+    """When the first row of the outbox of ``engine`` is available, or
+    ``None`` when it is empty: one query.
+
+    :param engine: An engine whose database has the table.
+    """
+    # Without BEGIN and ROLLBACK round trips.
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        found: float | None = conn.scalar(
+            select(func.min(table.c.available)).where(table.c.dead.is_(None))
+        )
+        return found
 
 
 def claim(
@@ -475,22 +498,43 @@ def describe(error: BaseException, length: int = 300) -> str:
     return text if len(text) <= length else text[: length - 3] + "..."
 
 
-def _engine_of(session: Session) -> Engine:
+def written_to(session: Session) -> Engine | None:
+    """The engine ``session`` writes the outbox rows to, or ``None`` for a
+    session with per-model binds only.
+
+    The rows are written with the commit's writes, so the session is asked
+    as during a flush, for an ``INSERT`` into the table: a session that
+    routes flushes and other writes to a primary, and reads to replicas
+    (SQLAlchemy's documented ``get_bind`` recipe), names the primary.
+
+    :param session: A session.
+    """
+    flushing = session._flushing
+    session._flushing = True
     try:
-        bind = session.get_bind(clause=table)
+        bind = session.get_bind(clause=insert(table))
     except UnboundExecutionError:
-        # Per-model binds only: the first database the transaction used.
-        transaction = session.get_transaction()
-        connections = [] if transaction is None else list(transaction._connections)
-        if not connections:
-            raise RuntimeError(
-                "delay_on_commit writes to the outbox table in the session's"
-                " database, but the session has no default bind and its"
-                " transaction used no database. Give the session a default"
-                " bind, or set CELERY_OUTBOX = False in the app's config."
-            ) from None
-        bind = connections[0]
+        return None
+    finally:
+        session._flushing = flushing
     return t.cast("Engine", getattr(bind, "engine", bind))
+
+
+def _engine_of(session: Session) -> Engine:
+    engine = written_to(session)
+    if engine is not None:
+        return engine
+    # Per-model binds only: the first database the transaction used.
+    transaction = session.get_transaction()
+    connections = [] if transaction is None else list(transaction._connections)
+    if not connections:
+        raise RuntimeError(
+            "delay_on_commit writes to the outbox table in the session's"
+            " database, but the session has no default bind and its"
+            " transaction used no database. Give the session a default"
+            " bind, or set CELERY_OUTBOX = False in the app's config."
+        )
+    return t.cast("Engine", getattr(connections[0], "engine", connections[0]))
 
 
 def _create_table(conn: Connection, engine: Engine) -> None:
@@ -516,11 +560,44 @@ def _create_table(conn: Connection, engine: Engine) -> None:
         with engine.begin() as own:
             for statement in statements:
                 own.execute(statement)
-    except Exception:
-        # Another process created it at the same moment.
+    except Exception as exc:
+        # Another process created it at the same moment, or this one may not.
         if not has_table(engine):
-            raise
+            raise OutboxTableError(engine, exc) from exc
     _created.add(engine)
+
+
+class OutboxTableError(RuntimeError):
+    """The outbox table is missing and cannot be created, or the app's
+    database role may not write to it.
+
+    :param engine: The engine of the database.
+    :param cause: What the database answered.
+    """
+
+    def __init__(self, engine: Engine, cause: BaseException | str) -> None:
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        super().__init__(
+            f"delay_on_commit cannot write to the outbox table {TABLE_NAME!r} in"
+            f" {engine.url!r}: {reason}. Create the table with a migration run"
+            " by a role that may, and grant the app's role SELECT, INSERT,"
+            " UPDATE and DELETE on it (docs: on-commit, 'Creating the table"
+            " by a migration'), or set CELERY_OUTBOX = False in the app's"
+            " config to send after the commit without the outbox."
+        )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, as psycopg and psycopg2 report it.
+
+    :param exc: An error that SQLAlchemy raised.
+    """
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+# SQLSTATE of "permission denied".
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def _absolute(options: dict[str, t.Any], now: float) -> dict[str, t.Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import typing as t
 from datetime import datetime
@@ -326,6 +327,24 @@ class Channel(kombu_sql.Channel):
     def close(self) -> None:
         super().close()  # gives back what was not acknowledged
         self._closing.set()
+
+
+def _forget_inherited_engines() -> None:
+    """In a forked process, forget the engines, and their pooled
+    connections, of the process it was forked from.
+
+    kombu keeps the transport's engines in a dictionary of its channel class:
+    a prefork child forked after its worker connected to the broker would
+    otherwise publish on the worker's own connections, and two processes on
+    one connection corrupt its protocol stream. ``close=False`` leaves the
+    parent's connections open for the parent.
+    """
+    engines: dict[str, t.Any] = _kombu.Channel._engines
+    for engine, _ in list(engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_engines)
 
 
 def _create_tables(engine: sa.Engine) -> None:

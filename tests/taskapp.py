@@ -367,6 +367,13 @@ def add_item(name: str) -> None:
 
 
 @ext.celery.task
+def send_add_item(name: str) -> int:
+    """Publish ``add_item`` from the task's process; return that process."""
+    add_item.delay(name)
+    return os.getpid()
+
+
+@ext.celery.task
 def write_error(request: t.Any, exc: BaseException, traceback: str) -> None:
     """An errback, called in the failed task's context."""
     write_item(f"{request.args[1]}-errback")

@@ -31,6 +31,7 @@ from sqlalchemy import insert
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy import text
+from sqlalchemy import update
 
 from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
@@ -506,6 +507,31 @@ async def async_retry(self: Task) -> int:  # type: ignore[type-arg]
 async def async_fail() -> None:
     await asyncio.sleep(0)
     raise ValueError("the coroutine failed")
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_update_after(name: str, seconds: float) -> str:
+    """Sleep, past the soft time limit, then rename an item in the task's
+    session, its transaction left to the task's end."""
+    try:
+        await asyncio.sleep(seconds)
+    except BaseException as exc:
+        record(f"interrupted by {type(exc).__name__}")
+        raise
+    db.session.execute(update(Item).where(Item.name == name).values(name=f"{name}+"))
+    return "slept"
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_write_when_cancelled(name: str, seconds: float) -> str:
+    """Sleep, past the soft time limit; write an item once cancelled."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        db.session.add(Item(name=name))
+        db.session.commit()
+        return "cancelled"
+    return "slept"
 
 
 @ext.celery.task(bind=True)

@@ -115,10 +115,13 @@ def run_coroutine(
             with lent:
                 return await running.outcome(func(*args, **kwargs))
         finally:
-            if pushed:
-                _task_stack.pop()
-                task.request_stack.pop()
-            running.end()
+            try:
+                await _end_other_tasks()
+            finally:
+                if pushed:
+                    _task_stack.pop()
+                    task.request_stack.pop()
+                running.end()
 
     try:
         return current_app.ensure_sync(in_task)()
@@ -128,6 +131,17 @@ def run_coroutine(
         if running.cancel_and_wait() and isinstance(exc, Exception):
             return running.result()
         raise
+
+
+async def _end_other_tasks() -> None:
+    """Cancel the tasks that the coroutine left on its loop, and wait for
+    them, while the task's context lasts: ``asyncio.run`` would do it only
+    after the task's end once the task was interrupted."""
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for other in others:
+        other.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 class _Running:

@@ -522,6 +522,26 @@ async def async_update_after(name: str, seconds: float) -> str:
     return "slept"
 
 
+async def _update_when_cancelled(name: str) -> None:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.5)
+        db.session.execute(
+            update(Item).where(Item.name == name).values(name=f"{name}+")
+        )
+        raise
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_left_task(name: str) -> str:
+    """Leave a task on the loop that renames an item, uncommitted, once
+    cancelled; sleep past the soft time limit."""
+    asyncio.get_running_loop().create_task(_update_when_cancelled(name))
+    await asyncio.sleep(3)
+    return "slept"
+
+
 @ext.celery.task(soft_time_limit=1)
 async def async_write_when_cancelled(name: str, seconds: float) -> str:
     """Sleep, past the soft time limit; write an item once cancelled."""

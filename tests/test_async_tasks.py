@@ -184,6 +184,27 @@ def test_soft_time_limit_cancels_the_coroutine(
     assert idle_in_transaction(pg_admin, worker.application_name) == 0
 
 
+def test_tasks_left_on_the_loop_end_within_the_context(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """A task that the coroutine left on its loop is cancelled before the
+    task's context ends: what it does then is in the task's session, rolled
+    back at the end."""
+    worker = workers(pool="prefork", concurrency=1, FCC_CREATE_ALL=True)
+    client = worker.client()
+    name = f"left-{uuid.uuid4().hex[:8]}"
+    with client.app_context():
+        taskapp.db.session.add(Item(name=name))
+        taskapp.db.session.commit()
+    result = taskapp.async_left_task.delay(name)
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=30)
+    time.sleep(3)  # past the end of the sleep, had it gone on
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    _rename(client, name)
+    assert _count(client, f"{name}!") == 1
+
+
 def test_threads_pool_enforces_no_soft_time_limit(
     workers: WorkerFactory, pg_admin: Engine
 ) -> None:

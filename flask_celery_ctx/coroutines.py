@@ -10,12 +10,20 @@ database session are the task's; Celery keeps the running task and its
 request in thread-local stacks, which the coroutine's thread gets too, and
 so does a ``scoped_session`` scoped by thread
 (:meth:`~flask_celery_ctx.db.base.Database.lend_session`).
+
+The coroutine never outlives the task's context: when the waiting thread is
+interrupted (a soft time limit raises ``SoftTimeLimitExceeded`` there), the
+coroutine is cancelled and waited for before the exception goes on, so that
+what it does after the interruption is done in the context, whose session
+is then torn down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import threading
 import typing as t
 
 from celery._state import _task_stack  # type: ignore[attr-defined]
@@ -92,8 +100,10 @@ def run_coroutine(
     request = task.request
     found = database(current_app._get_current_object())  # type: ignore[attr-defined]
     lent = None if found is None else found.lend_session()
+    running = _Running()
 
     async def in_task() -> t.Any:
+        running.start()
         # Another thread, whose stacks are empty: push the task's.
         pushed = task.request is not request
         if pushed:
@@ -101,12 +111,99 @@ def run_coroutine(
             _task_stack.push(task)
         try:
             if lent is None:
-                return await func(*args, **kwargs)
+                return await running.outcome(func(*args, **kwargs))
             with lent:
-                return await func(*args, **kwargs)
+                return await running.outcome(func(*args, **kwargs))
         finally:
-            if pushed:
-                _task_stack.pop()
-                task.request_stack.pop()
+            try:
+                await _end_other_tasks()
+            finally:
+                if pushed:
+                    _task_stack.pop()
+                    task.request_stack.pop()
+                running.end()
 
-    return current_app.ensure_sync(in_task)()
+    try:
+        return current_app.ensure_sync(in_task)()
+    except BaseException as exc:
+        # Interrupted: as a ``def`` task that catches the exception, a
+        # coroutine that handles its cancellation has the last word.
+        if running.cancel_and_wait() and isinstance(exc, Exception):
+            return running.result()
+        raise
+
+
+async def _end_other_tasks() -> None:
+    """Cancel the tasks that the coroutine left on its loop, and wait for
+    them, while the task's context lasts: ``asyncio.run`` would do it only
+    after the task's end once the task was interrupted."""
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for other in others:
+        other.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+class _Running:
+    """A task's coroutine, seen from the thread that waits for it, which may
+    be interrupted: its asyncio task, its end and its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[t.Any] | None = None
+        self._cancelled = False
+        self._ended = threading.Event()
+        self._result: t.Any = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Called in the coroutine's loop before the task's coroutine is
+        made.
+
+        :raises asyncio.CancelledError: It was cancelled before it started.
+        """
+        with self._lock:
+            if self._cancelled:
+                raise asyncio.CancelledError()
+            self._task = asyncio.current_task()
+
+    async def outcome(self, awaitable: t.Awaitable[t.Any]) -> t.Any:
+        """Await the task's coroutine, keeping its result or its error.
+
+        :param awaitable: The coroutine.
+        """
+        try:
+            self._result = await awaitable
+        except BaseException as exc:
+            self._error = exc
+            raise
+        return self._result
+
+    def end(self) -> None:
+        """Called in the coroutine's loop once it ended."""
+        with self._lock:
+            self._task = None
+            self._ended.set()
+
+    def cancel_and_wait(self) -> bool:
+        """Cancel the coroutine and wait for its end; one that has not
+        started never will.
+
+        :return: Whether it was running and ended otherwise than by the
+            cancellation: its outcome is then the task's.
+        """
+        with self._lock:
+            self._cancelled = True
+            task = self._task
+            if task is not None:
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        if task is None:
+            return False
+        self._ended.wait()
+        return not isinstance(self._error, asyncio.CancelledError)
+
+    def result(self) -> t.Any:
+        """What the coroutine returned, or raised, once it ended."""
+        if self._error is not None:
+            raise self._error
+        return self._result

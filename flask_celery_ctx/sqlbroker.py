@@ -21,8 +21,10 @@ when :mod:`flask_celery_ctx` is imported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import threading
 import typing as t
 from datetime import datetime
@@ -65,6 +67,13 @@ _NOT_ENGINE_OPTIONS = {
     "message_tablename", "callback", "errback", "max_retries", "interval_start",
     "interval_step", "interval_max", "retry_errors",
 }  # fmt: skip
+
+
+#: Held by a fork, and by each transaction on a SQLite broker: SQLite keeps
+#: the locks of a process's connections in the process's memory, and a
+#: process forked in the middle of a transaction inherits a lock that none of
+#: its own connections can ever take again ("database is locked").
+_FORK_LOCK = threading.RLock()
 
 
 def _now() -> datetime:
@@ -118,9 +127,21 @@ class Channel(kombu_sql.Channel):
                     engines[hostname] = engine, sessionmaker(bind=engine)
         return engines[hostname]
 
+    def _unforked(self) -> t.ContextManager[t.Any]:
+        """Held around a transaction of a SQLite broker: no fork happens
+        in the middle of it."""
+        engine, _ = self._open()
+        if engine.dialect.name == "sqlite":
+            return _FORK_LOCK
+        return contextlib.nullcontext()
+
     def _get_or_create(self, queue: str) -> t.Any:
         """The row of a queue, created when missing, and read again when
         another process created it at the same moment."""
+        with self._unforked():
+            return self._find_or_create(queue)
+
+    def _find_or_create(self, queue: str) -> t.Any:
         session: Session = self.session
         queue_cls = self.queue_cls
         for attempt in range(_CREATE_ATTEMPTS):
@@ -147,12 +168,13 @@ class Channel(kombu_sql.Channel):
         the producer to retry or report: kombu before 5.4 logged nothing and
         returned, and the message was lost."""
         session: Session = self.session
-        session.add(self.message_cls(dumps(payload), self._get_or_create(queue)))
-        try:
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+        with self._unforked():
+            session.add(self.message_cls(dumps(payload), self._get_or_create(queue)))
+            try:
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
 
     @property
     def _table(self) -> sa.Table:
@@ -162,29 +184,36 @@ class Channel(kombu_sql.Channel):
     def _run(self, statement: sa.Executable) -> None:
         """Run a statement in a transaction of its own, from any thread."""
         engine, _ = self._open()
-        with engine.begin() as conn:
+        with self._unforked(), engine.begin() as conn:
             conn.execute(statement)
 
     # Fetching.
 
     def _get(self, queue: str, timeout: float | None = None) -> t.Any:
         # kombu's, which creates the queue's row on first use.
+        with self._unforked():
+            row, payload = self._take(queue)
+        if row is None:
+            raise Empty()
+        if queue not in self._no_ack_queues:
+            self._hold(payload["properties"]["delivery_tag"], row)
+        return payload
+
+    def _take(self, queue: str) -> tuple[int | None, t.Any]:
+        """The oldest visible message of a queue, taken in a transaction,
+        once the expired leases of the queue are recovered."""
         queue_id: int = self._get_or_create(queue).id
         session: Session = self.session
         if session.get_bind().dialect.name == "sqlite":
             session.execute(sa.text("BEGIN IMMEDIATE TRANSACTION"))
         try:
             self._recover(session, queue_id)
-            row, payload = self._fetch(session, queue_id, queue)
+            found = self._fetch(session, queue_id, queue)
             session.commit()
         except BaseException:
             session.rollback()
             raise
-        if row is None:
-            raise Empty()
-        if queue not in self._no_ack_queues:
-            self._hold(payload["properties"]["delivery_tag"], row)
-        return payload
+        return found
 
     def _recover(self, session: Session, queue_id: int) -> None:
         """Make visible the messages whose worker stopped renewing them."""
@@ -326,6 +355,40 @@ class Channel(kombu_sql.Channel):
     def close(self) -> None:
         super().close()  # gives back what was not acknowledged
         self._closing.set()
+
+
+def _forget_inherited_engines() -> None:
+    """In a forked process, forget the engines, and their pooled
+    connections, of the process it was forked from.
+
+    kombu keeps the transport's engines in a dictionary of its channel class:
+    a prefork child forked after its worker connected to the broker would
+    otherwise publish on the worker's own connections, and two processes on
+    one connection corrupt its protocol stream. ``close=False`` leaves the
+    parent's connections open for the parent. kombu's lock, which another
+    thread of the parent may have held, is made anew.
+    """
+    global _FORK_LOCK
+    _FORK_LOCK = threading.RLock()
+    _kombu._MUTEX = threading.RLock()
+    engines: dict[str, t.Any] = _kombu.Channel._engines
+    for engine, _ in list(engines.values()):
+        engine.dispose(close=False)
+
+
+def _hold_fork_lock() -> None:
+    _FORK_LOCK.acquire()
+
+
+def _release_fork_lock() -> None:
+    _FORK_LOCK.release()
+
+
+os.register_at_fork(
+    before=_hold_fork_lock,
+    after_in_parent=_release_fork_lock,
+    after_in_child=_forget_inherited_engines,
+)
 
 
 def _create_tables(engine: sa.Engine) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy import insert
 from sqlalchemy import orm
 from sqlalchemy import select
 from sqlalchemy import text
+from sqlalchemy import update
 
 from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
@@ -367,6 +368,13 @@ def add_item(name: str) -> None:
 
 
 @ext.celery.task
+def send_add_item(name: str) -> int:
+    """Publish ``add_item`` from the task's process; return that process."""
+    add_item.delay(name)
+    return os.getpid()
+
+
+@ext.celery.task
 def write_error(request: t.Any, exc: BaseException, traceback: str) -> None:
     """An errback, called in the failed task's context."""
     write_item(f"{request.args[1]}-errback")
@@ -499,6 +507,51 @@ async def async_retry(self: Task) -> int:  # type: ignore[type-arg]
 async def async_fail() -> None:
     await asyncio.sleep(0)
     raise ValueError("the coroutine failed")
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_update_after(name: str, seconds: float) -> str:
+    """Sleep, past the soft time limit, then rename an item in the task's
+    session, its transaction left to the task's end."""
+    try:
+        await asyncio.sleep(seconds)
+    except BaseException as exc:
+        record(f"interrupted by {type(exc).__name__}")
+        raise
+    db.session.execute(update(Item).where(Item.name == name).values(name=f"{name}+"))
+    return "slept"
+
+
+async def _update_when_cancelled(name: str) -> None:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.5)
+        db.session.execute(
+            update(Item).where(Item.name == name).values(name=f"{name}+")
+        )
+        raise
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_left_task(name: str) -> str:
+    """Leave a task on the loop that renames an item, uncommitted, once
+    cancelled; sleep past the soft time limit."""
+    asyncio.get_running_loop().create_task(_update_when_cancelled(name))
+    await asyncio.sleep(3)
+    return "slept"
+
+
+@ext.celery.task(soft_time_limit=1)
+async def async_write_when_cancelled(name: str, seconds: float) -> str:
+    """Sleep, past the soft time limit; write an item once cancelled."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        db.session.add(Item(name=name))
+        db.session.commit()
+        return "cancelled"
+    return "slept"
 
 
 @ext.celery.task(bind=True)

@@ -9,15 +9,20 @@ import uuid
 
 import pytest
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
 from flask import g
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
 
 from flask_celery_ctx import ContextTask
 from flask_celery_ctx import FlaskCelery
 
 import taskapp
+from conftest import idle_in_transaction
 from conftest import WorkerFactory
 from taskapp import Item
 from taskapp import Record
@@ -142,3 +147,91 @@ def test_a_class_based_task(app: Flask) -> None:
     with app.app_context():
         g.request_id = "req-class"
         assert task.apply((1,)).get() == [1, "req-class"]
+
+
+def _count(client: Flask, name: str) -> int:
+    with client.app_context():
+        query = select(func.count()).where(Item.name == name)
+        return taskapp.db.session.scalar(query) or 0
+
+
+def _rename(client: Flask, name: str) -> None:
+    """Rename an item as the web would, waiting at most 2 s for its lock."""
+    with client.app_context():
+        session = taskapp.db.session
+        session.execute(text("SET LOCAL lock_timeout = '2s'"))
+        session.execute(update(Item).where(Item.name == name).values(name=f"{name}!"))
+        session.commit()
+
+
+def test_soft_time_limit_cancels_the_coroutine(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """At the soft time limit the coroutine is cancelled, and the task ends
+    once it has: nothing it would do later opens a session, no connection
+    stays in a transaction, the row it would update is not locked."""
+    worker = workers(pool="prefork", concurrency=1, FCC_CREATE_ALL=True)
+    client = worker.client()
+    name = f"limited-{uuid.uuid4().hex[:8]}"
+    with client.app_context():
+        taskapp.db.session.add(Item(name=name))
+        taskapp.db.session.commit()
+    result = taskapp.async_update_after.delay(name, 3)
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=30)
+    with client.app_context():
+        hooks = taskapp.db.session.scalars(
+            select(Record.hook).where(Record.task_id == result.id)
+        ).all()
+    assert hooks == ["interrupted by CancelledError"]
+    time.sleep(3)  # past the end of the sleep, had it gone on
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    _rename(client, name)
+    assert _count(client, f"{name}!") == 1
+
+    # A coroutine that handles its cancellation does it in the task's
+    # context, and its result is the task's.
+    result = taskapp.async_write_when_cancelled.delay(name + "-cancelled", 3)
+    assert result.get(timeout=30) == "cancelled"
+    assert _count(client, name + "-cancelled") == 1
+    time.sleep(3)
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
+
+
+def test_tasks_left_on_the_loop_end_within_the_context(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """A task that the coroutine left on its loop is cancelled before the
+    task's context ends: what it does then is in the task's session, rolled
+    back at the end."""
+    worker = workers(pool="prefork", concurrency=1, FCC_CREATE_ALL=True)
+    client = worker.client()
+    name = f"left-{uuid.uuid4().hex[:8]}"
+    with client.app_context():
+        taskapp.db.session.add(Item(name=name))
+        taskapp.db.session.commit()
+    result = taskapp.async_left_task.delay(name)
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=30)
+    time.sleep(3)  # past the end of the sleep, had it gone on
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    _rename(client, name)
+    assert _count(client, f"{name}!") == 1
+
+
+def test_threads_pool_enforces_no_soft_time_limit(
+    workers: WorkerFactory, pg_admin: Engine
+) -> None:
+    """Celery's threads pool enforces no time limit: the coroutine runs to
+    its end, in the task's context, and its transaction ends with it."""
+    worker = workers(pool="threads", concurrency=2, FCC_CREATE_ALL=True)
+    client = worker.client()
+    name = f"unlimited-{uuid.uuid4().hex[:8]}"
+    with client.app_context():
+        taskapp.db.session.add(Item(name=name))
+        taskapp.db.session.commit()
+    assert taskapp.async_update_after.delay(name, 2).get(timeout=30) == "slept"
+    assert idle_in_transaction(pg_admin, worker.application_name) == 0
+    # The task did not commit: its rename was rolled back.
+    _rename(client, name)
+    assert _count(client, f"{name}!") == 1

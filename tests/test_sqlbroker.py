@@ -224,6 +224,37 @@ def test_killed_pool_process_gives_its_task_back_at_once(
     worker.stop()
 
 
+@pytest.mark.parametrize("broker", ["sqlite", "postgres"])
+def test_pool_processes_forked_after_connecting_publish_on_their_own(
+    workers: WorkerFactory, broker: str, request: pytest.FixtureRequest
+) -> None:
+    """Each prefork child, forked after the worker connected to the broker,
+    runs one task that publishes another: every child opens connections of
+    its own, and all the tasks run."""
+    config: dict[str, t.Any] = {"CELERY_WORKER_MAX_TASKS_PER_CHILD": 1}
+    if broker == "postgres":
+        config["CELERY_BROKER_URL"] = "sqlbroker+" + request.getfixturevalue(
+            "postgres_url"
+        )
+    worker = workers.start(
+        "sqlbroker", "postgres", config, pool="prefork", concurrency=2
+    )
+    worker.wait_ready()
+    app = worker.client()
+    name = f"forked-{uuid.uuid4().hex[:6]}"
+    results = [taskapp.send_add_item.delay(name) for _ in range(30)]
+    pids = {result.get(timeout=120) for result in results}
+    assert len(pids) == 30
+    deadline = time.monotonic() + 120
+    while committed(app, name) < 30 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed(app, name) == 30
+    assert worker.process.poll() is None
+    assert "Traceback" not in worker.log
+    assert messages_left(worker) == 0
+    worker.stop()
+
+
 def test_messages_kombus_transport_delivered_are_not_run_again(
     tmp_path: Path,
 ) -> None:

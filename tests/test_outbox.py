@@ -110,8 +110,14 @@ def _cleanup() -> t.Iterator[None]:
         _workers.pop().stop()
     while _apps:
         app = _apps.pop()
-        for named in database(app).engines(app):  # type: ignore[union-attr]
-            named.engine.dispose()
+        found = database(app)
+        assert found is not None
+        engines = [named.engine for named in found.engines(app)]
+        with app.app_context():
+            # The primary of a session that routes writes and reads apart.
+            engines.append(outbox.written_to(found.session()) or engines[0])
+        for engine in engines:
+            engine.dispose()
 
 
 def config(url: str, **extra: t.Any) -> dict[str, t.Any]:

@@ -3,6 +3,8 @@ commit and the broker.
 
 - :mod:`~flask_celery_ctx.outbox.table`: the table, and the rows written in
   the committing transaction, deleted once published;
+- :mod:`~flask_celery_ctx.outbox.publish`: the publish right after the
+  commit, one attempt bounded in time;
 - :mod:`~flask_celery_ctx.outbox.relay`: what publishes the rows left
   behind, from a thread in every worker;
 - :mod:`~flask_celery_ctx.outbox.cli`: ``flask celery outbox list`` and
@@ -21,12 +23,20 @@ if t.TYPE_CHECKING:
 
 #: The settings of the outbox, read from the Flask config as Celery
 #: settings are: ``CELERY_OUTBOX`` or ``CELERY = {"outbox": ...}``.
-SETTINGS = ("outbox", "outbox_lease", "outbox_relay_interval")
+SETTINGS = (
+    "outbox",
+    "outbox_lease",
+    "outbox_relay_interval",
+    "outbox_publish_timeout",
+)
 #: Seconds a row is left to the process that wrote it, or to the relay that
 #: claimed it, before another relay may publish it.
 DEFAULT_LEASE = 30.0
 #: Seconds between two looks of a worker's relay at the outbox.
 DEFAULT_RELAY_INTERVAL = 5.0
+#: Seconds the publish after a commit waits for the broker to connect and to
+#: answer, before it leaves the sends to the relay.
+DEFAULT_PUBLISH_TIMEOUT = 0.5
 
 
 def check_settings(settings: t.Mapping[str, t.Any]) -> None:
@@ -42,19 +52,26 @@ def check_settings(settings: t.Mapping[str, t.Any]) -> None:
             f"CELERY_OUTBOX must be True or False, not {value!r}: False sends"
             " the messages of delay_on_commit without the outbox table."
         )
-    for name, least in (("outbox_lease", 0.0), ("outbox_relay_interval", 0.0)):
+    for name in ("outbox_lease", "outbox_relay_interval"):
         value = settings.get(name)
-        if value is None:
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or value < least
-        ):
+        if value is not None and not _is_seconds(value):
             raise ValueError(
                 f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
                 f" not {value!r}."
             )
+    value = settings.get("outbox_publish_timeout")
+    if value is not None and not (_is_seconds(value) and value > 0):
+        raise ValueError(
+            "CELERY_OUTBOX_PUBLISH_TIMEOUT must be a number of seconds, more"
+            f" than 0, not {value!r}: how long the publish after a commit waits"
+            " for the broker before it leaves the tasks to the relay."
+        )
+
+
+def _is_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    )
 
 
 def enabled(celery: Celery[t.Any]) -> bool:
@@ -85,3 +102,12 @@ def relay_interval(celery: Celery[t.Any]) -> float:
     """
     value = celery.conf.get("outbox_relay_interval")
     return DEFAULT_RELAY_INTERVAL if value is None else float(value)
+
+
+def publish_timeout(celery: Celery[t.Any]) -> float:
+    """The setting ``outbox_publish_timeout``, in seconds.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_publish_timeout")
+    return DEFAULT_PUBLISH_TIMEOUT if value is None else float(value)

@@ -160,9 +160,8 @@ def describe(exc: BaseException, timeout: float) -> str:
         text = str(seen).lower()
         if isinstance(seen, ConnectionRefusedError) or "refused" in text:
             return "refused the connection"
-        if isinstance(seen, (socket.timeout, TimeoutError)) or "timed out" in text:
-            return f"did not answer within {timeout:g} s"
-        if "timeout" in text:
+        timed_out = "timeout" in text or "timed out" in text
+        if isinstance(seen, (socket.timeout, TimeoutError)) or timed_out:
             return f"did not answer within {timeout:g} s"
         seen = seen.__cause__ or seen.__context__
     return f"failed: {exc!r}"

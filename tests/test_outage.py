@@ -352,20 +352,7 @@ def test_a_silent_amqp_broker(url: str, engine: Engine) -> None:
         url, CELERY_BROKER_URL=RABBITMQ_URL, CELERY_TASK_DEFAULT_QUEUE=queue
     )
     assert relay(relay_app) == 12
-    received: list[str] = []
-
-    def on_message(body: t.Any, message: Message) -> None:
-        received.append(message.headers["id"])
-        message.ack()
-
-    with Connection(RABBITMQ_URL) as conn:
-        declared = Queue(queue, auto_delete=False)
-        with Consumer(conn, [declared], callbacks=[on_message]):
-            deadline = time.monotonic() + 30
-            while len(received) < 12 and time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    conn.drain_events(timeout=1)
-        declared.bind(conn).delete()
+    received = consume(queue, 12)
     assert sorted(received) == sorted(answer["task_ids"])
 
 
@@ -378,3 +365,86 @@ def test_a_wrong_publish_timeout_is_refused(value: t.Any) -> None:
                 "CELERY_OUTBOX_PUBLISH_TIMEOUT": value,
             }
         )
+
+
+class Proxy:
+    """Forwards a local port to RabbitMQ; :meth:`cut` closes every
+    connection through it, as a broker restart does."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+        _cleanups.append(self.close)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client = self.server.accept()[0]
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def cut(self) -> None:
+        while self.open:
+            sock = self.open.pop()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+def test_a_broker_restarted_between_two_commits(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection a thread keeps from its last commit is dead once the
+    broker's connections were cut: the next commit publishes on a new one,
+    at once."""
+    require("RabbitMQ", RABBITMQ_URL, 5672)
+    proxy = Proxy(("127.0.0.1", 5672))
+    broker = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+    app = make_app(url, CELERY_BROKER_URL=broker)
+    _, first = commit(app, 3)
+    assert task_ids(engine) == []
+    proxy.cut()
+    with caplog.at_level(logging.WARNING, "flask_celery_ctx"):
+        took, second = commit(app, 3)
+    assert "outbox" not in caplog.text
+    assert took < REFUSED_BOUND
+    assert task_ids(engine) == []
+    received = consume(app.config["CELERY_TASK_DEFAULT_QUEUE"], 6)
+    assert received == first["task_ids"] + second["task_ids"]
+
+
+def consume(queue: str, count: int) -> list[str]:
+    """The task ids of ``count`` messages taken from a RabbitMQ queue, which
+    is deleted then."""
+    received: list[str] = []
+
+    def on_message(body: t.Any, message: Message) -> None:
+        received.append(message.headers["id"])
+        message.ack()
+
+    with Connection(RABBITMQ_URL) as conn:
+        declared = Queue(queue, auto_delete=False)
+        with Consumer(conn, [declared], callbacks=[on_message]):
+            deadline = time.monotonic() + 30
+            while len(received) < count and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=1)
+        declared.bind(conn).delete()
+    return received

@@ -3,7 +3,8 @@ connection of its own.
 
 The sends of a commit that have a row in the outbox go to the broker over
 one connection whose connect and socket timeouts are the setting
-``outbox_publish_timeout``, without retries. The first failure stops the
+``outbox_publish_timeout``, without retries; the thread keeps it for its
+next commit. The first failure stops the
 attempt: the sends not published yet stay in the outbox, and a relay sends
 them once the broker is back. A view's commit so returns within about that
 timeout, whatever the number of its sends and whatever the broker does.
@@ -21,6 +22,7 @@ it is called, and reads a result stored before.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -41,15 +43,25 @@ logger = logging.getLogger("flask_celery_ctx")
 #: leave their sends to the relay without trying.
 HOLD = 5.0
 
-#: Broker (masked URL) -> (monotonic time of its last failure, what
-#: happened).
-_failed: dict[str, tuple[float, str]] = {}
+_Key = tuple[int, str, float]
+
+#: (app, broker URL, timeout) -> (monotonic time of the broker's last
+#: failure, what happened).
+_failed: dict[_Key, tuple[float, str]] = {}
 _failed_lock = threading.Lock()
+
+# Per thread: the connections kept from one commit to the next, and the
+# process they were opened in.
+_kept = threading.local()
 
 
 class Attempt:
     """One bounded attempt to publish the sends of a commit with a Celery
     app; close it when done.
+
+    Each thread keeps its connection from one commit to the next. A kept
+    connection that fails at once (the broker restarted since) is replaced
+    by a new one, once, for the same send.
 
     :param celery: The Celery app.
     """
@@ -57,15 +69,14 @@ class Attempt:
     def __init__(self, celery: Celery[t.Any]) -> None:
         self.celery = celery
         self.timeout = publish_timeout(celery)
+        url = celery.conf.broker_write_url or celery.conf.broker_url
+        self._key = (id(celery), str(url), self.timeout)
         self._connection: Connection | None = None
         self._producer: Producer | None = None
-        configured = celery.connection_for_write()
-        #: The URL of the broker, its password masked.
-        self.broker = configured.as_uri()
-        self._driver = configured.transport.driver_type
+        self._reused = False
         #: What stopped the attempt, once it stopped; then nothing more is
         #: published.
-        self.failure: str | None = _held(self.broker)
+        self.failure: str | None = _held(self._key)
         #: How many sends were left to the relay.
         self.left = 0
 
@@ -86,60 +97,80 @@ class Attempt:
         if self.failure is not None:
             self.left += 1
             return False
-        producer = self._producer_or_open()
-        options = {**options, "producer": producer, "retry": False}
+        options = {**options, "retry": False}
         if _subscribes_before_send(self.celery):
             # Skip the backend's subscription (see the module's docstring);
             # the message keeps the task's own ignore_result.
             headers = dict(options.get("headers") or {})
             headers["ignore_result"] = options.get("ignore_result", task.ignore_result)
             options.update(ignore_result=True, headers=headers)
-        try:
-            task.apply_async(args, kwargs, **options)
-        except Exception as exc:
-            if not self._is_broker_error(exc):
-                raise
-            self.failure = describe(exc, self.timeout)
-            self.left += 1
-            _hold(self.broker, self.failure)
-            return False
-        return True
+        while True:
+            started = time.monotonic()
+            producer = self._producer_or_open()
+            try:
+                task.apply_async(args, kwargs, producer=producer, **options)
+            except Exception as exc:
+                if not self._is_broker_error(exc):
+                    raise
+                stale = self._reused and time.monotonic() - started < self.timeout / 2
+                self._discard()
+                if stale:
+                    continue
+                self.failure = describe(exc, self.timeout)
+                self.left += 1
+                _hold(self._key, self.failure)
+                return False
+            return True
 
     def close(self) -> None:
-        """Close the connection; log what was left to the relay, once."""
+        """Keep the connection for the thread's next commit, or close it
+        after a failure; log what was left to the relay, once."""
         if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:
-                logger.debug("Closing the publish connection failed", exc_info=True)
-            self._connection = None
+            _kept_connections()[self._key] = self._connection
+            self._connection = self._producer = None
         if self.left:
             logger.warning(
                 "%d %s %s in the outbox: the broker at %s %s; %s sent when it is back.",
                 self.left,
                 "task" if self.left == 1 else "tasks",
                 "waits" if self.left == 1 else "wait",
-                self.broker,
+                self.celery.connection_for_write().as_uri(),
                 self.failure,
                 "it is" if self.left == 1 else "they are",
             )
 
     def _producer_or_open(self) -> Producer:
         if self._producer is None:
-            options: dict[str, t.Any] = {"max_retries": 0}
-            if self._driver == "redis":
-                options.update(
-                    socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-                )
-            elif self._driver == "amqp":
-                options.update(read_timeout=self.timeout, write_timeout=self.timeout)
-            self._connection = self.celery.connection_for_write(
-                connect_timeout=self.timeout, transport_options=options
-            )
-            self._producer = self.celery.amqp.Producer(
-                self._connection, auto_declare=False
-            )
+            connection = _kept_connections().pop(self._key, None)
+            self._reused = connection is not None
+            if connection is None:
+                connection = self._open()
+            self._connection = connection
+            self._producer = self.celery.amqp.Producer(connection, auto_declare=False)
         return self._producer
+
+    def _open(self) -> Connection:
+        """A connection with the timeouts of the attempt, and no retries."""
+        options: dict[str, t.Any] = {"max_retries": 0}
+        driver = self.celery.connection_for_write().transport.driver_type
+        if driver == "redis":
+            options.update(
+                socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+        elif driver == "amqp":
+            options.update(read_timeout=self.timeout, write_timeout=self.timeout)
+        return self.celery.connection_for_write(
+            connect_timeout=self.timeout, transport_options=options
+        )
+
+    def _discard(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:
+                logger.debug("Closing the publish connection failed", exc_info=True)
+        self._connection = self._producer = None
+        self._reused = False
 
     def _is_broker_error(self, exc: Exception) -> bool:
         connection = self._connection
@@ -176,7 +207,16 @@ def forget() -> None:
         _failed.clear()
 
 
-def _held(broker: str) -> str | None:
+def _kept_connections() -> dict[_Key, Connection]:
+    found: dict[_Key, Connection] | None = getattr(_kept, "connections", None)
+    if found is None or _kept.pid != os.getpid():
+        # A forked process leaves its parent's connections alone.
+        _kept.connections = found = {}
+        _kept.pid = os.getpid()
+    return found
+
+
+def _held(broker: _Key) -> str | None:
     with _failed_lock:
         held = _failed.get(broker)
         if held is None:
@@ -189,7 +229,7 @@ def _held(broker: str) -> str | None:
     return f"{failure} ({age:.1f} s ago)"
 
 
-def _hold(broker: str, failure: str) -> None:
+def _hold(broker: _Key, failure: str) -> None:
     with _failed_lock:
         _failed[broker] = (time.monotonic(), failure)
 

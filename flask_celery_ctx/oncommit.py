@@ -18,8 +18,10 @@ events move them on:
   enclosing transaction; the outermost transaction sends them, the session
   out of its way, and deletes their rows; any other end drops them.
 
-A send whose publish fails after the commit stays in the outbox, for a
-relay to publish (:mod:`flask_celery_ctx.outbox.relay`).
+The sends with a row are published in one attempt bounded in time
+(:mod:`flask_celery_ctx.outbox.publish`); a send whose publish fails after
+the commit, and those after it, stay in the outbox, for a relay to publish
+(:mod:`flask_celery_ctx.outbox.relay`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import outbox
 from .db import database
 
 if t.TYPE_CHECKING:
+    from celery import Celery
     from celery.result import AsyncResult
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
@@ -241,13 +244,30 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 
 def _send_all(sends: list[_Send]) -> None:
+    """Send each in order. A send with a row goes through one bounded
+    attempt per app (:mod:`~flask_celery_ctx.outbox.publish`): a broker that
+    fails leaves it, and the rest, to the relay. A send without a row raises
+    what its publish raised, after the others were sent.
+    """
+    from .outbox.publish import Attempt
+
     error: Exception | None = None
     published: dict[Engine, list[str]] = {}
-    for send in sends:
-        try:
-            _send(send)
-        except Exception as exc:
-            if send.row is not None:
+    attempts: dict[Celery[t.Any], Attempt] = {}
+    try:
+        for send in sends:
+            if send.row is None:
+                try:
+                    _send(send)
+                except Exception as exc:
+                    _report_unsent(send, exc)
+                    error = error or exc
+                continue
+            app = send.task.app
+            attempt = attempts.get(app) or attempts.setdefault(app, Attempt(app))
+            try:
+                done = attempt.publish(send.task, send.args, send.kwargs, send.options)
+            except Exception as exc:
                 logger.warning(
                     "Task %s[%s] could not be sent after the commit: %r. It"
                     " waits in the outbox, for a relay to send it.",
@@ -256,29 +276,34 @@ def _send_all(sends: list[_Send]) -> None:
                     exc,
                 )
                 continue
-            logger.error(
-                "Task %s[%s] could not be sent after the commit: %r. The"
-                " transaction is committed; the task was not sent.",
-                send.task.name,
-                send.options["task_id"],
-                exc,
-                exc_info=True,
-            )
-            if error is None:
-                error = exc
-                if hasattr(exc, "add_note"):
-                    exc.add_note(
-                        f"Raised after the commit: the transaction is committed,"
-                        f" but task {send.task.name!r} [{send.options['task_id']}]"
-                        " was not sent. Send it again once the cause is fixed."
-                    )
-        else:
-            if send.row is not None:
+            if done:
                 published.setdefault(send.row[0], []).append(send.row[1])
+    finally:
+        for attempt in attempts.values():
+            attempt.close()
     for engine, ids in published.items():
         _remove(engine, ids)
     if error is not None:
         raise error
+
+
+def _report_unsent(send: _Send, exc: Exception) -> None:
+    """Log a send without a row that failed, and note on the error that it
+    is lost unless sent again."""
+    logger.error(
+        "Task %s[%s] could not be sent after the commit: %r. The"
+        " transaction is committed; the task was not sent.",
+        send.task.name,
+        send.options["task_id"],
+        exc,
+        exc_info=True,
+    )
+    if hasattr(exc, "add_note"):
+        exc.add_note(
+            f"Raised after the commit: the transaction is committed,"
+            f" but task {send.task.name!r} [{send.options['task_id']}]"
+            " was not sent. Send it again once the cause is fixed."
+        )
 
 
 def _remove(engine: Engine, ids: list[str]) -> None:

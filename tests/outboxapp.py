@@ -115,16 +115,26 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
 
     @app.post("/orders/<name>")
     def create_order(name: str) -> dict[str, t.Any]:
+        """Commit an order and send its task; ``count`` orders and as many
+        sends when given."""
         session = ext.session
-        order = Order(name=name)
-        session.add(order)
-        result = process.delay_on_commit(order)
+        count = int(request.args.get("count", 1))
+        orders = [
+            Order(name=name if count == 1 else f"{name}-{i}") for i in range(count)
+        ]
+        session.add_all(orders)
+        results = [process.delay_on_commit(order) for order in orders]
         if request.args.get("rollback"):
             session.rollback()
         else:
             session.info[_KILL] = bool(request.args.get("kill"))
             session.commit()
-        return {"task_id": result.id, "order_id": order.id}
+        return {
+            "task_id": results[0].id,
+            "order_id": orders[0].id,
+            "task_ids": [result.id for result in results],
+            "order_ids": [order.id for order in orders],
+        }
 
     # No pool: each connection is closed with its session.
     own = orm.sessionmaker(create_engine(url, **{**options, "poolclass": NullPool}))

@@ -3,6 +3,8 @@ commit and the broker.
 
 - :mod:`~flask_celery_ctx.outbox.table`: the table, and the rows written in
   the committing transaction, deleted once published;
+- :mod:`~flask_celery_ctx.outbox.publish`: the publish right after the
+  commit, one attempt bounded in time;
 - :mod:`~flask_celery_ctx.outbox.relay`: what publishes the rows left
   behind, from a thread in every worker;
 - :mod:`~flask_celery_ctx.outbox.cli`: ``flask celery outbox list`` and
@@ -27,6 +29,7 @@ SETTINGS = (
     "outbox_relay_interval",
     "outbox_max_attempts",
     "outbox_retry_backoff",
+    "outbox_publish_timeout",
 )
 #: Seconds a row is left to the process that wrote it, or to the relay that
 #: claimed it, before another relay may publish it.
@@ -41,6 +44,9 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_BACKOFF = 30.0
 #: The longest wait between two attempts, in seconds.
 MAX_BACKOFF = 3600.0
+#: Seconds the publish after a commit waits for the broker to connect and to
+#: answer, before it leaves the sends to the relay.
+DEFAULT_PUBLISH_TIMEOUT = 0.5
 
 
 def check_settings(settings: t.Mapping[str, t.Any]) -> None:
@@ -67,13 +73,24 @@ def check_settings(settings: t.Mapping[str, t.Any]) -> None:
         )
     for name in ("outbox_lease", "outbox_relay_interval", "outbox_retry_backoff"):
         value = settings.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if value is not None and not _is_seconds(value):
             raise ValueError(
                 f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
                 f" not {value!r}."
             )
+    value = settings.get("outbox_publish_timeout")
+    if value is not None and not (_is_seconds(value) and value > 0):
+        raise ValueError(
+            "CELERY_OUTBOX_PUBLISH_TIMEOUT must be a number of seconds, more"
+            f" than 0, not {value!r}: how long the publish after a commit waits"
+            " for the broker before it leaves the tasks to the relay."
+        )
+
+
+def _is_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    )
 
 
 def enabled(celery: Celery[t.Any]) -> bool:
@@ -126,3 +143,12 @@ def retry_delay(celery: Celery[t.Any], attempts: int) -> float:
     value = celery.conf.get("outbox_retry_backoff")
     backoff = DEFAULT_RETRY_BACKOFF if value is None else float(value)
     return float(min(backoff * 2 ** min(attempts - 1, 32), MAX_BACKOFF))
+
+
+def publish_timeout(celery: Celery[t.Any]) -> float:
+    """The setting ``outbox_publish_timeout``, in seconds.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_publish_timeout")
+    return DEFAULT_PUBLISH_TIMEOUT if value is None else float(value)

@@ -1,0 +1,240 @@
+"""The publish right after the commit: one attempt, bounded in time, on a
+connection of its own.
+
+The sends of a commit that have a row in the outbox go to the broker over
+one connection whose connect and socket timeouts are the setting
+``outbox_publish_timeout``, without retries; the thread keeps it for its
+next commit. The first failure stops the
+attempt: the sends not published yet stay in the outbox, and a relay sends
+them once the broker is back. A view's commit so returns within about that
+timeout, whatever the number of its sends and whatever the broker does.
+
+After a failure, the commits of the next :data:`HOLD` seconds in the same
+process make no attempt: their sends wait for the relay too. The first
+commit after that tries again.
+
+The Redis result backend subscribes to each task's result before the task
+is sent, with a reconnect loop of its own; this publish does not, so that
+a result backend down delays no send. ``AsyncResult.get()`` subscribes when
+it is called, and reads a result stored before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import typing as t
+
+from kombu.exceptions import OperationalError
+
+from . import publish_timeout
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Connection
+    from kombu import Producer
+
+logger = logging.getLogger("flask_celery_ctx")
+
+#: Seconds after a failed attempt during which the commits of the process
+#: leave their sends to the relay without trying.
+HOLD = 5.0
+
+_Key = tuple[int, str, float]
+
+#: (app, broker URL, timeout) -> (monotonic time of the broker's last
+#: failure, what happened).
+_failed: dict[_Key, tuple[float, str]] = {}
+_failed_lock = threading.Lock()
+
+# Per thread: the connections kept from one commit to the next, and the
+# process they were opened in.
+_kept = threading.local()
+
+
+class Attempt:
+    """One bounded attempt to publish the sends of a commit with a Celery
+    app; close it when done.
+
+    Each thread keeps its connection from one commit to the next. A kept
+    connection that fails at once (the broker restarted since) is replaced
+    by a new one, once, for the same send.
+
+    :param celery: The Celery app.
+    """
+
+    def __init__(self, celery: Celery[t.Any]) -> None:
+        self.celery = celery
+        self.timeout = publish_timeout(celery)
+        url = celery.conf.broker_write_url or celery.conf.broker_url
+        self._key = (id(celery), str(url), self.timeout)
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._reused = False
+        #: What stopped the attempt, once it stopped; then nothing more is
+        #: published.
+        self.failure: str | None = _held(self._key)
+        #: How many sends were left to the relay.
+        self.left = 0
+
+    def publish(
+        self, task: t.Any, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+    ) -> bool:
+        """Publish a send, unless the attempt has stopped.
+
+        :param task: The task.
+        :param args: Positional arguments.
+        :param kwargs: Keyword arguments.
+        :param options: Options of ``apply_async``.
+        :return: Whether it was published; if not, the broker failed now or
+            before, and the send is left to the relay.
+        :raises Exception: What the send raised when the broker is not the
+            cause (the arguments, the serializer): the attempt goes on.
+        """
+        if self.failure is not None:
+            self.left += 1
+            return False
+        options = {**options, "retry": False}
+        if _subscribes_before_send(self.celery):
+            # Skip the backend's subscription (see the module's docstring);
+            # the message keeps the task's own ignore_result.
+            headers = dict(options.get("headers") or {})
+            headers["ignore_result"] = options.get("ignore_result", task.ignore_result)
+            options.update(ignore_result=True, headers=headers)
+        while True:
+            started = time.monotonic()
+            producer = self._producer_or_open()
+            try:
+                task.apply_async(args, kwargs, producer=producer, **options)
+            except Exception as exc:
+                if not self._is_broker_error(exc):
+                    raise
+                stale = self._reused and time.monotonic() - started < self.timeout / 2
+                self._discard()
+                if stale:
+                    continue
+                self.failure = describe(exc, self.timeout)
+                self.left += 1
+                _hold(self._key, self.failure)
+                return False
+            return True
+
+    def close(self) -> None:
+        """Keep the connection for the thread's next commit, or close it
+        after a failure; log what was left to the relay, once."""
+        if self._connection is not None:
+            _kept_connections()[self._key] = self._connection
+            self._connection = self._producer = None
+        if self.left:
+            logger.warning(
+                "%d %s %s in the outbox: the broker at %s %s; %s sent when it is back.",
+                self.left,
+                "task" if self.left == 1 else "tasks",
+                "waits" if self.left == 1 else "wait",
+                self.celery.connection_for_write().as_uri(),
+                self.failure,
+                "it is" if self.left == 1 else "they are",
+            )
+
+    def _producer_or_open(self) -> Producer:
+        if self._producer is None:
+            connection = _kept_connections().pop(self._key, None)
+            self._reused = connection is not None
+            if connection is None:
+                connection = self._open()
+            self._connection = connection
+            self._producer = self.celery.amqp.Producer(connection, auto_declare=False)
+        return self._producer
+
+    def _open(self) -> Connection:
+        """A connection with the timeouts of the attempt, and no retries."""
+        options: dict[str, t.Any] = {"max_retries": 0}
+        driver = self.celery.connection_for_write().transport.driver_type
+        if driver == "redis":
+            options.update(
+                socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+        elif driver == "amqp":
+            options.update(read_timeout=self.timeout, write_timeout=self.timeout)
+        return self.celery.connection_for_write(
+            connect_timeout=self.timeout, transport_options=options
+        )
+
+    def _discard(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:
+                logger.debug("Closing the publish connection failed", exc_info=True)
+        self._connection = self._producer = None
+        self._reused = False
+
+    def _is_broker_error(self, exc: Exception) -> bool:
+        connection = self._connection
+        errors: tuple[type[BaseException], ...] = (OperationalError, OSError)
+        if connection is not None:
+            errors += connection.connection_errors + connection.channel_errors
+        return isinstance(exc, errors)
+
+
+def describe(exc: BaseException, timeout: float) -> str:
+    """What a broker error says of the broker, in a few words.
+
+    :param exc: The error of the publish.
+    :param timeout: The publish timeout, in seconds.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, ConnectionRefusedError) or "refused" in text:
+            return "refused the connection"
+        timed_out = "timeout" in text or "timed out" in text
+        if isinstance(seen, (socket.timeout, TimeoutError)) or timed_out:
+            return f"did not answer within {timeout:g} s"
+        seen = seen.__cause__ or seen.__context__
+    return f"failed: {exc!r}"
+
+
+def forget() -> None:
+    """Forget the failures held: the next commits try the broker again.
+
+    :meta private:
+    """
+    with _failed_lock:
+        _failed.clear()
+
+
+def _kept_connections() -> dict[_Key, Connection]:
+    found: dict[_Key, Connection] | None = getattr(_kept, "connections", None)
+    if found is None or _kept.pid != os.getpid():
+        # A forked process leaves its parent's connections alone.
+        _kept.connections = found = {}
+        _kept.pid = os.getpid()
+    return found
+
+
+def _held(broker: _Key) -> str | None:
+    with _failed_lock:
+        held = _failed.get(broker)
+        if held is None:
+            return None
+        at, failure = held
+        age = time.monotonic() - at
+        if age >= HOLD:
+            del _failed[broker]
+            return None
+    return f"{failure} ({age:.1f} s ago)"
+
+
+def _hold(broker: _Key, failure: str) -> None:
+    with _failed_lock:
+        _failed[broker] = (time.monotonic(), failure)
+
+
+def _subscribes_before_send(celery: Celery[t.Any]) -> bool:
+    from celery.backends.redis import RedisBackend
+
+    return isinstance(celery.backend, RedisBackend)

@@ -276,7 +276,11 @@ def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:
 
 
 def dump(
-    task_name: str, value: t.Any, app: Flask, embedded: bool = False
+    task_name: str,
+    value: t.Any,
+    app: Flask,
+    embedded: bool = False,
+    committed: bool = False,
 ) -> tuple[t.Any, t.Any, bool]:
     """Replace the mapped instances in a value by signed references.
 
@@ -285,10 +289,14 @@ def dump(
     :param app: The app whose :func:`signer` signs them, made only when the
         value holds an instance: most sends hold none.
     :param embedded: Look into signatures too, as in ``_replace_instances``.
+    :param committed: Refuse an instance whose row its session inserted in
+        the transaction still in progress: a message sent now would reach a
+        worker that cannot see the row.
     :return: The value to send, the value to show in ``argsrepr``, and
         whether any instance was replaced. Containers without instances are
         returned as they are.
-    :raises ValueError: An instance has no primary key yet.
+    :raises ValueError: An instance has no primary key yet, or, with
+        ``committed``, its row is not committed yet.
     :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
     """
 
@@ -303,8 +311,16 @@ def dump(
             raise ValueError(
                 f"Task {task_name!r} got an instance of {type(instance).__name__}"
                 f" that is {what}, so it has no primary key to send: {instance!r}."
-                " Call db.session.flush() or commit() before sending it, or send"
-                " it with delay_on_commit(), which sends after the commit."
+                " Send it with delay_on_commit(), which sends after the commit,"
+                " or commit before sending it."
+            )
+        if committed and _inserted_uncommitted(state):
+            raise ValueError(
+                f"Task {task_name!r} got an instance of {type(instance).__name__}"
+                f" whose row is inserted in a transaction not committed yet:"
+                f" {instance!r}. A worker cannot see the row before the commit,"
+                " and would not find it. Send it with delay_on_commit(), which"
+                " sends after the commit, or commit before sending it."
             )
         if sign is None:
             raise _no_secret_key(task_name, instance)
@@ -316,6 +332,21 @@ def dump(
     if not found:
         return value, value, False
     return sent, _replace_instances(value, _shown_instance, embedded)[0], True
+
+
+def _inserted_uncommitted(state: InstanceState[t.Any]) -> bool:
+    """Whether the row of ``state`` was inserted by its session in the
+    transaction still in progress there (or in a savepoint of it), where no
+    other connection sees it."""
+    session = state.session
+    if session is None:
+        return False
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    while transaction is not None:
+        if state in transaction._new:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 _REFERENCE = {MODEL, KEY, SIG}

@@ -250,7 +250,7 @@ class ContextTask(_GenericTask[_P, _R_co]):
         ext.check_config_unchanged(self.name)
         if ext.carry_g:
             carry.attach(ext.carry_g, self.name, options)
-        args, kwargs = self._dump_instances(args, kwargs, options)
+        args, kwargs = self._dump_instances(args, kwargs, options, committed=True)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
@@ -359,13 +359,23 @@ class ContextTask(_GenericTask[_P, _R_co]):
         models.load(self, found.session(), args, kwargs, models.signer(app))
 
     def _dump_instances(
-        self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+        self,
+        args: t.Any,
+        kwargs: t.Any,
+        options: dict[str, t.Any],
+        committed: bool = False,
     ) -> tuple[t.Any, t.Any]:
+        """Make references of the instances in the arguments and in the
+        signatures of the options; with ``committed``, refuse instances whose
+        rows are not committed yet (see :func:`~flask_celery_ctx.models.dump`).
+        """
         app = extension_of(self).app
-        self._dump_signatures(options, app)
-        sent_args, shown_args, in_args = models.dump(self.name, list(args or ()), app)
+        self._dump_signatures(options, app, committed)
+        sent_args, shown_args, in_args = models.dump(
+            self.name, list(args or ()), app, committed=committed
+        )
         sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, dict(kwargs or {}), app
+            self.name, dict(kwargs or {}), app, committed=committed
         )
         if not (in_args or in_kwargs):
             return args, kwargs
@@ -384,7 +394,9 @@ class ContextTask(_GenericTask[_P, _R_co]):
         )
         return sent_args, sent_kwargs
 
-    def _dump_signatures(self, options: dict[str, t.Any], app: Flask) -> None:
+    def _dump_signatures(
+        self, options: dict[str, t.Any], app: Flask, committed: bool
+    ) -> None:
         """Make references of the instances in the arguments of the signatures
         that the worker sends when this task is done, those of ``link``,
         ``chain`` and ``chord`` (the body of a chord this task is part of):
@@ -396,7 +408,7 @@ class ContextTask(_GenericTask[_P, _R_co]):
             if not value:
                 continue
             signatures = [
-                models.dump(signature["task"], signature, app, embedded=True)[0]
+                models.dump(signature["task"], signature, app, True, committed)[0]
                 for signature in maybe_list(value)
             ]
             options[name] = (

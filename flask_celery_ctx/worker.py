@@ -156,7 +156,14 @@ def check_environment_unchanged(celery: Celery[t.Any]) -> None:
     try:
         check_environment(celery.conf, os.environ)
     except ValueError as exc:
-        logger.critical("%s", exc)
+        logger.critical(
+            "%s If it was not set in the environment, Celery's own command line"
+            " set it from its -b/--broker or --result-backend option: a command"
+            " of the app's own (or of its CLI group) that starts the worker"
+            " with Celery's command line does so. Remove that command, and"
+            " start the worker with 'flask celery worker'.",
+            exc,
+        )
         raise SystemExit(1) from None
 
 

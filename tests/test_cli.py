@@ -318,4 +318,5 @@ def test_a_worker_started_by_an_apps_own_command_checks_the_broker(
         "The environment variable CELERY_BROKER_URL sets Celery's broker_url to"
         " 'memory:" in output
     )
+    assert "from its -b/--broker or --result-backend option" in output
     assert " ready." not in output

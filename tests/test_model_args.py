@@ -172,6 +172,37 @@ def test_unsaved_instances_are_refused_when_sent(orm_client: Flask) -> None:
         db.session.rollback()
 
 
+def test_rows_not_committed_yet_are_refused_when_sent(orm_client: Flask) -> None:
+    """A row flushed in a transaction still in progress is invisible to the
+    worker: sent now, the task would not find it. ``delay_on_commit`` takes
+    it, and sends once the row is committed."""
+    with orm_client.app_context():
+        flushed = Item(name=unique("flushed"))
+        db.session.add(flushed)
+        db.session.flush()
+        not_committed = (
+            r"inserted in a transaction not committed yet: .*delay_on_commit"
+        )
+        with pytest.raises(ValueError, match=not_committed):
+            ormtasks.describe.delay(flushed)
+        with pytest.raises(ValueError, match=not_committed):
+            ormtasks.describe.apply_async([], link=ormtasks.describe.si(flushed))
+        with db.session.begin_nested():
+            in_savepoint = Item(name=unique("savepoint"))
+            db.session.add(in_savepoint)
+            db.session.flush()
+            with pytest.raises(ValueError, match=not_committed):
+                ormtasks.describe.delay({"item": in_savepoint})
+        with pytest.raises(ValueError, match=not_committed):
+            ormtasks.describe.delay(in_savepoint)  # the savepoint was released
+        later = ormtasks.describe.delay_on_commit(flushed)
+        db.session.commit()
+        assert later.get(timeout=20)["args"] == {"list": [seen(flushed.name)]}
+        # Committed: sent at once.
+        now = ormtasks.describe.delay(in_savepoint)
+        assert now.get(timeout=20)["args"] == {"list": [seen(in_savepoint.name)]}
+
+
 def test_argsrepr_shows_references_to_monitoring(
     workers: WorkerFactory, other_postgres_url: str
 ) -> None:
@@ -205,8 +236,7 @@ def test_argsrepr_shows_references_to_monitoring(
 def test_inline_passes_the_callers_very_instances(app: Flask) -> None:
     with app.app_context():
         item = Item(name=unique("inline"))
-        db.session.add(item)
-        db.session.flush()
+        saved(item)
         assert ormtasks.same.delay(item, [item]).get() == [item, [item]]
         assert ormtasks.same.delay(item).get()[0] is item
         assert ormtasks.same.apply((item,)).get()[0] is item

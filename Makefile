@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXAMPLE_VENV := .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
 
-.PHONY: test lowest newest example check lint typecheck docs bench instructions instructions-profile clean
+.PHONY: test lowest newest tox-envs example check lint typecheck docs bench instructions instructions-profile clean
 
 # pyenv's shims run python3.10 and python3.13, which tox needs, only when
 # they are selected; the first version stays the default python3.
@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/tests.txt
 test: $(STAMP)  ## Run the test suite
 	$(BIN)/pytest
 
+# TOX_FLAGS=--skip-pkg-install runs the tests in an environment made before,
+# as .ci/run does to run both side by side.
 lowest: $(STAMP)  ## The tests on the oldest supported versions, Python 3.10
-	$(BIN)/tox -e lowest
+	$(BIN)/tox -e lowest $(TOX_FLAGS)
 
 newest: $(STAMP)  ## The tests on the newest versions, Python 3.13
-	$(BIN)/tox -e newest
+	$(BIN)/tox -e newest $(TOX_FLAGS)
+
+tox-envs: $(STAMP)  ## Make the environments of lowest and newest, one after the other
+	$(BIN)/tox -e lowest,newest --notest
 
 $(EXAMPLE_STAMP): pyproject.toml requirements/example.txt
 	python3 -m venv $(EXAMPLE_VENV)

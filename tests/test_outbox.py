@@ -711,7 +711,8 @@ def test_relay_says_why_nothing_was_sent(url: str, engine: Engine) -> None:
         "Sent 0 tasks from the outbox; 3 wait, the first available in"
     )
     assert said.endswith("s (leased).\n")
-    assert int(said.rsplit(" in ", 1)[1].split("s")[0]) in (29, 30)
+    # The lease (30 s) less the time the commits and the relay's start took.
+    assert 10 <= int(said.rsplit(" in ", 1)[1].split("s")[0]) <= 30
 
 
 def test_a_table_without_the_new_columns_is_refused_clearly(

@@ -289,7 +289,9 @@ def test_a_table_created_later_is_found_within_the_lookup(
     url = new_database(admin, "later")
     monkeypatch.setattr(relay_module, "TABLE_LOOKUP", 2.0)
     try:
-        settings = config(url)
+        # A lease long enough that the row is still there when the writer
+        # has exited, however long that takes.
+        settings = config(url, CELERY_OUTBOX_LEASE=8)
         app = make_app(settings)
         engine = create_engine(url)
         thread = relay_module.RelayThread(outboxapp.ext, 0.2)
@@ -305,8 +307,8 @@ def test_a_table_created_later_is_found_within_the_lookup(
             )  # fmt: skip
             assert writer.returncode == 0, writer.stderr
             [row] = rows(engine)
-            # The lookup (2 s), the writer's lease (1 s), a round.
-            wait_until(lambda: rows(engine) == [], "the row was relayed", 5)
+            # The lookup (2 s), the writer's lease (8 s), a round.
+            wait_until(lambda: rows(engine) == [], "the row was relayed", 12)
         finally:
             thread.stop()
         queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]

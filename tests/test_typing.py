@@ -47,11 +47,12 @@ def test_mypy_strict_checks_sends(tmp_path: Path) -> None:
     assert errors == expected_errors(PROJECT / "tasks.py"), result.stdout
 
 
-def test_mypy_finds_an_editable_install(tmp_path: Path) -> None:
-    """``pip install -e .`` of the project, then ``mypy`` in the user's
-    project finds the package: the install is a path in a ``.pth`` file,
-    not an import hook, which type checkers do not run."""
+def test_type_checkers_find_an_editable_install(tmp_path: Path) -> None:
+    """``pip install -e .`` of the project, then mypy and pyright in the
+    user's project find the package: the install is a path in a ``.pth``
+    file, not an import hook, which type checkers do not run."""
     pytest.importorskip("mypy", reason="mypy is in requirements/tests.txt")
+    pytest.importorskip("basedpyright", reason="it is in requirements/tests.txt")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -75,3 +76,9 @@ def test_mypy_finds_an_editable_install(tmp_path: Path) -> None:
     assert result.stdout == (
         'app.py:4: note: Revealed type is "flask_celery_ctx.extension.FlaskCelery"\n'
     ), result.stdout + result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "basedpyright", "--pythonpath", python, user.name],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert 'Type of "ext" is "FlaskCelery"' in result.stdout, result.stdout
+    assert "0 errors" in result.stdout, result.stdout

@@ -127,7 +127,10 @@ class SentTask(t.NamedTuple):
     """A task sent with ``delay_on_commit`` or ``apply_async_on_commit``, as
     :class:`OnCommitRecorder` recorded it."""
 
-    #: The task.
+    #: The task, as the Celery app registered it. The name that
+    #: ``@ext.celery.task`` gave it in its module is Celery's lazy proxy of
+    #: the same task: compare them with ``==`` (``sent.task == deactivate``),
+    #: as ``is`` tells them apart; or compare :attr:`name`.
     task: ContextTask
     #: The positional arguments, as given: model instances are the very
     #: instances passed. After the request that sent them they are detached

@@ -7,18 +7,24 @@ directory, in which the page's own blocks then run as a reader runs them:
 
 - a ``python`` block whose first line is a file name, ``# myapp/tasks.py``,
   is that file: it is written to the project, and imported, or collected by
-  pytest when its name is ``tests/test_*.py``;
+  pytest when its name is ``tests/test_*.py``; a ``toml`` block whose first
+  line is ``# pyproject.toml`` is that file, written to the project;
 - any other ``python`` block runs as a script, in order, all of the page's
   sharing one namespace; a literal block (``::``) is Python too, as Sphinx
   highlights it;
 - a ``console`` block is a shell session: each ``$`` command runs in the
   project and must succeed, and print the lines shown under it (``...``
-  matches anything);
+  matches anything); the variables a command sets, ``task=$(...)``, are
+  set in the commands after it, as in one terminal;
 - a ``text`` block is output or a figure, never run; a shell session
   (``$ ...``) in one is an error.
 
+README.md runs too: its fenced blocks are read as the blocks of a page,
+their language named after the opening fence.
+
 A comment before a block, or before a table of blocks, says how it runs
-instead, with the reason::
+instead, with the reason (in Markdown, an HTML comment,
+``<!-- snippet: skip, why -->``)::
 
     .. snippet: skip, an excerpt: ``mail`` stands for the app's mail extension
 
@@ -72,7 +78,13 @@ _HIGHLIGHT = re.compile(r"^\.\. highlight::\s*(\S+)")
 _MARKER = re.compile(
     r"^(?P<indent> *)\.\. snippet:\s*(?P<verb>[\w-]+)\s*(?:,\s*(?P<reason>.*))?$"
 )
-_FILE = re.compile(r"^# (?P<path>[\w./-]+\.py)$")
+_MD_MARKER = re.compile(
+    r"^<!-- snippet:\s*(?P<verb>[\w-]+)\s*(?:,\s*(?P<reason>.*?))?\s*-->$"
+)
+_FENCE = re.compile(r"^(?P<fence>```+)(?P<language>\w*)\s*$")
+_FILE = re.compile(r"^# (?P<path>[\w./-]+\.(?P<suffix>py|toml))$")
+#: The language of the blocks that are files, by the file's suffix.
+FILE_LANGUAGES = {"py": "python", "toml": "toml"}
 
 
 class SnippetError(AssertionError):
@@ -103,7 +115,9 @@ class Block:
     def path(self) -> str | None:
         """The file the block is, named on its first line."""
         match = _FILE.match(self.code.partition("\n")[0])
-        return match["path"] if self.language == "python" and match else None
+        if match and FILE_LANGUAGES[match["suffix"]] == self.language:
+            return match["path"]
+        return None
 
 
 def _shown(page: str) -> str:
@@ -161,9 +175,33 @@ def docstrings(module: Path) -> list[str]:
     return kept
 
 
+def read_markdown(page: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown page, each with the marker, an
+    HTML comment ``<!-- snippet: skip, why -->``, that precedes it."""
+    lines = page.read_text().splitlines()
+    blocks: list[Block] = []
+    marker: Marker | None = None
+    i = 0
+    while i < len(lines):
+        if match := _MD_MARKER.match(lines[i]):
+            marker = Marker(match["verb"], (match["reason"] or "").strip(), i + 1)
+        elif match := _FENCE.match(lines[i]):
+            end = i + 1
+            while end < len(lines) and lines[end].strip() != match["fence"]:
+                end += 1
+            code = textwrap.dedent("\n".join(lines[i + 1 : end]))
+            blocks.append(Block(str(page), i + 2, match["language"], code, marker))
+            marker = None
+            i = end
+        i += 1
+    return blocks
+
+
 def read(page: Path) -> list[Block]:
     """The code blocks of a page, or of the docstrings of a module, each with
     the marker that applies to it."""
+    if page.suffix == ".md":
+        return read_markdown(page)
     lines = docstrings(page) if page.suffix == ".py" else page.read_text().splitlines()
     blocks: list[Block] = []
     markers: list[tuple[Marker, int, int | None]] = []
@@ -233,7 +271,7 @@ def check_markers(blocks: list[Block]) -> None:
                     f"{block.where}: a shell session: make it a 'console' block,"
                     " run or marked '.. snippet: skip, <why>'"
                 )
-            if block.language not in SHOWN | {"python", "console"}:
+            if block.language not in SHOWN | {"python", "console"} and not block.path:
                 raise SnippetError(
                     f"{block.where}: a {block.language!r} block is neither run nor"
                     " shown: make it 'python', 'console' or 'text', or mark it"
@@ -302,6 +340,18 @@ for where, line, code in blocks:
 """
 
 
+#: A command of a shell session, run with the variables that the commands
+#: before it set, as in one terminal.
+_SHELL = """\
+set -a
+[ -f {variables} ] && . {variables}
+{line}
+status=$?
+export -p > {variables}
+exit $status
+"""
+
+
 class Project:
     """A directory with the project's files, in which one page runs."""
 
@@ -312,13 +362,18 @@ class Project:
         self.env = {
             **os.environ,
             **env,
-            "PYTHONPATH": str(root),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLASK_RUN_PORT": self.port,
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        for name in ("FLASK_APP", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        for name in (
+            "FLASK_APP",
+            "CELERY_BROKER_URL",
+            "CELERY_RESULT_BACKEND",
+            "PYTHONPATH",
+        ):
             self.env.pop(name, None)
+        self.variables = root.parent / "variables.sh"
         self._background: list[tuple[subprocess.Popen[bytes], Path, Block, str]] = []
         self._started = 0.0
 
@@ -345,7 +400,9 @@ class Project:
         done = subprocess.run(
             [sys.executable, str(script), str(data)],
             cwd=self.root,
-            env=self.env,
+            # The script is outside the project, whose commands find it as
+            # the directory they run in.
+            env={**self.env, "PYTHONPATH": str(self.root)},
             capture_output=True,
             text=True,
             timeout=120,
@@ -379,7 +436,7 @@ class Project:
         deadline = time.monotonic() + (RETRY_SECONDS if self._background else 0)
         while True:
             done = subprocess.run(
-                ["bash", "-c", line],
+                ["bash", "-c", _SHELL.format(line=line, variables=self.variables)],
                 cwd=self.root,
                 env=self.env,
                 capture_output=True,
@@ -467,7 +524,7 @@ def run(page: Path, root: Path, env: t.Mapping[str, str]) -> None:
     modules = [
         p.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
         for p in written
-        if p not in tests and Path(p).name != "conftest.py"
+        if p.endswith(".py") and p not in tests and Path(p).name != "conftest.py"
     ]
     scripts = [b for b in run_blocks if b.language == "python" and b.path is None]
     try:

@@ -11,7 +11,7 @@ from conftest import REDIS_URL
 from conftest import require
 from conftest import RUN
 
-PAGES = sorted(snippets.DOCS.glob("*.rst"))
+PAGES = [*sorted(snippets.DOCS.glob("*.rst")), snippets.DOCS.parent / "README.md"]
 MODULES = sorted((snippets.DOCS.parent / "flask_celery_ctx").rglob("*.py"))
 
 
@@ -118,3 +118,30 @@ def test_a_background_command_that_exits_fails(tmp_path: Path) -> None:
         snippets.SnippetError, match=r"(?s)exited with 2.*No such command"
     ):
         snippets.run(page(tmp_path, text), tmp_path, env())
+
+
+def test_a_markdown_page_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "README.md"
+    path.write_text(
+        "Text\n\n<!-- snippet: skip, an excerpt -->\n```python\nskipped\n```\n\n"
+        "```console\n$ flask --app myapp routes\n```\n\n    indented\n"
+    )
+    blocks = snippets.read(path)
+    assert [(b.line, b.language, b.code) for b in blocks] == [
+        (5, "python", "skipped"),
+        (9, "console", "$ flask --app myapp routes"),
+    ]
+    assert [b.marker and b.marker.reason for b in blocks] == ["an excerpt", None]
+
+
+def test_a_toml_block_is_a_file(tmp_path: Path) -> None:
+    text = ".. code-block:: toml\n\n    # pyproject.toml\n    [tool.x]\n"
+    snippets.run(page(tmp_path, text), tmp_path, env())
+    assert (tmp_path / "project" / "pyproject.toml").read_text() == (
+        "# pyproject.toml\n[tool.x]\n"
+    )
+
+
+def test_commands_share_their_variables(tmp_path: Path) -> None:
+    text = ".. code-block:: console\n\n    $ name=$(echo ada)\n\n    $ echo $name\n    ada\n"
+    snippets.run(page(tmp_path, text), tmp_path, env())

@@ -88,6 +88,10 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     """Publish the available rows of one database's outbox, a batch at a
     time, until none is left or the broker fails.
 
+    The queries that claim, release and delete rows create no span or
+    trace; each publish continues the trace its send was queued in
+    (:mod:`~flask_celery_ctx.outbox.tracecontext`).
+
     A row whose publish fails for another reason (its task is gone, its
     arguments no longer fit, the serializer refuses them) counts an attempt,
     and waits for the backoff or is kept as dead; the broker's failures count
@@ -100,13 +104,15 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     """
     from . import table as outbox
 
-    if not outbox.has_table(engine):
-        return 0
-    outbox.check_columns(engine)
+    with untraced():
+        if not outbox.has_table(engine):
+            return 0
+        outbox.check_columns(engine)
     seconds = lease(celery)
     total = 0
     while True:
-        rows = outbox.claim(engine, batch, seconds)
+        with untraced():
+            rows = outbox.claim(engine, batch, seconds)
         if not rows:
             return total
         published: list[str] = []
@@ -125,7 +131,8 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                     tasks_word(len(unsent)),
                     outbox.describe(exc),
                 )
-                outbox.release(engine, unsent, time.time())
+                with untraced():
+                    outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
             published.append(row.id)
         total += _delete(engine, published)
@@ -150,7 +157,9 @@ def _failed(
 ) -> None:
     from . import table as outbox
 
-    if outbox.fail(engine, celery, row, error):
+    with untraced():
+        dead = outbox.fail(engine, celery, row, error)
+    if dead:
         logger.error(
             "The outbox relay gave up task %s[%s] after %d attempts; it is"
             " kept in the outbox as dead (see `flask celery outbox list`): %s",
@@ -194,7 +203,8 @@ def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
     from . import table as outbox
 
     if ids:
-        outbox.remove(engine, ids)
+        with untraced():
+            outbox.remove(engine, ids)
     return len(ids)
 
 
@@ -207,9 +217,10 @@ class RelayThread(threading.Thread):
     a row committed meanwhile is not available sooner, and at least
     ``interval``. A database without the table is asked again every
     :data:`TABLE_LOOKUP` seconds. A database that refuses writes, a
-    read-only replica, is left alone after its first refusal. These looks
-    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); the work
-    done once rows are available, and the messages sent, are, as the app's.
+    read-only replica, is left alone after its first refusal. Its queries
+    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); each publish
+    is traced in the trace its send was queued in
+    (:mod:`~flask_celery_ctx.outbox.tracecontext`).
 
     :param ext: The extension.
     :param interval: The least seconds between two looks at a database.

@@ -11,7 +11,8 @@ publish, is published later by a relay (:mod:`~flask_celery_ctx.outbox.relay`).
 
 Each row holds what is needed to send the task again as it would have been
 sent: its name, its arguments (model instances as references), and the
-options of ``apply_async``, its ``task_id`` and ``headers`` included. A row
+options of ``apply_async``, its ``task_id`` and ``headers`` included, and
+the trace context it was queued in (:mod:`.tracecontext`). A row
 is *available* from a time on: the process that wrote it has until then to
 publish it (the lease, setting ``outbox_lease``); a relay claims the rows it
 publishes for as long.
@@ -58,6 +59,7 @@ from sqlalchemy.schema import CreateTable
 from . import lease
 from . import max_attempts
 from . import retry_delay
+from .tracecontext import continued
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -117,6 +119,8 @@ class Send(t.Protocol):
     args: t.Any
     kwargs: t.Any
     options: dict[str, t.Any]
+    #: The trace context it was queued in (:mod:`.tracecontext`).
+    trace: dict[str, dict[str, str]] | None
 
 
 def check_options(task_name: str, options: dict[str, t.Any]) -> None:
@@ -179,6 +183,8 @@ def write(
             ids.append(None)
             continue
         message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+        if send.trace:
+            message["trace"] = send.trace
         rows.append(
             {
                 "id": uuid.uuid4().hex,
@@ -459,7 +465,7 @@ def drop(engine: Engine, key: str) -> int:
 
 def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
     """Send the task of a row, as it was to be sent after its commit, by its
-    task's ``apply_async``.
+    task's ``apply_async``, in the trace it was queued in.
 
     :param celery: The Celery app.
     :param row: A row of the outbox.
@@ -477,7 +483,8 @@ def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
         raise NotRegistered(
             f"The app has no task {row.name!r}: it was renamed or removed."
         )
-    task.apply_async(message["args"], message["kwargs"], **message["options"])
+    with continued(message.get("trace")):
+        task.apply_async(message["args"], message["kwargs"], **message["options"])
 
 
 def describe(error: BaseException, length: int = 300) -> str:

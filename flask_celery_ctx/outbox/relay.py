@@ -25,6 +25,7 @@ from celery import bootsteps
 from kombu.exceptions import OperationalError
 
 from ..db import database
+from . import alert_age
 from . import enabled
 from . import lease
 from . import max_attempts
@@ -235,6 +236,8 @@ class RelayThread(threading.Thread):
         # When to look at each database next.
         self._next: dict[Engine, float] = {}
         self._read_only: set[Engine] = set()
+        # The databases whose oldest waiting row was too old at last look.
+        self._alerting: set[Engine] = set()
 
     def run(self) -> None:
         while not self._stopped.wait(self.round()):
@@ -283,11 +286,48 @@ class RelayThread(threading.Thread):
             available = outbox.next_available(engine)
         latest = now + lease(self.ext.celery)
         if available is None or available > now:
+            self._watch(engine, available is not None)
             return latest if available is None else min(available, latest)
         sent = relay(engine, self.ext.celery)
         if sent:
             logger.info("The outbox relay sent %d %s.", sent, tasks_word(sent))
+        self._watch(engine, True)
         return now
+
+    def _watch(self, engine: Engine, rows: bool) -> None:
+        """Warn once when the oldest waiting row of ``engine`` is older than
+        the setting ``outbox_alert_age``, and tell when none is any more.
+
+        :param rows: Whether the outbox may have rows; if not, it is not
+            asked.
+        """
+        from . import table as outbox
+
+        oldest = None
+        if rows:
+            with untraced():
+                oldest = outbox.health(engine, time.time()).oldest_waiting
+        limit = alert_age(self.ext.celery)
+        age = None if oldest is None else time.time() - oldest
+        late = age is not None and age > limit
+        if late and engine not in self._alerting:
+            self._alerting.add(engine)
+            logger.warning(
+                "The oldest task waiting in the outbox of %s was committed"
+                " %.0f s ago, more than CELERY_OUTBOX_ALERT_AGE (%g s): the"
+                " broker may be down, or its publish fails. See `flask celery"
+                " outbox list`.",
+                engine.url,
+                age,
+                limit,
+            )
+        elif not late and engine in self._alerting:
+            self._alerting.discard(engine)
+            logger.info(
+                "The outbox of %s has no task waiting for more than %g s any more.",
+                engine.url,
+                limit,
+            )
 
     def stop(self) -> None:
         """Stop after the current round; wait for it a little."""

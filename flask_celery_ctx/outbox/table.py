@@ -36,6 +36,7 @@ from weakref import WeakSet
 
 from kombu.utils.json import dumps
 from kombu.utils.json import loads
+from sqlalchemy import and_
 from sqlalchemy import case
 from sqlalchemy import Column
 from sqlalchemy import delete
@@ -45,6 +46,7 @@ from sqlalchemy import Index
 from sqlalchemy import insert
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import not_
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import String
@@ -311,6 +313,48 @@ def summary(engine: Engine) -> Summary:
     return Summary(waiting, dead, first)
 
 
+class Health(t.NamedTuple):
+    """The rows of an outbox by state, and how old the oldest are."""
+
+    #: The rows available, or waiting after a failed attempt.
+    waiting: int
+    #: The rows left to the process that wrote them or to a relay.
+    leased: int
+    #: The dead rows.
+    dead: int
+    #: When the oldest row not dead was committed, if any.
+    oldest: float | None
+    #: When the oldest waiting row was committed, if any.
+    oldest_waiting: float | None
+
+
+def health(engine: Engine, now: float) -> Health:
+    """Count the rows of the outbox of ``engine`` by :func:`state`, in one
+    query.
+
+    :param engine: An engine whose database has the table.
+    :param now: The time.
+    """
+    alive = table.c.dead.is_(None)
+    leased = and_(
+        alive,
+        table.c.available > now,
+        or_(table.c.claim.is_not(None), table.c.attempts == 0),
+    )
+    waiting = and_(alive, not_(leased))
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(
+                func.coalesce(func.sum(case((waiting, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((leased, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((alive, 0), else_=1)), 0),
+                func.min(case((alive, table.c.created))),
+                func.min(case((waiting, table.c.created))),
+            ).select_from(table)
+        ).one()
+    return Health(*found)
+
+
 def state(row: Row[t.Any], now: float) -> str:
     """``"dead"``, ``"leased"`` (to the process that wrote it or to a
     relay), or ``"waiting"`` (available, or after a failed attempt).
@@ -320,6 +364,7 @@ def state(row: Row[t.Any], now: float) -> str:
     """
     if row.dead is not None:
         return "dead"
+    # As in health().
     if row.available > now and (row.claim is not None or not row.attempts):
         return "leased"
     return "waiting"

@@ -7,6 +7,8 @@ commit and the broker.
   commit, one attempt bounded in time;
 - :mod:`~flask_celery_ctx.outbox.relay`: what publishes the rows left
   behind, from a thread in every worker;
+- :mod:`~flask_celery_ctx.outbox.tracecontext`: the trace context each row
+  keeps, under which the relay publishes it;
 - :mod:`~flask_celery_ctx.outbox.cli`: ``flask celery outbox list`` and
   ``relay``.
 

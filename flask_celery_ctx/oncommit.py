@@ -37,6 +37,7 @@ from flask import has_app_context
 from . import models
 from . import outbox
 from .db import database
+from .outbox import tracecontext
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -45,6 +46,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.orm import Session
     from sqlalchemy.orm import SessionTransaction
 
+    from .outbox.tracecontext import Trace
     from .task import ContextTask
 
 logger = logging.getLogger("flask_celery_ctx")
@@ -62,15 +64,22 @@ recorder: t.Callable[[_Send], None] | None = None
 
 
 class _Send:
-    __slots__ = ("args", "kwargs", "options", "row", "task")
+    __slots__ = ("args", "kwargs", "options", "row", "task", "trace")
 
     def __init__(
-        self, task: ContextTask, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
+        self,
+        task: ContextTask,
+        args: t.Any,
+        kwargs: t.Any,
+        options: dict[str, t.Any],
+        trace: Trace | None = None,
     ) -> None:
         self.task = task
         self.args = args
         self.kwargs = kwargs
         self.options = options
+        #: The trace context of the moment it was queued, for its row.
+        self.trace = trace
         #: The engine and id of its row in the outbox, once written.
         self.row: tuple[Engine, str] | None = None
 
@@ -134,16 +143,18 @@ def send_on_commit(
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
+    trace = None
     if outbox.enabled(task.app):
         from .outbox.table import check_options
 
         # The instances in signatures are stored as references.
         check_options(task.name, models.placeholders(options, embedded=True))
+        trace = tracecontext.capture()
     _install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})
     store.setdefault(transaction, _Pending()).sends.append(  # type: ignore[arg-type]
-        _Send(task, args, kwargs, options)
+        _Send(task, args, kwargs, options, trace)
     )
     return task.AsyncResult(options["task_id"])
 

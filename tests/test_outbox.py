@@ -765,3 +765,87 @@ def test_a_failed_delete_logs_a_short_warning(
     assert "DELETE" not in caplog.text
     assert len(caplog.text) < 500
     assert len(rows(engine)) == 1  # sent, and to be sent again by a relay
+
+
+def test_list_json_for_monitoring(url: str, engine: Engine) -> None:
+    """``list --json``: each row with its state, age, attempts, last error
+    and when it is available; a summary by state with the oldest ages."""
+    settings = config(url, CELERY_OUTBOX_LEASE=60)
+    down = make_app(settings | DOWN)
+    client = down.test_client()
+    leased, waiting, dead = (
+        client.post(f"/orders/{name}").get_json()["task_id"]
+        for name in ("leased", "waiting", "dead")
+    )
+    now = time.time()
+    table = outbox.table
+    with engine.begin() as conn:
+        conn.execute(
+            table.update()
+            .where(table.c.task_id == waiting)
+            .values(created=now - 50, available=now - 5)
+        )
+        conn.execute(
+            table.update()
+            .where(table.c.task_id == dead)
+            .values(created=now - 100, dead=now, attempts=5, last_error="Boom")
+        )
+    done = outbox_cli(settings, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    summary = found["summary"]
+    assert (summary["waiting"], summary["leased"], summary["dead"]) == (1, 1, 1)
+    assert 50 <= summary["oldest_age"] < 55  # of the rows not dead
+    assert 50 <= summary["oldest_waiting_age"] < 55
+    [database] = found["databases"]
+    assert database["summary"] == summary
+    by_id = {row["task_id"]: row for row in database["rows"]}
+    assert [row["task_id"] for row in database["rows"]] == [dead, waiting, leased]
+    assert by_id[leased]["state"] == "leased"
+    assert 55 < by_id[leased]["available_in"] <= 60
+    assert by_id[leased]["task"] == "outboxapp.process"
+    assert (by_id[waiting]["state"], by_id[waiting]["available_in"]) == ("waiting", 0)
+    assert by_id[dead] | {"age": 0, "id": ""} == {
+        "id": "",
+        "task_id": dead,
+        "task": "outboxapp.process",
+        "state": "dead",
+        "age": 0,
+        "attempts": 5,
+        "last_error": "Boom",
+        "available_in": None,
+    }
+    assert 100 <= by_id[dead]["age"] < 105
+
+
+def test_a_worker_warns_once_of_an_old_waiting_row_and_tells_when_it_clears(
+    url: str, engine: Engine
+) -> None:
+    """A row of a task the worker does not know waits after its failed
+    attempt: older than ``CELERY_OUTBOX_ALERT_AGE``, one warning; once it is
+    dropped, one line saying so."""
+    settings = config(url, CELERY_OUTBOX_ALERT_AGE=2, CELERY_OUTBOX_RETRY_BACKOFF=60)
+    down = make_app(settings | DOWN)
+    task_id = down.test_client().post("/orders/old").get_json()["task_id"]
+    spoil(engine, task_id, "unknown task")
+    worker = start_worker(settings)
+    wait_until(lambda: row_of(engine, task_id).attempts == 1, "the relay tried")
+    warning = "The oldest task waiting in the outbox of"
+    worker.wait_for(warning, timeout=10)
+    time.sleep(1.5)  # a few more rounds
+    assert worker.log.count(warning) == 1
+    assert "more than CELERY_OUTBOX_ALERT_AGE (2 s)" in worker.log
+    with engine.begin() as conn:
+        conn.execute(delete(outbox.table))
+    worker.wait_for("has no task waiting for more than 2 s any more", timeout=10)
+    assert worker.log.count(warning) == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, "90s", True])
+def test_a_wrong_alert_age_is_refused(value: t.Any) -> None:
+    with pytest.raises(
+        ValueError, match="CELERY_OUTBOX_ALERT_AGE must be a number of seconds"
+    ):
+        outboxapp.create_app(
+            {"SQLALCHEMY_DATABASE_URI": "sqlite://", "CELERY_OUTBOX_ALERT_AGE": value}
+        )

@@ -7,6 +7,8 @@ commit and the broker.
   commit, one attempt bounded in time;
 - :mod:`~flask_celery_ctx.outbox.relay`: what publishes the rows left
   behind, from a thread in every worker;
+- :mod:`~flask_celery_ctx.outbox.tracecontext`: the trace context each row
+  keeps, under which the relay publishes it;
 - :mod:`~flask_celery_ctx.outbox.cli`: ``flask celery outbox list`` and
   ``relay``.
 
@@ -30,6 +32,7 @@ SETTINGS = (
     "outbox_max_attempts",
     "outbox_retry_backoff",
     "outbox_publish_timeout",
+    "outbox_alert_age",
 )
 #: Seconds a row is left to the process that wrote it, or to the relay that
 #: claimed it, before another relay may publish it.
@@ -47,6 +50,9 @@ MAX_BACKOFF = 3600.0
 #: Seconds the publish after a commit waits for the broker to connect and to
 #: answer, before it leaves the sends to the relay.
 DEFAULT_PUBLISH_TIMEOUT = 0.5
+#: How many leases the oldest waiting row may be old before a worker's
+#: relay warns, when ``outbox_alert_age`` is not set.
+ALERT_LEASES = 3
 
 
 def check_settings(settings: t.Mapping[str, t.Any]) -> None:
@@ -84,6 +90,13 @@ def check_settings(settings: t.Mapping[str, t.Any]) -> None:
             "CELERY_OUTBOX_PUBLISH_TIMEOUT must be a number of seconds, more"
             f" than 0, not {value!r}: how long the publish after a commit waits"
             " for the broker before it leaves the tasks to the relay."
+        )
+    value = settings.get("outbox_alert_age")
+    if value is not None and not (_is_seconds(value) and value > 0):
+        raise ValueError(
+            "CELERY_OUTBOX_ALERT_AGE must be a number of seconds, more than 0,"
+            f" not {value!r}: how old the oldest task waiting in the outbox may"
+            " be before a worker logs a warning."
         )
 
 
@@ -152,3 +165,13 @@ def publish_timeout(celery: Celery[t.Any]) -> float:
     """
     value = celery.conf.get("outbox_publish_timeout")
     return DEFAULT_PUBLISH_TIMEOUT if value is None else float(value)
+
+
+def alert_age(celery: Celery[t.Any]) -> float:
+    """The setting ``outbox_alert_age``, in seconds: :data:`ALERT_LEASES`
+    leases when it is not set.
+
+    :param celery: The Celery app.
+    """
+    value = celery.conf.get("outbox_alert_age")
+    return ALERT_LEASES * lease(celery) if value is None else float(value)

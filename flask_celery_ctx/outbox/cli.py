@@ -4,6 +4,7 @@ retry or drop the rows kept as dead."""
 from __future__ import annotations
 
 import datetime
+import json
 import time
 import typing as t
 
@@ -13,6 +14,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from ..extension import FlaskCelery
+    from .table import Health
 
 
 def _extension(ctx: click.Context) -> FlaskCelery:
@@ -49,14 +51,23 @@ def outbox_command(ctx: click.Context) -> None:
 
 @outbox_command.command("list")
 @click.option("--limit", default=100, show_default=True, help="The most rows shown.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object, for monitoring: the rows and a summary.",
+)
 @click.pass_context
-def list_command(ctx: click.Context, limit: int) -> None:
+def list_command(ctx: click.Context, limit: int, as_json: bool) -> None:
     """List the tasks in the outbox, in the order they are sent, with their
     state (waiting, leased, dead), attempts and last error."""
     from . import table as outbox
 
     now = time.time()
     found = _engines(ctx)
+    if as_json:
+        click.echo(json.dumps(_report(found, limit, now), indent=2))
+        return
     if not found:
         click.echo("Nothing waits: no database of the app has the outbox table.")
     for engine in found:
@@ -77,6 +88,59 @@ def list_command(ctx: click.Context, limit: int) -> None:
             )
             if row.last_error:
                 click.echo(f"      last error: {row.last_error}")
+
+
+def _report(engines: list[Engine], limit: int, now: float) -> dict[str, t.Any]:
+    """What ``list --json`` prints: per database its rows and their summary,
+    and the summary of all. Ages and times are in seconds; ``available_in``
+    is ``null`` for a dead row, ``0`` for a row available now."""
+    from . import table as outbox
+
+    databases = []
+    healths = []
+    for engine in engines:
+        rows = [
+            {
+                "id": row.id,
+                "task_id": row.task_id,
+                "task": row.name,
+                "state": outbox.state(row, now),
+                "age": round(now - row.created, 3),
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "available_in": None
+                if row.dead is not None
+                else round(max(0.0, row.available - now), 3),
+            }
+            for row in outbox.pending(engine, limit)
+        ]
+        health = outbox.health(engine, now)
+        healths.append(health)
+        databases.append(
+            {
+                "database": engine.url.render_as_string(),
+                "summary": _summary([health], now),
+                "rows": rows,
+            }
+        )
+    return {"summary": _summary(healths, now), "databases": databases}
+
+
+def _summary(healths: list[Health], now: float) -> dict[str, t.Any]:
+    """Counts by state, and the ages of the oldest rows not dead and of the
+    oldest waiting, in seconds (``null`` when there is none)."""
+
+    def age(times: list[float | None]) -> float | None:
+        known = [at for at in times if at is not None]
+        return round(now - min(known), 3) if known else None
+
+    return {
+        "waiting": sum(h.waiting for h in healths),
+        "leased": sum(h.leased for h in healths),
+        "dead": sum(h.dead for h in healths),
+        "oldest_age": age([h.oldest for h in healths]),
+        "oldest_waiting_age": age([h.oldest_waiting for h in healths]),
+    }
 
 
 @outbox_command.command("relay")

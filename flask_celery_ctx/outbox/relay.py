@@ -25,6 +25,7 @@ from celery import bootsteps
 from kombu.exceptions import OperationalError
 
 from ..db import database
+from . import alert_age
 from . import enabled
 from . import lease
 from . import max_attempts
@@ -88,6 +89,10 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     """Publish the available rows of one database's outbox, a batch at a
     time, until none is left or the broker fails.
 
+    The queries that claim, release and delete rows create no span or
+    trace; each publish continues the trace its send was queued in
+    (:mod:`~flask_celery_ctx.outbox.tracecontext`).
+
     A row whose publish fails for another reason (its task is gone, its
     arguments no longer fit, the serializer refuses them) counts an attempt,
     and waits for the backoff or is kept as dead; the broker's failures count
@@ -100,13 +105,15 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     """
     from . import table as outbox
 
-    if not outbox.has_table(engine):
-        return 0
-    outbox.check_columns(engine)
+    with untraced():
+        if not outbox.has_table(engine):
+            return 0
+        outbox.check_columns(engine)
     seconds = lease(celery)
     total = 0
     while True:
-        rows = outbox.claim(engine, batch, seconds)
+        with untraced():
+            rows = outbox.claim(engine, batch, seconds)
         if not rows:
             return total
         published: list[str] = []
@@ -125,7 +132,8 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                     tasks_word(len(unsent)),
                     outbox.describe(exc),
                 )
-                outbox.release(engine, unsent, time.time())
+                with untraced():
+                    outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
             published.append(row.id)
         total += _delete(engine, published)
@@ -150,7 +158,9 @@ def _failed(
 ) -> None:
     from . import table as outbox
 
-    if outbox.fail(engine, celery, row, error):
+    with untraced():
+        dead = outbox.fail(engine, celery, row, error)
+    if dead:
         logger.error(
             "The outbox relay gave up task %s[%s] after %d attempts; it is"
             " kept in the outbox as dead (see `flask celery outbox list`): %s",
@@ -194,7 +204,8 @@ def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
     from . import table as outbox
 
     if ids:
-        outbox.remove(engine, ids)
+        with untraced():
+            outbox.remove(engine, ids)
     return len(ids)
 
 
@@ -207,9 +218,10 @@ class RelayThread(threading.Thread):
     a row committed meanwhile is not available sooner, and at least
     ``interval``. A database without the table is asked again every
     :data:`TABLE_LOOKUP` seconds. A database that refuses writes, a
-    read-only replica, is left alone after its first refusal. These looks
-    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); the work
-    done once rows are available, and the messages sent, are, as the app's.
+    read-only replica, is left alone after its first refusal. Its queries
+    are not traced (:mod:`~flask_celery_ctx.outbox.untraced`); each publish
+    is traced in the trace its send was queued in
+    (:mod:`~flask_celery_ctx.outbox.tracecontext`).
 
     :param ext: The extension.
     :param interval: The least seconds between two looks at a database.
@@ -224,6 +236,8 @@ class RelayThread(threading.Thread):
         # When to look at each database next.
         self._next: dict[Engine, float] = {}
         self._read_only: set[Engine] = set()
+        # The databases whose oldest waiting row was too old at last look.
+        self._alerting: set[Engine] = set()
 
     def run(self) -> None:
         while not self._stopped.wait(self.round()):
@@ -272,11 +286,48 @@ class RelayThread(threading.Thread):
             available = outbox.next_available(engine)
         latest = now + lease(self.ext.celery)
         if available is None or available > now:
+            self._watch(engine, available is not None)
             return latest if available is None else min(available, latest)
         sent = relay(engine, self.ext.celery)
         if sent:
             logger.info("The outbox relay sent %d %s.", sent, tasks_word(sent))
+        self._watch(engine, True)
         return now
+
+    def _watch(self, engine: Engine, rows: bool) -> None:
+        """Warn once when the oldest waiting row of ``engine`` is older than
+        the setting ``outbox_alert_age``, and tell when none is any more.
+
+        :param rows: Whether the outbox may have rows; if not, it is not
+            asked.
+        """
+        from . import table as outbox
+
+        oldest = None
+        if rows:
+            with untraced():
+                oldest = outbox.health(engine, time.time()).oldest_waiting
+        limit = alert_age(self.ext.celery)
+        age = None if oldest is None else time.time() - oldest
+        late = age is not None and age > limit
+        if late and engine not in self._alerting:
+            self._alerting.add(engine)
+            logger.warning(
+                "The oldest task waiting in the outbox of %s was committed"
+                " %.0f s ago, more than CELERY_OUTBOX_ALERT_AGE (%g s): the"
+                " broker may be down, or its publish fails. See `flask celery"
+                " outbox list`.",
+                engine.url,
+                age,
+                limit,
+            )
+        elif not late and engine in self._alerting:
+            self._alerting.discard(engine)
+            logger.info(
+                "The outbox of %s has no task waiting for more than %g s any more.",
+                engine.url,
+                limit,
+            )
 
     def stop(self) -> None:
         """Stop after the current round; wait for it a little."""

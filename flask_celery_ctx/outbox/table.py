@@ -11,7 +11,8 @@ publish, is published later by a relay (:mod:`~flask_celery_ctx.outbox.relay`).
 
 Each row holds what is needed to send the task again as it would have been
 sent: its name, its arguments (model instances as references), and the
-options of ``apply_async``, its ``task_id`` and ``headers`` included. A row
+options of ``apply_async``, its ``task_id`` and ``headers`` included, and
+the trace context it was queued in (:mod:`.tracecontext`). A row
 is *available* from a time on: the process that wrote it has until then to
 publish it (the lease, setting ``outbox_lease``); a relay claims the rows it
 publishes for as long.
@@ -35,6 +36,7 @@ from weakref import WeakSet
 
 from kombu.utils.json import dumps
 from kombu.utils.json import loads
+from sqlalchemy import and_
 from sqlalchemy import case
 from sqlalchemy import Column
 from sqlalchemy import delete
@@ -44,6 +46,7 @@ from sqlalchemy import Index
 from sqlalchemy import insert
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import not_
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import String
@@ -58,6 +61,7 @@ from sqlalchemy.schema import CreateTable
 from . import lease
 from . import max_attempts
 from . import retry_delay
+from .tracecontext import continued
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -117,6 +121,8 @@ class Send(t.Protocol):
     args: t.Any
     kwargs: t.Any
     options: dict[str, t.Any]
+    #: The trace context it was queued in (:mod:`.tracecontext`).
+    trace: dict[str, dict[str, str]] | None
 
 
 def check_options(task_name: str, options: dict[str, t.Any]) -> None:
@@ -179,6 +185,8 @@ def write(
             ids.append(None)
             continue
         message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+        if send.trace:
+            message["trace"] = send.trace
         rows.append(
             {
                 "id": uuid.uuid4().hex,
@@ -305,6 +313,48 @@ def summary(engine: Engine) -> Summary:
     return Summary(waiting, dead, first)
 
 
+class Health(t.NamedTuple):
+    """The rows of an outbox by state, and how old the oldest are."""
+
+    #: The rows available, or waiting after a failed attempt.
+    waiting: int
+    #: The rows left to the process that wrote them or to a relay.
+    leased: int
+    #: The dead rows.
+    dead: int
+    #: When the oldest row not dead was committed, if any.
+    oldest: float | None
+    #: When the oldest waiting row was committed, if any.
+    oldest_waiting: float | None
+
+
+def health(engine: Engine, now: float) -> Health:
+    """Count the rows of the outbox of ``engine`` by :func:`state`, in one
+    query.
+
+    :param engine: An engine whose database has the table.
+    :param now: The time.
+    """
+    alive = table.c.dead.is_(None)
+    leased = and_(
+        alive,
+        table.c.available > now,
+        or_(table.c.claim.is_not(None), table.c.attempts == 0),
+    )
+    waiting = and_(alive, not_(leased))
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(
+                func.coalesce(func.sum(case((waiting, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((leased, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((alive, 0), else_=1)), 0),
+                func.min(case((alive, table.c.created))),
+                func.min(case((waiting, table.c.created))),
+            ).select_from(table)
+        ).one()
+    return Health(*found)
+
+
 def state(row: Row[t.Any], now: float) -> str:
     """``"dead"``, ``"leased"`` (to the process that wrote it or to a
     relay), or ``"waiting"`` (available, or after a failed attempt).
@@ -314,6 +364,7 @@ def state(row: Row[t.Any], now: float) -> str:
     """
     if row.dead is not None:
         return "dead"
+    # As in health().
     if row.available > now and (row.claim is not None or not row.attempts):
         return "leased"
     return "waiting"
@@ -459,7 +510,7 @@ def drop(engine: Engine, key: str) -> int:
 
 def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
     """Send the task of a row, as it was to be sent after its commit, by its
-    task's ``apply_async``.
+    task's ``apply_async``, in the trace it was queued in.
 
     :param celery: The Celery app.
     :param row: A row of the outbox.
@@ -477,7 +528,8 @@ def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
         raise NotRegistered(
             f"The app has no task {row.name!r}: it was renamed or removed."
         )
-    task.apply_async(message["args"], message["kwargs"], **message["options"])
+    with continued(message.get("trace")):
+        task.apply_async(message["args"], message["kwargs"], **message["options"])
 
 
 def describe(error: BaseException, length: int = 300) -> str:

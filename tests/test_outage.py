@@ -122,6 +122,10 @@ def silent_listener(port: int) -> t.Callable[[], None]:
     threading.Thread(target=accept, daemon=True).start()
 
     def close() -> None:
+        # A close alone leaves the port listening while the thread waits in
+        # accept(); a shutdown wakes it.
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         server.close()
         for sock in accepted:
             sock.close()
@@ -147,13 +151,15 @@ def start_redis(port: int, password: str | None = None) -> str:
 
     _cleanups.append(stop)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             redis.Redis(port=port, password=password).ping()
             return f"redis://:{password or ''}@127.0.0.1:{port}/0"
         except redis.ConnectionError:
             time.sleep(0.05)
-    pytest.fail(f"the private Redis on port {port} did not start")
+    pytest.fail(
+        f"the private Redis on port {port} did not start (exit code {process.poll()})"
+    )
 
 
 def make_app(url: str, **extra: t.Any) -> Flask:

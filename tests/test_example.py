@@ -8,6 +8,7 @@ may be left running.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -335,18 +336,28 @@ NODE_MODULES = ROOT / ".node" / "node_modules"
 def require_jsdom() -> None:
     """Install jsdom if needed; skip, or under ``CI=true`` fail, without
     Node.js and npm."""
-    if (NODE_MODULES / "jsdom").is_dir():
+    # Written once the install is whole: a test run beside this one may be
+    # installing it.
+    installed = NODE_MODULES.parent / f".{JSDOM}.installed"
+    if installed.exists():
         return
     if not (shutil.which("node") and shutil.which("npm")):
         message = "Node.js and npm are not installed"
         if CI:
             pytest.fail(f"{message} (CI=true: every tool must be there)")
         pytest.skip(f"needs Node.js: {message}")
-    subprocess.run(
-        ["npm", "install", "--prefix", str(NODE_MODULES.parent), "--no-audit",
-         "--no-fund", "--silent", JSDOM],
-        check=True,
-    )  # fmt: skip
+    # One install at a time: test runs side by side share the checkout.
+    NODE_MODULES.parent.mkdir(exist_ok=True)
+    with (NODE_MODULES.parent / ".install-lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed.exists():
+            return
+        subprocess.run(
+            ["npm", "install", "--prefix", str(NODE_MODULES.parent), "--no-audit",
+             "--no-fund", "--silent", JSDOM],
+            check=True,
+        )  # fmt: skip
+        installed.touch()
 
 
 class Page:

@@ -461,7 +461,9 @@ def app(tmp_path):
         event.listen(
             db.engine, "before_cursor_execute", lambda *a: statements.append(a[2])
         )
-    return app
+    yield app
+    with app.app_context():
+        db.engine.dispose()  # Python 3.13 warns of SQLite connections left open
 
 
 @pytest.fixture

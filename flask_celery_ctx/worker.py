@@ -10,6 +10,7 @@ import typing as t
 from celery import Celery
 from celery import current_app as current_celery
 from celery import signals
+from kombu.utils.url import maybe_sanitize_url
 
 from .config import check_environment
 from .db import database
@@ -231,8 +232,9 @@ def broker_problem(celery: Celery[t.Any]) -> str | None:
     except ImportError as exc:
         return missing_driver(broker_url(celery), celery.conf.broker_transport, exc)
     except Exception as exc:
+        url = maybe_sanitize_url(conn.as_uri(include_password=True))
         return (
-            f"Cannot reach the broker at {conn.as_uri()}:"
+            f"Cannot reach the broker at {url}:"
             f" {str(exc).rstrip('.')}. Start that broker"
         )
     finally:

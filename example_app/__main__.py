@@ -4,7 +4,10 @@
 started as a deployment starts it, ``flask --app example_app celery worker``,
 and stopped with the server. Ctrl-C (or SIGTERM) stops the server at once and
 the worker warmly: the task it runs finishes first. A second Ctrl-C stops the
-worker at once. If the worker stops on its own, the server stops too.
+worker at once. A worker killed by a signal (``kill -9``, the kernel's
+out-of-memory killer) is replaced by a new one, to which the broker gives its
+task again; a worker that exits on its own (at its start, on an error in the
+settings) stops the server too.
 
 ``EXAMPLE_HOST`` and ``EXAMPLE_PORT`` say where the server listens (default
 ``127.0.0.1:5000``); ``EXAMPLE_WORKER_OPTIONS`` replaces the worker's
@@ -88,13 +91,24 @@ def main() -> int:
         flush=True,
     )
     while not signals.received.wait(0.2):
-        if worker.poll() is not None:
+        if worker.poll() is None:
+            continue
+        _kill_group(worker.pid)  # what is left of a prefork pool
+        if worker.returncode >= 0:  # it exited, rather than being killed
             server.shutdown()
             print(
                 f"The worker stopped (exit code {worker.returncode}): stopping.",
                 file=sys.stderr,
             )
             return 1
+        print(
+            f"\nThe worker was killed (signal {-worker.returncode}): starting"
+            " another. The task it was running is retried once the broker"
+            " gives it back; the page says when.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        worker = start_worker()
     server.shutdown()
     stop_worker(worker, signals)
     return 0

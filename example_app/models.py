@@ -29,6 +29,10 @@ class Analysis(db.Model):  # type: ignore[name-defined,misc]
     error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     task_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(36))
     created_at: orm.Mapped[datetime] = orm.mapped_column(default=_now)
+    #: When the row last changed: its task's progress, each step.
+    updated_at: orm.Mapped[datetime | None] = orm.mapped_column(
+        default=_now, onupdate=_now
+    )
 
     @property
     def finished(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing as t
 from collections.abc import Mapping
 
 from flask import Blueprint
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from .extensions import db
 from .models import Analysis
+from .stalls import notice
 from .tasks import analyse
 
 bp = Blueprint("analyses", __name__)
@@ -58,11 +60,17 @@ def _page(error: str | None = None, text: str = "") -> str:
     ).all()
     return render_template(
         "index.html",
-        analyses=[a.to_dict() for a in recent],
+        analyses=[_shown(a) for a in recent],
         error=error,
         text=text,
         max_text=MAX_TEXT,
     )
+
+
+def _shown(analysis: Analysis) -> dict[str, t.Any]:
+    """An analysis as the page shows it: with a notice when its worker
+    stopped mid-task."""
+    return {**analysis.to_dict(), "notice": notice(analysis)}
 
 
 @bp.get("/")
@@ -85,7 +93,7 @@ def create() -> ResponseReturnValue:
 def list_json() -> ResponseReturnValue:
     """The 20 most recent, which the page polls."""
     query = select(Analysis).order_by(Analysis.id.desc()).limit(20)
-    return {"analyses": [a.to_dict() for a in db.session.scalars(query)]}
+    return {"analyses": [_shown(a) for a in db.session.scalars(query)]}
 
 
 @bp.post("/api/analyses")
@@ -100,7 +108,7 @@ def create_json() -> ResponseReturnValue:
 
 @bp.get("/api/analyses/<int:id>")
 def show_json(id: int) -> ResponseReturnValue:
-    return db.get_or_404(Analysis, id).to_dict()
+    return _shown(db.get_or_404(Analysis, id))
 
 
 @bp.get("/favicon.ico")

@@ -1,4 +1,5 @@
 from .celery_app import ContextCelery as ContextCelery
+from .errors import ConfigurationError as ConfigurationError
 from .extension import FlaskCelery as FlaskCelery
 from .logs import CarriedValuesFilter as CarriedValuesFilter
 from .models import InvalidReferenceError as InvalidReferenceError
@@ -7,6 +8,7 @@ from .task import ContextTask as ContextTask
 
 __all__ = [
     "CarriedValuesFilter",
+    "ConfigurationError",
     "ContextCelery",
     "ContextTask",
     "FlaskCelery",

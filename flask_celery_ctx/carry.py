@@ -24,6 +24,9 @@ from flask import g
 from flask import has_app_context
 from kombu.exceptions import EncodeError
 
+from .errors import ConfigTypeError
+from .errors import ConfigValueError
+
 if t.TYPE_CHECKING:
     from celery import Task
 
@@ -44,19 +47,19 @@ def check_names(names: t.Iterable[str]) -> tuple[str, ...]:
     :raises ValueError: A name is not a Python identifier.
     """
     if isinstance(names, (str, bytes)):
-        raise TypeError(
+        raise ConfigTypeError(
             f"FlaskCelery(carry_g=...) takes a list of names of attributes of g,"
             f" not the string {names!r}: write carry_g=[{names!r}]."
         )
     checked: list[str] = []
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"FlaskCelery(carry_g=...) takes names of attributes of g as"
                 f" strings, not {name!r}."
             )
         if not name.isidentifier():
-            raise ValueError(
+            raise ConfigValueError(
                 f"FlaskCelery(carry_g=...) got {name!r}, which is not the name of"
                 " an attribute of g: use a Python identifier, such as"
                 " 'request_id'."

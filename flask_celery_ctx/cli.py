@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from flask.cli import ScriptInfo
 
 from .config import override_problem
+from .errors import ConfigRuntimeError
 from .outbox.cli import outbox_command
 from .tasklist import tasks_command
 
@@ -81,7 +82,7 @@ def add_to(app: Flask) -> None:
             if callback is not None
             else ""
         )
-        raise RuntimeError(
+        raise ConfigRuntimeError(
             f"The app already has a 'celery' command{where}. FlaskCelery adds"
             " 'flask celery', Celery's whole command line bound to the app"
             " ('flask celery worker', 'beat', 'inspect', ...), which would"

@@ -25,6 +25,7 @@ from .confighints import OLD_PREFIXES
 from .confighints import PREFIX
 from .confighints import unknown_key
 from .confighints import unknown_name
+from .errors import ConfigValueError
 
 #: Defaults that differ from Celery's own, applied unless the config says
 #: otherwise. JSON only: a pickled message is refused by the worker.
@@ -75,7 +76,7 @@ def celery_settings(
 
     def add(name: str, value: t.Any, key: str) -> None:
         if name in settings:
-            raise ValueError(
+            raise ConfigValueError(
                 f"The Celery setting {name!r} is given twice, as {source[name]}"
                 f" and as {key}. Keep one of them. From the environment,"
                 " Flask's from_prefixed_env() makes FLASK_CELERY__"
@@ -86,23 +87,23 @@ def celery_settings(
 
     nested = config.get("CELERY", {})
     if not isinstance(nested, t.Mapping):
-        raise ValueError(
+        raise ConfigValueError(
             "CELERY must be a dict of Celery settings, such as"
             f" {{'broker_url': 'redis://'}}, not {type(nested).__name__}."
         )
     for name, value in nested.items():
         if name not in known:
-            raise ValueError(unknown_name(name, known))
+            raise ConfigValueError(unknown_name(name, known))
         add(name, value, f"CELERY[{name!r}]")
 
     for key, value in config.items():
         if key.startswith(PREFIX):
             name = by_upper.get(key[len(PREFIX) :])
             if name is None:
-                raise ValueError(unknown_key(key, value, by_upper))
+                raise ConfigValueError(unknown_key(key, value, by_upper))
             add(name, value, key)
         elif key.startswith(OLD_PREFIXES):
-            raise ValueError(unknown_key(key, value, by_upper))
+            raise ConfigValueError(unknown_key(key, value, by_upper))
 
     return {**DEFAULTS, **settings}
 
@@ -127,7 +128,7 @@ def check_environment(
                 f"Unset the environment variable {variable}",
             )  # fmt: skip
             if problem is not None:
-                raise ValueError(problem)
+                raise ConfigValueError(problem)
 
 
 def override_problem(

@@ -25,6 +25,8 @@ from .context import TaskContext
 from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
+from .errors import ConfigRuntimeError
+from .errors import ConfigValueError
 from .outbox import check_settings as check_outbox_settings
 from .outbox import SETTINGS as OUTBOX_SETTINGS
 from .outbox.relay import install as install_relay
@@ -192,7 +194,7 @@ class FlaskCelery:
             ``celery`` command of its own.
         """
         if "celery" in app.extensions:
-            raise RuntimeError(
+            raise ConfigRuntimeError(
                 "A 'FlaskCelery' instance has already been registered on this"
                 " Flask app. Import and use that instance instead."
             )
@@ -200,7 +202,10 @@ class FlaskCelery:
             app.config, (*self._extra_settings, *OUTBOX_SETTINGS)
         )
         check_environment(settings, os.environ)
-        check_outbox_settings(settings)
+        try:
+            check_outbox_settings(settings)
+        except ValueError as exc:
+            raise ConfigValueError(str(exc)) from None
         add_command_to(app)
         factory = session if session is not None else self._session_factory
         if factory is not None:

@@ -34,6 +34,12 @@ def install(ext: FlaskCelery) -> None:
     celery = ext.celery
     worker_pid: int | None = None
 
+    def on_celeryd_init(instance: t.Any = None, **kwargs: t.Any) -> None:
+        # Sent before the worker loads the broker's transport, which it does
+        # before ``worker_init``.
+        if getattr(instance, "app", None) is celery:
+            check_transport(celery)
+
     def on_worker_init(sender: t.Any = None, **kwargs: t.Any) -> None:
         nonlocal worker_pid
         if getattr(sender, "app", None) is not celery:
@@ -42,7 +48,7 @@ def install(ext: FlaskCelery) -> None:
         check_environment_unchanged(celery)
         pool = pool_name(sender.pool_cls)
         check_pool(pool)
-        check_broker(celery)
+        hint_at_connection_errors()
         if pool in SHARED_ENGINE_POOLS:
             check_engine_pools(ext, pool, sender.concurrency)
 
@@ -58,6 +64,7 @@ def install(ext: FlaskCelery) -> None:
         if found is not None:
             found.dispose_inherited_connections(ext.app)
 
+    signals.celeryd_init.connect(on_celeryd_init, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_init.connect(on_worker_process_init, weak=False)
 
@@ -167,20 +174,45 @@ def check_environment_unchanged(celery: Celery[t.Any]) -> None:
         raise SystemExit(1) from None
 
 
-def check_broker(celery: Celery[t.Any]) -> None:
-    """Log an error that says what to do when the broker cannot be reached.
+def check_transport(celery: Celery[t.Any]) -> None:
+    """Refuse, at start, a broker whose transport cannot be loaded: the
+    worker would fail on it with a traceback.
 
-    Celery's own message names the URL but not the setting.
+    :param celery: The Celery app.
+    :raises SystemExit: The transport or its client library is missing, with
+        a message that says what to install.
+    """
+    problem = transport_problem(celery)
+    if problem is not None:
+        logger.critical("%s.", problem)
+        raise SystemExit(1)
+
+
+def transport_problem(celery: Celery[t.Any]) -> str | None:
+    """Load the transport of the broker, and with it its client library.
+
+    :param celery: The Celery app.
+    :return: ``None`` when it loads, else sentences that say what to install.
+    """
+    conn = None
+    try:
+        conn = celery.connection_for_read()
+        # Loaded when first used, as the worker uses it before worker_init.
+        conn.transport  # noqa: B018
+    except Exception as exc:
+        return missing_driver(broker_url(celery), celery.conf.broker_transport, exc)
+    finally:
+        if conn is not None:
+            conn.release()
+    return None
+
+
+def broker_url(celery: Celery[t.Any]) -> str:
+    """The URL of the broker the worker consumes from.
 
     :param celery: The Celery app.
     """
-    problem = broker_problem(celery)
-    if problem is not None:
-        logger.error(
-            "%s, or set CELERY_BROKER_URL (or CELERY['broker_url']) in the Flask"
-            " config to the URL of a broker that runs.",
-            problem,
-        )
+    return str(celery.conf.broker_read_url or celery.conf.broker_url or "amqp://")
 
 
 def broker_problem(celery: Celery[t.Any]) -> str | None:
@@ -191,23 +223,59 @@ def broker_problem(celery: Celery[t.Any]) -> str | None:
         its URL (without the password) and the error, and say what to do:
         start the broker, or install the client library of its transport.
     """
-    url = str(celery.conf.broker_read_url or celery.conf.broker_url or "amqp://")
-    transport = celery.conf.broker_transport
-    try:
-        # Imports the transport, and with it its client library.
-        conn = celery.connection_for_read()
-    except Exception as exc:
-        return missing_driver(url, transport, exc)
+    problem = transport_problem(celery)
+    if problem is not None:
+        return problem
+    conn = celery.connection_for_read()
     try:
         conn.connect()
     except ImportError as exc:
-        return missing_driver(url, transport, exc)
+        return missing_driver(broker_url(celery), celery.conf.broker_transport, exc)
     except Exception as exc:
         url = maybe_sanitize_url(conn.as_uri(include_password=True))
         return (
-            f"Cannot reach the broker at {url}: {str(exc).rstrip('.')}."
-            " Start that broker"
+            f"Cannot reach the broker at {url}:"
+            f" {str(exc).rstrip('.')}. Start that broker"
         )
     finally:
         conn.release()
     return None
+
+
+def connection_hint(url: object, error: object) -> str:
+    """What to do when the worker cannot connect to its broker.
+
+    :param url: The broker's URL, its password masked.
+    :param error: What connecting raised.
+    """
+    if isinstance(error, ImportError):
+        return f"{missing_driver(str(url), None, error)}."
+    return (
+        f"Start the broker at {url}, or set CELERY_BROKER_URL (or"
+        " CELERY['broker_url']) in the Flask config to the URL of a broker"
+        " that runs."
+    )
+
+
+class _ConnectionErrorHint(logging.Filter):
+    """Adds :func:`connection_hint` to the error that the worker's consumer
+    logs, after the banner, each time it fails to connect to the broker:
+    Celery's own names the URL, not the setting."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.worker.consumer import consumer
+
+        # The message of Celery's ``ensure_connected``; not in its stubs.
+        message = consumer.CONNECTION_ERROR  # type: ignore[attr-defined]
+        args = record.args
+        if record.msg == message and isinstance(args, tuple) and len(args) == 3:
+            url, error, next_step = args
+            record.args = (url, error, f"{next_step}\n{connection_hint(url, error)}")
+        return True
+
+
+def hint_at_connection_errors() -> None:
+    """Add what to do to the worker's errors about an unreachable broker."""
+    found = logging.getLogger("celery.worker.consumer.consumer")
+    if not any(isinstance(f, _ConnectionErrorHint) for f in found.filters):
+        found.addFilter(_ConnectionErrorHint())

@@ -28,9 +28,11 @@ async function main() {
   setInterval(() => {
     const offline = page.getElementById("offline");
     const statuses = [...page.querySelectorAll("#analyses .status")];
+    const details = [...page.querySelectorAll("#analyses .result")];
     console.log(JSON.stringify({
       offline: offline.hidden ? null : offline.textContent,
       statuses: statuses.map((status) => status.textContent),
+      details: details.map((detail) => detail.textContent),
     }));
   }, 100);
 }

@@ -141,6 +141,14 @@ def test_worker_runs_outside_an_app_context(workers: WorkerFactory, pool: str) -
     worker.wait_for("worker_init in an app context: False")
 
 
+def assert_one_error_block(result: subprocess.CompletedProcess[str]) -> None:
+    """Printed as Click prints a usage error: no traceback, status 1."""
+    assert result.returncode == 1, result.stderr
+    # The test app prints lines of its own before.
+    assert result.stderr.rstrip().splitlines()[-1].startswith("Error: ")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 OTHER_BROKER = "redis://someone:s3cret@127.0.0.1:6379/9"
 
 
@@ -163,7 +171,7 @@ def test_worker_refuses_another_broker_than_the_config(
     one its config names."""
     config = workers.config()
     result = flask_celery(config, *args, "worker", "--pool", "solo", env=env)
-    assert result.returncode != 0
+    assert_one_error_block(result)
     output = result.stdout + result.stderr
     assert f"The {source} sets Celery's {setting} to" in output
     assert "'redis://someone:**@127.0.0.1:6379/9'" in output
@@ -179,15 +187,18 @@ def test_worker_refuses_another_broker_than_the_config(
       "FlaskCelery(extra_settings=['redbeat_redis_url'])"),
      ({"CELERY_CONFIG": {"task_ignore_result": True}}, "rename CELERY_CONFIG to CELERY"),
      ({"CELERY": {"eager_propagates_exceptions": True}},
-      "did you mean 'task_eager_propagates'?")],
+      "did you mean 'task_eager_propagates'?"),
+     ({"CELERY_BROKR_URL": "redis://"},
+      "CELERY_BROKR_URL is not a Celery setting. Did you mean CELERY_BROKER_URL?"),
+     ({"CELERY_OUTBOX": "yes"}, "CELERY_OUTBOX must be True or False, not 'yes'"),
+     ({"CELERY": "redis://"}, "CELERY must be a dict of Celery settings")],
 )  # fmt: skip
 def test_worker_says_how_to_fix_the_config(
     workers: WorkerFactory, config: dict[str, t.Any], fix: str
 ) -> None:
     result = flask_celery({**workers.config(), **config}, "worker", "--pool", "solo")
-    assert result.returncode != 0
+    assert_one_error_block(result)
     output = result.stdout + result.stderr
-    assert "is not a Celery setting" in output
     assert fix in output
     assert " ready." not in output
 
@@ -203,7 +214,7 @@ def test_commands_refuse_another_read_or_write_broker(
     both read from the environment before the config."""
     config = workers.config()
     result = flask_celery(config, *command, env={variable: OTHER_BROKER})
-    assert result.returncode != 0
+    assert_one_error_block(result)
     output = result.stdout + result.stderr
     setting = variable.removeprefix("CELERY_").lower()
     assert f"The environment variable {variable} sets Celery's {setting}" in output
@@ -291,8 +302,8 @@ def test_an_apps_own_celery_command_is_refused(
          "worker", "--pool", "solo"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    assert_one_error_block(result)
     output = result.stdout + result.stderr
-    assert result.returncode != 0, output
     assert f"The app already has a 'celery' command ({found})" in output
     assert "Remove the app's own command" in output
     assert "forum celery command ran" not in output
@@ -320,3 +331,54 @@ def test_a_worker_started_by_an_apps_own_command_checks_the_broker(
     )
     assert "from its -b/--broker or --result-backend option" in output
     assert " ready." not in output
+
+
+SETUP_APP = """
+from flask import Flask
+from flask_celery_ctx import FlaskCelery
+
+
+def create_app(kind):
+    app = Flask(__name__)
+    app.config["CELERY_BROKER_URL"] = "memory://"
+    if kind == "session":
+        FlaskCelery().init_app(app, session="sqlite://")
+    elif kind == "twice":
+        FlaskCelery(app)
+        FlaskCelery(app)
+    elif kind == "carry":
+        FlaskCelery(app, carry_g="user")
+    else:
+        FlaskCelery(app)
+        app.config["MISSING_KEY"]
+    return app
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("session", "FlaskCelery(session=...) takes a sqlalchemy.orm.sessionmaker"),
+     ("twice", "A 'FlaskCelery' instance has already been registered"),
+     ("carry", "FlaskCelery(carry_g=...) takes a list of names")],
+)  # fmt: skip
+def test_errors_of_the_setup_are_one_error_block(
+    tmp_path: Path, kind: str, message: str
+) -> None:
+    (tmp_path / "shop.py").write_text(SETUP_APP)
+    result = subprocess.run(
+        [FLASK, "--app", f"shop:create_app('{kind}')", "celery", "worker"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_one_error_block(result)
+    assert message in result.stderr
+
+
+def test_other_errors_of_the_app_keep_their_traceback(tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text(SETUP_APP)
+    result = subprocess.run(
+        [FLASK, "--app", "shop:create_app('bug')", "celery", "worker"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "KeyError: 'MISSING_KEY'" in result.stderr

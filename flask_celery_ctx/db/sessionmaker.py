@@ -20,6 +20,7 @@ from flask import Flask
 from flask import g
 from flask.ctx import AppContext
 
+from ..errors import ConfigTypeError
 from .base import Database
 from .base import NamedEngine
 
@@ -54,7 +55,7 @@ class SessionFactory(Database):
             self.scoped = None
             self.factory = factory
         else:
-            raise TypeError(
+            raise ConfigTypeError(
                 f"FlaskCelery(session=...) takes a sqlalchemy.orm.sessionmaker or"
                 f" scoped_session, not {factory!r}. Pass the factory your code"
                 " makes sessions with, such as 'SessionLocal ="

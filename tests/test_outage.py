@@ -153,9 +153,9 @@ def start_redis(port: int, password: str | None = None) -> str:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            redis.Redis(port=port, password=password).ping()
+            redis.Redis(port=port, password=password, socket_timeout=2).ping()
             return f"redis://:{password or ''}@127.0.0.1:{port}/0"
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             time.sleep(0.05)
     pytest.fail(
         f"the private Redis on port {port} did not start (exit code {process.poll()})"

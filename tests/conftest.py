@@ -7,6 +7,7 @@ it fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 from flask import Flask
 from kombu import pools
 from sqlalchemy import create_engine
+from sqlalchemy import MetaData
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -104,6 +106,33 @@ def postgres_url() -> t.Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@contextlib.contextmanager
+def new_postgres_database(suffix: str, *metadatas: MetaData) -> t.Iterator[str]:
+    """A PostgreSQL database of this run's own, ``fcc_<run>_<suffix>``, with
+    the tables of ``metadatas``: its URL. Dropped at the end.
+
+    :param suffix: What the database is for, in its name.
+    :param metadatas: The tables to create in it.
+    """
+    require("PostgreSQL", POSTGRES_URL, 5432)
+    name = f"fcc_{RUN}_{suffix}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+        engine = create_engine(url)
+        for metadata in metadatas:
+            metadata.create_all(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

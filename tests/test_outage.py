@@ -42,7 +42,7 @@ from outboxapp import Order
 from outboxapp import Seen
 
 from conftest import FLASK
-from conftest import POSTGRES_URL
+from conftest import new_postgres_database
 from conftest import RABBITMQ_URL
 from conftest import require
 from conftest import RUN
@@ -57,20 +57,8 @@ SILENT_BOUND = 2.0
 @pytest.fixture(scope="module")
 def url() -> t.Iterator[str]:
     """An empty PostgreSQL database with ``outboxapp``'s tables."""
-    require("PostgreSQL", POSTGRES_URL, 5432)
-    name = f"fcc_{RUN}_outage"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    found = admin.url.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(found)
-    outboxapp.Base.metadata.create_all(engine)
-    engine.dispose()
-    yield found
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    with new_postgres_database("outage", outboxapp.Base.metadata) as found:
+        yield found
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from outboxapp import Order
 from outboxapp import Seen
 
 from conftest import FLASK
-from conftest import POSTGRES_URL
+from conftest import new_postgres_database
 from conftest import REDIS_URL
 from conftest import require
 from conftest import RUN
@@ -64,26 +64,15 @@ def url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> t.Iterator[str]:
     """An empty database with ``outboxapp``'s tables, and no outbox table."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("outbox") / "app.sqlite"
-        found = f"sqlite:///{path}"
-        admin = None
-    else:
-        require("PostgreSQL", POSTGRES_URL, 5432)
-        name = f"fcc_{RUN}_outbox"
-        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            conn.execute(text(f"CREATE DATABASE {name}"))
-        found = admin.url.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(found)
+    if request.param == "postgres":
+        with new_postgres_database("outbox", outboxapp.Base.metadata) as found:
+            yield found
+        return
+    path = tmp_path_factory.mktemp("outbox") / "app.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
     outboxapp.Base.metadata.create_all(engine)
     engine.dispose()
-    yield found
-    if admin is not None:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    yield f"sqlite:///{path}"
 
 
 @pytest.fixture

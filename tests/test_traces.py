@@ -20,11 +20,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy import text
 
 from conftest import FLASK
-from conftest import POSTGRES_URL
+from conftest import new_postgres_database
 from conftest import REDIS_URL
 from conftest import require
 from conftest import RUN
@@ -45,23 +43,13 @@ def url() -> t.Iterator[str]:
     import outboxapp
     from flask_celery_ctx.outbox import table as outbox
 
-    require("PostgreSQL", POSTGRES_URL, 5432)
     require("Redis", REDIS_URL, 6379)
-    name = f"fcc_{RUN}_traces"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    found = admin.url.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(found)
-    outboxapp.Base.metadata.create_all(engine)
-    # Before the worker starts: its relay looks for the table once a while.
-    outbox.metadata.create_all(engine)
-    engine.dispose()
-    yield found
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    # The outbox table before the worker starts: its relay looks for the
+    # table once a while.
+    with new_postgres_database(
+        "traces", outboxapp.Base.metadata, outbox.metadata
+    ) as found:
+        yield found
 
 
 def spans(path: Path) -> list[dict[str, t.Any]]:

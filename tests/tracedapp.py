@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import typing as t
 
 import sentry_sdk
@@ -131,6 +132,13 @@ def main() -> None:
     app = create_app()
     response = app.test_client().post("/orders/traced")
     assert response.status_code == 200, response.text
+    # Sentry ends the request's span when the response is closed, as a WSGI
+    # server closes it.
+    response.close()
+    sentry_sdk.flush()
+    # A batch of spans that the SDK's own thread took before this flush is
+    # written by that thread: give it the moment it needs before exiting.
+    time.sleep(0.5)
     sentry_sdk.flush()
     print(json.dumps({"task_id": response.json["task_id"]}))  # type: ignore[index]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,7 @@ from conftest import new_postgres_database
 from conftest import RABBITMQ_URL
 from conftest import require
 from conftest import RUN
+from conftest import TESTS
 from conftest import Worker
 
 #: The longest a commit may take with the broker refusing connections, and
@@ -241,6 +243,61 @@ def test_a_commit_returns_at_once_and_the_relay_sends_later(
     assert task_ids(engine) == []
     sent = queued(healthy, queue)
     assert sorted(sent) == sorted(answer["task_ids"])  # each once
+
+
+def test_a_relay_does_not_wait_for_ever_on_a_silent_broker(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay publishes as the web process does after its commit: no
+    retries, and timeouts (Celery's ``broker_connection_timeout`` here), so
+    that a broker and result backend that never answer leave the rows in
+    the outbox for the next round, in a worker and in ``flask celery outbox
+    relay`` alike; once the broker is back, each is sent once."""
+    port = free_port()
+    broker, end = down("silent", port)
+    settings = {
+        "CELERY_BROKER_URL": broker,
+        "CELERY_RESULT_BACKEND": broker,
+        "CELERY_BROKER_CONNECTION_TIMEOUT": 1,
+    }
+    app = make_app(url, **settings)
+    _, answer = commit(app, 12)
+    publish.forget()  # the web process's hold is no relay's business
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "flask_celery_ctx"):
+        assert relay(app) == 0
+    assert time.monotonic() - started < 1.1 + 5
+    assert sorted(task_ids(engine)) == sorted(answer["task_ids"])
+    assert any(
+        "could not reach the broker; 12 tasks wait in the outbox: the broker did"
+        " not answer within" in r.getMessage()
+        for r in caplog.records
+    )
+    env = {
+        **os.environ,
+        "FCC_CONFIG": json.dumps(
+            {
+                "SQLALCHEMY_DATABASE_URI": url,
+                "SECRET_KEY": "outage",
+                "CELERY_TASK_DEFAULT_QUEUE": app.config["CELERY_TASK_DEFAULT_QUEUE"],
+                "CELERY_OUTBOX_LEASE": 1,
+                **settings,
+            }
+        ),
+    }
+    done = subprocess.run(
+        [FLASK, "--app", "outboxapp:create_app", "celery", "outbox", "relay"],
+        cwd=TESTS, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Sent 0 tasks from the outbox; 12 wait"), done.stdout
+
+    end()
+    healthy = start_redis(port, "secret")
+    publish.forget()  # as HOLD seconds do
+    assert relay(app) == 12
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    assert sorted(queued(healthy, queue)) == sorted(answer["task_ids"])
 
 
 def test_a_worker_runs_each_task_once_after_a_silent_broker(

@@ -66,9 +66,9 @@ class Attempt:
     :param celery: The Celery app.
     """
 
-    def __init__(self, celery: Celery[t.Any]) -> None:
+    def __init__(self, celery: Celery[t.Any], timeout: float | None = None) -> None:
         self.celery = celery
-        self.timeout = publish_timeout(celery)
+        self.timeout = publish_timeout(celery) if timeout is None else timeout
         url = celery.conf.broker_write_url or celery.conf.broker_url
         self._key = (id(celery), str(url), self.timeout)
         self._connection: Connection | None = None
@@ -122,13 +122,16 @@ class Attempt:
                 return False
             return True
 
-    def close(self) -> None:
+    def close(self, report: bool = True) -> None:
         """Keep the connection for the thread's next commit, or close it
-        after a failure; log what was left to the relay, once."""
+        after a failure; log what was left to the relay, once.
+
+        :param report: Log what was left; a relay says it in its own words.
+        """
         if self._connection is not None:
             _kept_connections()[self._key] = self._connection
             self._connection = self._producer = None
-        if self.left:
+        if self.left and report:
             logger.warning(
                 "%d %s %s in the outbox: the broker at %s %s; %s sent when it is back.",
                 self.left,

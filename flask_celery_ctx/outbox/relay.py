@@ -29,7 +29,9 @@ from . import alert_age
 from . import enabled
 from . import lease
 from . import max_attempts
+from . import publish_timeout
 from . import relay_interval
+from .publish import Attempt
 from .untraced import untraced
 
 if t.TYPE_CHECKING:
@@ -111,18 +113,26 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         outbox.check_columns(engine)
     seconds = lease(celery)
     total = 0
-    while True:
-        with untraced():
-            rows = outbox.claim(engine, batch, seconds)
-        if not rows:
-            return total
-        published: list[str] = []
-        for index, row in enumerate(rows):
-            try:
-                outbox.publish(celery, row)
-            except Exception as exc:
-                if not _from_broker(celery, exc):
-                    _failed(engine, celery, row, exc)
+    attempt = Attempt(celery, _publish_timeout(celery))
+    try:
+        while True:
+            with untraced():
+                rows = outbox.claim(engine, batch, seconds)
+            if not rows:
+                return total
+            published: list[str] = []
+            for index, row in enumerate(rows):
+                try:
+                    sent = outbox.publish(celery, row, attempt)
+                except Exception as exc:
+                    if not _from_broker(celery, exc):
+                        _failed(engine, celery, row, exc)
+                        continue
+                    sent, failure = False, outbox.describe(exc)
+                else:
+                    failure = f"the broker {attempt.failure}"
+                if sent:
+                    published.append(row.id)
                     continue
                 unsent = [left.id for left in rows[index:]]
                 logger.warning(
@@ -130,15 +140,25 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                     " in the outbox: %s",
                     len(unsent),
                     tasks_word(len(unsent)),
-                    outbox.describe(exc),
+                    failure,
                 )
                 with untraced():
                     outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
-            published.append(row.id)
-        total += _delete(engine, published)
-        if len(rows) < batch:
-            return total
+            total += _delete(engine, published)
+            if len(rows) < batch:
+                return total
+    finally:
+        attempt.close(report=False)
+
+
+def _publish_timeout(celery: Celery[t.Any]) -> float:
+    """How long a relay's publish waits for the broker: Celery's
+    ``broker_connection_timeout``, or ``outbox_publish_timeout`` if longer.
+    A relay is on no request's path, and a broker that never answers must
+    not hold it for ever."""
+    configured = celery.conf.get("broker_connection_timeout")
+    return max(publish_timeout(celery), float(configured or 4.0))
 
 
 def _from_broker(celery: Celery[t.Any], error: Exception) -> bool:

@@ -72,6 +72,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
     from ..task import ContextTask
+    from .publish import Attempt
 
 logger = logging.getLogger("flask_celery_ctx")
 
@@ -508,12 +509,17 @@ def drop(engine: Engine, key: str) -> int:
         return conn.execute(query).rowcount
 
 
-def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
+def publish(celery: Celery[t.Any], row: Row[t.Any], attempt: Attempt) -> bool:
     """Send the task of a row, as it was to be sent after its commit, by its
-    task's ``apply_async``, in the trace it was queued in.
+    task's ``apply_async``, in the trace it was queued in, through a bounded
+    attempt.
 
     :param celery: The Celery app.
     :param row: A row of the outbox.
+    :param attempt: The attempt that publishes it: no retries, and timeouts
+        that a broker which never answers cannot make a relay wait past.
+    :return: Whether it was published; if not, the broker failed, now or
+        earlier in the attempt.
     :raises celery.exceptions.NotRegistered: The app has no task of the
         row's name (any more).
     """
@@ -529,7 +535,9 @@ def publish(celery: Celery[t.Any], row: Row[t.Any]) -> None:
             f"The app has no task {row.name!r}: it was renamed or removed."
         )
     with continued(message.get("trace")):
-        task.apply_async(message["args"], message["kwargs"], **message["options"])
+        return attempt.publish(
+            task, message["args"], message["kwargs"], message["options"]
+        )
 
 
 def describe(error: BaseException, length: int = 300) -> str:

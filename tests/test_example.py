@@ -352,9 +352,11 @@ def require_jsdom() -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if installed.exists():
             return
+        # A registry request that stalls is tried again after 30 s, not 5 min.
         subprocess.run(
             ["npm", "install", "--prefix", str(NODE_MODULES.parent), "--no-audit",
-             "--no-fund", "--silent", JSDOM],
+             "--no-fund", "--silent", "--fetch-timeout=30000", "--fetch-retries=4",
+             JSDOM],
             check=True,
         )  # fmt: skip
         installed.touch()

@@ -37,6 +37,7 @@ from test_outbox import APP
 from test_outbox import config
 from test_outbox import DOWN
 from test_outbox import make_app
+from test_outbox import outbox_cli
 from test_outbox import rows
 from test_outbox import runs
 from test_outbox import start_worker
@@ -82,15 +83,6 @@ def drop_database(admin: Engine, url: str) -> None:
     name = create_engine(url).url.database
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-def outbox_cli(
-    settings: dict[str, t.Any], *args: str
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FCC_CONFIG": json.dumps(settings)}
-    return subprocess.run(
-        [*APP, "outbox", *args], cwd=TESTS, env=env, capture_output=True, text=True
-    )
 
 
 @pytest.fixture

@@ -84,20 +84,22 @@ def check_settings(settings: t.Mapping[str, t.Any]) -> None:
                 f"CELERY_{name.upper()} must be a number of seconds, 0 or more,"
                 f" not {value!r}."
             )
-    value = settings.get("outbox_publish_timeout")
-    if value is not None and not (_is_seconds(value) and value > 0):
-        raise ValueError(
-            "CELERY_OUTBOX_PUBLISH_TIMEOUT must be a number of seconds, more"
-            f" than 0, not {value!r}: how long the publish after a commit waits"
-            " for the broker before it leaves the tasks to the relay."
-        )
-    value = settings.get("outbox_alert_age")
-    if value is not None and not (_is_seconds(value) and value > 0):
-        raise ValueError(
-            "CELERY_OUTBOX_ALERT_AGE must be a number of seconds, more than 0,"
-            f" not {value!r}: how old the oldest task waiting in the outbox may"
-            " be before a worker logs a warning."
-        )
+    for name, meaning in _ABOVE_ZERO.items():
+        value = settings.get(name)
+        if value is not None and not (_is_seconds(value) and value > 0):
+            raise ValueError(
+                f"CELERY_{name.upper()} must be a number of seconds, more than 0,"
+                f" not {value!r}: {meaning}."
+            )
+
+
+# Settings in seconds that must be above 0, with what each says.
+_ABOVE_ZERO = {
+    "outbox_publish_timeout": "how long the publish after a commit waits for"
+    " the broker before it leaves the tasks to the relay",
+    "outbox_alert_age": "how old the oldest task waiting in the outbox may be"
+    " before a worker logs a warning",
+}
 
 
 def _is_seconds(value: object) -> bool:

@@ -28,10 +28,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from flask_celery_ctx import MissingInstanceError
+from flask_celery_ctx.outbox import table as outbox
 
 import ormtasks
 import taskapp
 from conftest import make_app
+from conftest import new_postgres_database
 from conftest import Worker
 from conftest import WorkerFactory
 from ormtasks import Job
@@ -378,13 +380,25 @@ def test_signatures_are_refused_when_queued_as_apply_async_refuses_them(
         db.session.rollback()
 
 
+@pytest.fixture
+def own_url() -> t.Iterator[str]:
+    """A database of the test's own, with the outbox table: the relays of
+    the session's other workers look at the run's database too, and one
+    whose app lacks the row's task would count a failed attempt and hold the
+    row back."""
+    with new_postgres_database("linked", outbox.metadata) as url:
+        yield url
+
+
 def test_a_linked_signature_gets_its_instances_after_the_relay(
-    workers: WorkerFactory, other_postgres_url: str
+    workers: WorkerFactory, other_postgres_url: str, own_url: str
 ) -> None:
     """The broker is down at the commit: the row holds the signature, its
     instances as references, and a worker's relay publishes it."""
     relaying = workers(
         **ormtasks.config(other_postgres_url),
+        SQLALCHEMY_DATABASE_URI=own_url,
+        FCC_CREATE_ALL=True,
         CELERY_OUTBOX_LEASE=1,
         CELERY_OUTBOX_RELAY_INTERVAL=0.2,
     )
@@ -404,6 +418,7 @@ def test_a_linked_signature_gets_its_instances_after_the_relay(
     with relaying.client().app_context():
         described: dict[str, t.Any] = AsyncResult(linked.id).get(timeout=30)
     assert described["kwargs"] == {"kept": {"list": [seen(name)]}}
+    workers.stop(relaying)  # before its database is dropped
 
 
 # The session that holds the instances.

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from flask_celery_ctx.outbox.tracecontext import RELAY_SPAN
+
 from conftest import FLASK
 from conftest import new_postgres_database
 from conftest import REDIS_URL
@@ -141,6 +143,12 @@ def test_one_trace_from_the_request_to_the_task(
         time.sleep(1)  # the relay's next rounds
         # The relay's claims and deletes made no trace of their own.
         assert {s["trace_id"] for s in spans(in_worker)} == requests
+        # Its publish is a span of the request's trace, in Sentry as well.
+        recorded = [s for s in spans(in_worker) if s["tool"] == "sentry"]
+        [relay] = [s for s in recorded if s["name"] == RELAY_SPAN]
+        assert relay["trace_id"] == request_trace(relayed, "sentry")
+        published = [s["op"] for s in recorded if s["parent_id"] == relay["span_id"]]
+        assert published in (["queue.publish"], ["queue.submit.celery"]), recorded
     finally:
         worker.stop()
         print(worker.log)

@@ -30,7 +30,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
-from sentry_sdk._span_batcher import SpanBatcher
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.flask import FlaskIntegration
@@ -71,24 +70,47 @@ class FileExporter(SpanExporter):
 
 
 class FileTransport(Transport):
-    """Records Sentry's spans."""
+    """Records Sentry's spans: streamed (Sentry 3), or in transactions
+    (Sentry 2)."""
 
     def capture_envelope(self, envelope: Envelope) -> None:
         for item in envelope.items:
-            if item.type != "span" or item.payload.json is None:
+            payload = item.payload.json
+            if payload is None:
                 continue
-            for span in item.payload.json.get("items", []):
-                task_id = span.get("attributes", {}).get("messaging.message.id")
-                record(
-                    tool="sentry",
-                    name=span.get("name"),
-                    trace_id=span["trace_id"],
-                    span_id=span["span_id"],
-                    parent_id=span.get("parent_span_id"),
-                    task_id=task_id.get("value")
-                    if isinstance(task_id, dict)
-                    else task_id,
-                )
+            if item.type == "span":
+                for span in payload.get("items", []):
+                    attributes = span.get("attributes", {})
+                    record_sentry(span, span.get("name"), attributes, _value)
+            elif item.type == "transaction":
+                segment = payload["contexts"]["trace"]
+                data = segment.get("data", {})
+                record_sentry(segment, payload.get("transaction"), data, dict.get)
+                for span in payload.get("spans", []):
+                    data = span.get("data", {})
+                    record_sentry(span, span.get("description"), data, dict.get)
+
+
+def _value(attributes: dict[str, t.Any], key: str) -> t.Any:
+    found = attributes.get(key)
+    return found.get("value") if isinstance(found, dict) else found
+
+
+def record_sentry(
+    span: dict[str, t.Any],
+    name: str | None,
+    attributes: dict[str, t.Any],
+    get: t.Callable[[dict[str, t.Any], str], t.Any],
+) -> None:
+    record(
+        tool="sentry",
+        name=name,
+        op=span.get("op") or get(attributes, "sentry.op"),
+        trace_id=span["trace_id"],
+        span_id=span["span_id"],
+        parent_id=span.get("parent_span_id"),
+        task_id=get(attributes, "messaging.message.id"),
+    )
 
 
 def set_up() -> None:
@@ -97,7 +119,11 @@ def set_up() -> None:
     if _set_up:
         return
     _set_up = True
-    SpanBatcher.FLUSH_WAIT_TIME = 0.5
+    if int(sentry_sdk.VERSION.partition(".")[0]) >= 3:
+        # Streamed spans, sent in batches: soon.
+        from sentry_sdk._span_batcher import SpanBatcher
+
+        SpanBatcher.FLUSH_WAIT_TIME = 0.5
     sentry_sdk.init(
         dsn="http://key@127.0.0.1:9/1",
         transport=FileTransport,

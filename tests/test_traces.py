@@ -60,8 +60,8 @@ def spans(path: Path) -> list[dict[str, t.Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def web(config: dict[str, t.Any], path: Path) -> str:
-    """Post an order in a traced web process; the id of its task."""
+def web(config: dict[str, t.Any], path: Path, traced: bool = True) -> str:
+    """Post an order in a web process, traced or not; the id of its task."""
     done = subprocess.run(
         [sys.executable, str(TESTS / "tracedapp.py")],
         cwd=TESTS,
@@ -69,6 +69,7 @@ def web(config: dict[str, t.Any], path: Path) -> str:
             **os.environ,
             "FCC_CONFIG": json.dumps(config),
             "FCC_TRACE_FILE": str(path),
+            **({} if traced else {"FCC_UNTRACED": "1"}),
         },
         capture_output=True,
         text=True,
@@ -149,6 +150,15 @@ def test_one_trace_from_the_request_to_the_task(
         assert relay["trace_id"] == request_trace(relayed, "sentry")
         published = [s["op"] for s in recorded if s["parent_id"] == relay["span_id"]]
         assert published in (["queue.publish"], ["queue.submit.celery"]), recorded
+
+        # Sends queued outside any trace: the relay publishes each in a new
+        # trace, not all in its thread's.
+        down = {**config, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}
+        untraced = [web(down, tmp_path / "untraced.jsonl", traced=False)]
+        untraced.append(web(down, tmp_path / "untraced.jsonl", traced=False))
+        for tool in TOOLS:
+            first, second = (task_traces(in_worker, tool, i) for i in untraced)
+            assert not first & second, (tool, spans(in_worker))
     finally:
         worker.stop()
         print(worker.log)

@@ -52,16 +52,18 @@ def continued(trace: t.Mapping[str, t.Mapping[str, str]] | None) -> t.Iterator[N
     """Run what is inside under a captured trace context: a publish then
     creates its spans, and its message's headers, in that trace.
 
-    :param trace: What :func:`capture` returned; ``None`` changes nothing.
+    A row that holds no Sentry trace (written without Sentry, or before its
+    trace was kept) is published in a new trace: not in the relay thread's,
+    which every such row would share.
+
+    :param trace: What :func:`capture` returned, or ``None``.
     """
-    if not trace:
-        yield
-        return
+    trace = trace or {}
     with ExitStack() as stack:
         if "opentelemetry" in trace:
             stack.enter_context(_in_opentelemetry(trace["opentelemetry"]))
-        if "sentry" in trace:
-            stack.enter_context(_in_sentry(trace["sentry"]))
+        if "sentry_sdk" in sys.modules:
+            stack.enter_context(_in_sentry(trace.get("sentry")))
         yield
 
 
@@ -107,12 +109,9 @@ def _in_opentelemetry(headers: t.Mapping[str, str]) -> t.Iterator[None]:
 
 
 @contextmanager
-def _in_sentry(headers: t.Mapping[str, str]) -> t.Iterator[None]:
-    try:
-        import sentry_sdk
-    except ImportError:
-        yield
-        return
+def _in_sentry(headers: t.Mapping[str, str] | None) -> t.Iterator[None]:
+    import sentry_sdk
+
     if not sentry_sdk.get_client().is_active():
         yield
         return
@@ -121,7 +120,12 @@ def _in_sentry(headers: t.Mapping[str, str]) -> t.Iterator[None]:
     # Sentry 3 starts it as a span; 2 as a transaction, which its
     # ``continue_trace`` returns.
     sdk: t.Any = sentry_sdk
-    with sdk.isolation_scope(), sdk.new_scope():
+    with sdk.isolation_scope() as isolation, sdk.new_scope() as scope:
+        if headers is None:
+            isolation.set_new_propagation_context()
+            scope.set_new_propagation_context()
+            yield
+            return
         if int(sdk.VERSION.partition(".")[0]) >= 3:
             sdk.continue_trace(dict(headers))
             span = sdk.start_span(name=RELAY_SPAN, attributes=_RELAY_ATTRIBUTES)

@@ -599,7 +599,7 @@ def test_a_row_that_cannot_be_sent_ends_dead_and_is_retried_or_dropped(
     assert row_of(engine, task_id).attempts == 3
 
     listed = outbox_cli(settings, "list").stdout
-    assert "0 waiting, 1 dead" in listed
+    assert "0 waiting, 0 leased, 1 dead" in listed
     assert f"{task_id}  {row.name}  dead  attempts 3" in listed
     assert f"last error: {POISONS[poison]}" in listed
 
@@ -805,6 +805,8 @@ def test_list_json_for_monitoring(url: str, engine: Engine) -> None:
         "available_in": None,
     }
     assert 100 <= by_id[dead]["age"] < 105
+    # The text's header counts by the same states.
+    assert ": 1 waiting, 1 leased, 1 dead\n" in outbox_cli(settings, "list").stdout
 
 
 def test_a_worker_warns_once_of_an_old_waiting_row_and_tells_when_it_clears(

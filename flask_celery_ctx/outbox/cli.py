@@ -71,10 +71,10 @@ def list_command(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not found:
         click.echo("Nothing waits: no database of the app has the outbox table.")
     for engine in found:
-        counts = outbox.summary(engine)
+        counts = outbox.health(engine, now)
         click.echo(
             f"{engine.url.render_as_string()}: {counts.waiting} waiting,"
-            f" {counts.dead} dead"
+            f" {counts.leased} leased, {counts.dead} dead"
         )
         for row in outbox.pending(engine, limit):
             created = datetime.datetime.fromtimestamp(

@@ -80,7 +80,7 @@ def unknown_key(key: str, value: t.Any, by_upper: t.Mapping[str, str]) -> str:
         return f"{key} is not a Celery setting. {_guess(close)}"
     name = key[len(PREFIX) :]
     spelling = name if name == "ONCE" else name.lower()
-    return f"{key} is not a Celery setting. {_fix(spelling, close)}"
+    return f"{key} is not a Celery setting. {_fix(spelling, close, own=True)}"
 
 
 def unknown_name(name: str, known: t.Iterable[str]) -> str:
@@ -114,9 +114,12 @@ def celery3_name(name: str) -> str | None:
     return None
 
 
-def _fix(spelling: str, close: t.Sequence[str]) -> str:
+def _fix(spelling: str, close: t.Sequence[str], own: bool = False) -> str:
     """What to do about a name of no Celery setting: the closest setting,
     the extension it may belong to, and how to name it to Flask-Celery-Ctx.
+
+    :param own: Whether the name is a ``CELERY_`` key of the Flask config,
+        which may be a setting of the app's own.
     """
     extension = next(
         (
@@ -133,7 +136,13 @@ def _fix(spelling: str, close: t.Sequence[str]) -> str:
     )
     if extension is not None:
         return f"It is a setting of {extension}, not of Celery: {name_it}"
-    return f"{_guess(close)} If a Celery extension reads it, {name_it}"
+    fix = f"{_guess(close)} If a Celery extension reads it, {name_it}"
+    if own:
+        fix += (
+            f" If the app reads it, rename it: keys that start with {PREFIX}"
+            " are Celery's."
+        )
+    return fix
 
 
 def _guess(close: t.Sequence[str]) -> str:

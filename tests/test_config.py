@@ -282,6 +282,7 @@ def test_unknown_settings_say_how_to_name_them() -> None:
     with pytest.raises(ValueError) as info:
         configured({"CELERY_MY_PLUGIN_OPTION": 1})
     assert "FlaskCelery(extra_settings=['my_plugin_option'])" in str(info.value)
+    assert "If the app reads it, rename it" in str(info.value)
     with pytest.raises(ValueError) as info:
         configured({"CELERY": {"MyPluginOption": 1}})
     assert "FlaskCelery(extra_settings=['MyPluginOption'])" in str(info.value)

@@ -2,8 +2,8 @@
 database without the outbox table and then with an empty one, with
 OpenTelemetry's SQLAlchemy instrumentation (an in-memory exporter) and
 Sentry's tracing (a transport that keeps the envelopes) on, and prints as
-JSON the spans each recorded for a query of the app and for the relay, and
-how many queries the relay made.
+JSON the spans each recorded for a query of the app, for the relay and for
+the ``flask celery outbox`` commands, and how many queries the relay made.
 
 The config comes as JSON in ``FCC_CONFIG``, as for ``outboxapp``.
 """
@@ -94,6 +94,11 @@ def main() -> None:
         time.sleep(3)  # rounds, each at least one lease (1 s) apart
         relay.stop()
         found[case] = {**spans(exporter), "looks": len(looks)}
+    # What a cron job or a health check runs.
+    for args in (["list"], ["list", "--json"], ["relay"]):
+        done = app.test_cli_runner().invoke(args=["celery", "outbox", *args])
+        assert done.exit_code == 0, done.output
+    found["outbox commands"] = spans(exporter)
     print(json.dumps(found))
 
 

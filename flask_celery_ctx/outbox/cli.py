@@ -10,6 +10,8 @@ import typing as t
 
 import click
 
+from .untraced import untraced
+
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -29,12 +31,13 @@ def _engines(ctx: click.Context) -> list[Engine]:
     from . import table as outbox
     from .relay import engines
 
-    found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
-    try:
-        for engine in found:
-            outbox.check_columns(engine)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+    with untraced():
+        found = [e for e in engines(_extension(ctx)) if outbox.has_table(e)]
+        try:
+            for engine in found:
+                outbox.check_columns(engine)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
     return found
 
 
@@ -45,7 +48,9 @@ def outbox_command(ctx: click.Context) -> None:
     yet."""
     from .access import problems
 
-    for error in problems(_extension(ctx)):
+    with untraced():
+        found = problems(_extension(ctx))
+    for error in found:
         click.secho(f"Error: {error}", err=True, fg="red")
 
 
@@ -66,17 +71,21 @@ def list_command(ctx: click.Context, limit: int, as_json: bool) -> None:
     now = time.time()
     found = _engines(ctx)
     if as_json:
-        click.echo(json.dumps(_report(found, limit, now), indent=2))
+        with untraced():
+            report = _report(found, limit, now)
+        click.echo(json.dumps(report, indent=2))
         return
     if not found:
         click.echo("Nothing waits: no database of the app has the outbox table.")
     for engine in found:
-        counts = outbox.health(engine, now)
+        with untraced():
+            counts = outbox.health(engine, now)
+            rows = outbox.pending(engine, limit)
         click.echo(
             f"{engine.url.render_as_string()}: {counts.waiting} waiting,"
             f" {counts.leased} leased, {counts.dead} dead"
         )
-        for row in outbox.pending(engine, limit):
+        for row in rows:
             created = datetime.datetime.fromtimestamp(
                 row.created, datetime.timezone.utc
             )
@@ -212,7 +221,9 @@ def _left(ctx: click.Context) -> str:
     from . import table as outbox
 
     now = time.time()
-    counts = [outbox.summary(engine) for engine in _engines(ctx)]
+    found = _engines(ctx)
+    with untraced():
+        counts = [outbox.summary(engine) for engine in found]
     waiting = sum(c.waiting for c in counts)
     dead = sum(c.dead for c in counts)
     text = ""

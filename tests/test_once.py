@@ -224,7 +224,7 @@ def test_a_killed_pool_process_commits_once(
     runs the body again). The message comes back: acks_late, and
     reject_on_worker_lost for a prefork child; the broker's visibility
     timeout for the threads pool, whose pool process is the worker."""
-    options = {
+    options: dict[str, t.Any] = {
         "CELERY_BROKER_TRANSPORT_OPTIONS": {
             "visibility_timeout": VISIBILITY,
             "unacked_restore_interval": 1,

@@ -49,13 +49,17 @@ def _after_commit(session: orm.Session) -> None:
 
 @ext.celery.task(once=True, acks_late=True, reject_on_worker_lost=True)
 def write(
-    name: str, stop: str | None = None, directory: str | None = None
+    name: str,
+    stop: str | None = None,
+    directory: str | None = None,
+    pause: float = 0,
 ) -> dict[str, t.Any]:
-    """Add a note; the library commits it."""
+    """Add a note, and wait ``pause`` seconds; the library commits it."""
     ext.session.add(Note(name=name))
     ext.session.flush()
     if stop == "before_commit":
         _block_once(stop, directory)
+    time.sleep(pause)
     return {"name": name, "pid": os.getpid()}
 
 

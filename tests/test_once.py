@@ -153,6 +153,28 @@ def test_same_message_published_twice_commits_once(
     assert "committed at" in worker.log
 
 
+def test_duplicates_running_at_once_commit_once(
+    workers: WorkerFactory, tables: None, pg_admin: Engine
+) -> None:
+    """Both pass the look for the record; the second's insert of it waits
+    for the first's commit, then fails on its key: its work is rolled
+    back."""
+    worker = start(workers, pool="threads", concurrency=2)
+    client(worker)
+    name, task_id = unique("together"), uuid.uuid4().hex
+    results = [
+        oncetasks.write.apply_async((name,), {"pause": 2}, task_id=task_id)
+        for _ in range(2)
+    ]
+    assert [r.get(timeout=30)["name"] for r in results] == [name, name]
+    assert notes(pg_admin, name) == 1
+    assert records(pg_admin, task_id) == 1
+    worker.wait_for(
+        f"oncetasks.write[{task_id}] skipped (once=True): another run of the"
+        " same id committed"
+    )
+
+
 def test_a_failure_is_rolled_back_and_not_recorded(
     workers: WorkerFactory, integration: str, pg_admin: Engine
 ) -> None:

@@ -117,7 +117,9 @@ def report_rst(result: dict[str, t.Any]) -> str:
     """The table of :func:`report`, for the docs."""
     markdown = report(result).splitlines()
     rows = [line for line in markdown if line.startswith("|") and "---" not in line]
-    notes = [line for line in markdown[len(rows) + 3 :] if line]
+    notes = [
+        f"{line.replace('`', '``')}\n" for line in markdown[len(rows) + 3 :] if line
+    ]
     lines = [".. list-table::", "   :header-rows: 1", ""]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import socket
 import sys
 import typing as t
@@ -80,7 +81,9 @@ def statements(runs: dict[str, t.Callable[[int], None]]) -> dict[str, list[str]]
     seen: list[str] = []
 
     def on_execute(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
-        seen.append(" ".join(statement.split()[:3]))
+        # "SELECT flask_celery_once", "INSERT bench_row": the verb, the table.
+        table = re.search(r"\b(?:FROM|INTO|UPDATE)\s+(\w+)", statement)
+        seen.append(f"{statement.split()[0]} {table[1] if table else ''}".strip())
 
     def on_commit(conn: t.Any) -> None:
         seen.append("COMMIT")

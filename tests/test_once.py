@@ -153,6 +153,26 @@ def test_same_message_published_twice_commits_once(
     assert "committed at" in worker.log
 
 
+def test_a_skip_sends_no_callback_twice(
+    workers: WorkerFactory, tables: None, pg_admin: Engine
+) -> None:
+    """The first run stored its result: the skip stores nothing and sends
+    nothing again."""
+    worker = start(workers)
+    client(worker)
+    name, linked, task_id = unique("link"), unique("linked"), uuid.uuid4().hex
+    callback = dbapp.write.si(linked, "commit")
+    first = oncetasks.write.apply_async((name,), task_id=task_id, link=callback)
+    value = first.get(timeout=30)
+    oncetasks.write.apply_async((name,), task_id=task_id, link=callback)
+    worker.wait_for(f"oncetasks.write[{task_id}] skipped (once=True)")
+    # The solo worker runs in order: a callback sent by the skip ran before.
+    assert oncetasks.count.delay(linked).get(timeout=30) == 1
+    assert first.get(timeout=30) == value
+    assert notes(pg_admin, name) == 1
+    assert "Its result is stored already" in worker.log
+
+
 def test_duplicates_running_at_once_commit_once(
     workers: WorkerFactory, tables: None, pg_admin: Engine
 ) -> None:

@@ -365,7 +365,7 @@ def test_the_option_and_the_setting_are_checked() -> None:
     def job() -> None:
         pass
 
-    task = ext.celery.task(once="yes")(job)
+    task = ext.celery.task(once="yes", shared=False)(job)
     with pytest.raises(TypeError, match=r"once='yes' of task .* must be True or False"):
         task.name  # noqa: B018 (the task is made when first used)
     app = Flask(__name__)

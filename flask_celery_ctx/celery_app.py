@@ -9,6 +9,7 @@ import typing as t
 from celery import Celery
 from celery import Task
 
+from .once import check_option as check_once
 from .task import ContextTask
 from .task import with_context
 
@@ -98,7 +99,11 @@ class ContextCelery(_Celery):
         """Make a task of a function, as Celery does, on a base class derived
         from :class:`~flask_celery_ctx.ContextTask` when ``base=`` names a
         class that is not (see :func:`~flask_celery_ctx.task.with_context`).
+
+        :raises TypeError: The ``once`` option is not a bool.
         """
+        if "once" in options:
+            check_once(name or fun.__qualname__, options["once"])
         if base is not None:
             base = with_context(base)
         return super()._task_from_fun(fun, name, base, bind, **options)

@@ -27,6 +27,9 @@ from .db import use as use_database
 from .db.sessionmaker import SessionFactory
 from .errors import ConfigRuntimeError
 from .errors import ConfigValueError
+from .once import check_settings as check_once_settings
+from .once import SETTINGS as ONCE_SETTINGS
+from .once.prune import install as install_pruning
 from .outbox import check_settings as check_outbox_settings
 from .outbox import SETTINGS as OUTBOX_SETTINGS
 from .outbox.relay import install as install_relay
@@ -123,6 +126,7 @@ class FlaskCelery:
         self._eager_read: t.Any = None
         install_worker_signals(self)
         install_relay(self.celery)
+        install_pruning(self.celery)
 
         if app is not None:
             self.init_app(app)
@@ -184,7 +188,7 @@ class FlaskCelery:
             (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
             would not read, or a setting given twice, or a setting of the
-            outbox a wrong value; or the environment gives
+            outbox or of ``once`` a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
             ``CELERY_BROKER_READ_URL``, ``CELERY_BROKER_WRITE_URL``,
             ``CELERY_RESULT_BACKEND``).
@@ -199,11 +203,12 @@ class FlaskCelery:
                 " Flask app. Import and use that instance instead."
             )
         settings = celery_settings(
-            app.config, (*self._extra_settings, *OUTBOX_SETTINGS)
+            app.config, (*self._extra_settings, *OUTBOX_SETTINGS, *ONCE_SETTINGS)
         )
         check_environment(settings, os.environ)
         try:
             check_outbox_settings(settings)
+            check_once_settings(settings)
         except ValueError as exc:
             raise ConfigValueError(str(exc)) from None
         add_command_to(app)

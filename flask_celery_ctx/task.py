@@ -16,6 +16,7 @@ from kombu.exceptions import EncodeError
 from . import carry
 from . import coroutines
 from . import models
+from . import once
 from . import oncommit
 from . import tracing
 from .context import inline_context
@@ -108,6 +109,12 @@ class ContextTask(_GenericTask[_P, _R_co]):
     #: ``@ext.celery.task(allow_missing_instances=True)``.
     allow_missing_instances: bool = False
 
+    #: Whether the task's work commits once per task id: when true, the
+    #: library commits the task's session when it returns, with a record of
+    #: its id, and a later delivery of the same id is skipped. Set it with
+    #: ``@ext.celery.task(once=True)`` (see :doc:`/once`).
+    once: bool = False
+
     _context_tracer: t.Callable[..., t.Any] | None = None
 
     #: The ``__call__`` of a base class that follows ContextTask in the
@@ -155,6 +162,8 @@ class ContextTask(_GenericTask[_P, _R_co]):
             try:
                 if call.error is not None:
                     raise call.error
+                if self.once:
+                    return t.cast("_R_co", once.run_body(self, call, args, kwargs))
                 if self._base_call is not None:
                     return t.cast("_R_co", self._base_call(*args, **kwargs))
                 return self.run(*args, **kwargs)

@@ -20,7 +20,9 @@ Three places take part in a traced call of a ContextTask, and share a
 - the task's ``__call__`` tells the traced call from a direct call, which
   needs a context of its own, raises what loading the instances raised, and
   rolls back the session of a task that raised before the tracer calls its
-  errbacks and hooks (:meth:`TracedCall.failed`).
+  errbacks and hooks (:meth:`TracedCall.failed`); the body of a task
+  declared with ``once=True`` runs through :mod:`flask_celery_ctx.once.run`,
+  which commits its work with the record of its id, or skips it.
 
 In eager mode, Celery's ``apply()`` runs the next attempt of a task that
 retried inside the failed attempt's call; :func:`end_retried_attempt` pops

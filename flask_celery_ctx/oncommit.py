@@ -36,6 +36,7 @@ from flask import has_app_context
 
 from . import models
 from . import outbox
+from . import unique
 from .db import database
 from .outbox import tracecontext
 
@@ -143,6 +144,9 @@ def send_on_commit(
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
+    held = unique.claim_on_commit(task, args, kwargs, options, session)
+    if held is not None:
+        return task.AsyncResult(held)
     trace = None
     if outbox.enabled(task.app):
         from .outbox.table import check_options

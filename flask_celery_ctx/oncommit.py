@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import typing as t
+from functools import partial
 
 from celery.utils import uuid
 from flask import current_app
@@ -165,9 +166,20 @@ def send_on_commit(
 
 def _send(send: _Send) -> AsyncResult[t.Any]:
     if recorder is not None:
-        recorder(send)
-        return send.task.AsyncResult(send.options["task_id"])
+        # Recorded in the place of the publish, unique_for claimed first.
+        record = partial(_record, send.task)
+        return unique.send(
+            send.task, send.args, send.kwargs, (), dict(send.options), record
+        )
     return send.task.apply_async(send.args, send.kwargs, **send.options)
+
+
+def _record(
+    task: ContextTask, args: t.Any, kwargs: t.Any, **options: t.Any
+) -> AsyncResult[t.Any]:
+    assert recorder is not None
+    recorder(_Send(task, args, kwargs, options))
+    return task.AsyncResult(options["task_id"])
 
 
 def _install() -> None:

@@ -106,7 +106,7 @@ def failing(self: Task, name: str) -> None:  # type: ignore[type-arg]
     raise RuntimeError(f"{name} fails")
 
 
-@ext.celery.task(bind=True, unique_for=60, max_retries=1, default_retry_delay=0)
+@ext.celery.task(bind=True, unique_for=60, max_retries=1, default_retry_delay=2)
 def retried(self: Task, name: str) -> int:  # type: ignore[type-arg]
     """Record a run; the first attempt retries, after waiting for the gate."""
     _record(self, name)

@@ -70,6 +70,8 @@ def claim_alone(
     :param seconds: How long the claim lasts.
     :return: The id of the task that holds the key.
     """
+    # Before a connection is taken: creating the table takes others.
+    _create_table(engine)
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         return claim(conn, engine, name, key, task_id, seconds)
@@ -99,7 +101,7 @@ def claim(
         again).
     :raises RuntimeError: The database is not PostgreSQL or SQLite.
     """
-    _create_table(conn, engine)
+    _create_table(engine, conn)
     insert = _insert(engine)
     now = time.time() if now is None else now
     where = (table.c.name == name, table.c.key == key)
@@ -183,14 +185,16 @@ def _insert(engine: Engine) -> t.Any:
     )
 
 
-def _create_table(conn: Connection, engine: Engine) -> None:
+def _create_table(engine: Engine, conn: Connection | None = None) -> None:
     """Create the table when this process has not seen it yet: on SQLite on
-    the connection at hand, which may hold the database's lock; elsewhere in
-    a transaction of its own, which a concurrent creation cannot fail."""
+    ``conn``, which may hold the database's lock; elsewhere in a transaction
+    of its own, which a concurrent creation cannot fail."""
     if engine in _created:
         return
     statement = CreateTable(table, if_not_exists=True)
     if engine.dialect.name == "sqlite":
+        if conn is None:
+            return
         if _has_table(conn):
             _created.add(engine)
         else:  # known once a commit has made it

@@ -120,6 +120,8 @@ def messages(app: Flask) -> int:
 
 def keys(engine: Engine) -> list[t.Any]:
     with engine.connect() as conn:
+        if not engine.dialect.has_table(conn, unique_table.TABLE_NAME):
+            return []
         return list(conn.execute(select(unique_table.table)))
 
 

@@ -16,10 +16,12 @@ import uuid
 
 import pytest
 import redis
+from celery import chord
 from celery import group
 from flask import Flask
 from sqlalchemy import create_engine
 from sqlalchemy import delete
+from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -132,7 +134,7 @@ def runs(engine: Engine, name: str) -> list[str]:
 
 def open_gate(engine: Engine, name: str) -> None:
     with engine.begin() as conn:
-        conn.execute(Gate.__table__.insert().values(name=name))
+        conn.execute(insert(Gate).values(name=name))
 
 
 def wait_until(condition: t.Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -327,6 +329,7 @@ def test_a_second_transaction_waits_for_the_first(
         def other_transaction() -> None:
             with app.app_context():
                 other = uniqueapp.ext.session.get(Document, key)
+                assert other is not None
                 found.append(uniqueapp.index.delay_on_commit(other).id)
                 uniqueapp.ext.session.commit()
 
@@ -342,11 +345,34 @@ def test_a_second_transaction_waits_for_the_first(
 
 def test_groups_and_chains_are_always_published(url: str, engine: Engine) -> None:
     app = make_app(config(url))
+    members = [uniqueapp.note.s(5), uniqueapp.note.s(5), uniqueapp.note.si(6)]
+    for member in members:
+        member.options["unique_for"] = 30  # as .set(unique_for=30) does
     with app.app_context():
-        group([uniqueapp.note.s(5).set(unique_for=30)] * 2).apply_async()
-        (uniqueapp.note.si(6).set(unique_for=30) | uniqueapp.note.si(6)).apply_async()
+        group(members[:2]).apply_async()
+        (members[2] | uniqueapp.note.si(6)).apply_async()
     assert messages(app) == 3
     assert keys(engine) == []
+
+
+def test_a_chord_of_unique_members_completes(postgres: str, engine: Engine) -> None:
+    """Equal members of a chord's header, and its body, are all sent: the
+    chord's result is complete."""
+    settings = config(postgres)
+    worker = Worker(settings, pool="threads", concurrency=2, command=APP)
+    try:
+        worker.wait_ready()
+        app = make_app(settings)
+        header = [uniqueapp.note.s(5), uniqueapp.note.s(5)]
+        body = uniqueapp.note.s()
+        for signature in [*header, body]:
+            signature.options["unique_for"] = 30
+        with app.app_context():
+            result = chord(header)(body)
+            assert result.get(timeout=30) == [5, 5]
+        assert keys(engine) == []
+    finally:
+        worker.stop()
 
 
 def test_bad_options() -> None:

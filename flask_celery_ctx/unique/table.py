@@ -19,6 +19,7 @@ import typing as t
 from weakref import WeakKeyDictionary
 from weakref import WeakSet
 
+from sqlalchemy import bindparam
 from sqlalchemy import Column
 from sqlalchemy import delete
 from sqlalchemy import Float
@@ -34,6 +35,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
     from sqlalchemy.engine import Connection
     from sqlalchemy.engine import Engine
+    from sqlalchemy.sql import Executable
 
 #: The name of the table.
 TABLE_NAME = "flask_celery_unique"
@@ -102,21 +104,19 @@ def claim(
     :raises RuntimeError: The database is not PostgreSQL or SQLite.
     """
     _create_table(engine, conn)
-    insert = _insert(engine)
+    claiming, holding = _statements(engine.dialect.name)
     now = time.time() if now is None else now
-    where = (table.c.name == name, table.c.key == key)
+    values = {
+        "name": name,
+        "key": key,
+        "task_id": task_id,
+        "expires": now + seconds,
+        "now": now,
+    }
     while True:
-        statement = insert(table).values(
-            name=name, key=key, task_id=task_id, expires=now + seconds
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=[table.c.name, table.c.key],
-            set_={"task_id": task_id, "expires": now + seconds},
-            where=(table.c.expires <= now) | (table.c.task_id == task_id),
-        ).returning(table.c.task_id)
-        if conn.execute(statement).first() is not None:
+        if conn.execute(claiming, values).first() is not None:
             return task_id
-        holder: str | None = conn.scalar(select(table.c.task_id).where(*where))
+        holder: str | None = conn.scalar(holding, values)
         if holder is not None:
             return holder
         # Deleted in between: its task finished. Claim again.
@@ -132,11 +132,7 @@ def release(engine: Engine, name: str, key: str, task_id: str) -> None:
     """
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.execute(
-            delete(table).where(
-                table.c.name == name, table.c.key == key, table.c.task_id == task_id
-            )
-        )
+        conn.execute(_RELEASE, {"name": name, "key": key, "task_id": task_id})
 
 
 def engine_of(app: Flask) -> Engine:
@@ -168,21 +164,47 @@ def engine_of(app: Flask) -> Engine:
     return found
 
 
-def _insert(engine: Engine) -> t.Any:
-    name = engine.dialect.name
-    if name == "postgresql":
-        from sqlalchemy.dialects import postgresql
+_KEY = (table.c.name == bindparam("name"), table.c.key == bindparam("key"))
+_RELEASE = delete(table).where(*_KEY, table.c.task_id == bindparam("task_id"))
+_HOLDER = select(table.c.task_id).where(*_KEY)
 
-        return postgresql.insert
-    if name == "sqlite":
-        from sqlalchemy.dialects import sqlite
+# By dialect: the statement that claims a key, and the one that reads who
+# holds it; made once, so that a send does not build them again.
+_built: dict[str, tuple[Executable, Executable]] = {}
 
-        return sqlite.insert
-    raise RuntimeError(
-        f"unique_for keeps its keys in the app's database, with an INSERT"
-        f" ... ON CONFLICT that {name} lacks: it needs PostgreSQL or"
-        " SQLite. Send without unique_for on this database."
+
+def _statements(dialect: str) -> tuple[Executable, Executable]:
+    """The statements of :func:`claim` on ``dialect``: ``INSERT ... ON
+    CONFLICT DO UPDATE`` of an expired row, or of one the same task id
+    holds, returning the task id; and the ``SELECT`` of the holder.
+
+    :raises RuntimeError: The dialect has no ``ON CONFLICT``.
+    """
+    found = _built.get(dialect)
+    if found is not None:
+        return found
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    else:
+        raise RuntimeError(
+            f"unique_for keeps its keys in the app's database, with an INSERT"
+            f" ... ON CONFLICT that {dialect} lacks: it needs PostgreSQL or"
+            " SQLite. Send without unique_for on this database."
+        )
+    task_id: t.Any = bindparam("task_id")
+    expires: t.Any = bindparam("expires")
+    statement = insert(table).values(
+        name=bindparam("name"), key=bindparam("key"), task_id=task_id, expires=expires
     )
+    claiming = statement.on_conflict_do_update(
+        index_elements=[table.c.name, table.c.key],
+        set_={"task_id": task_id, "expires": expires},
+        where=(table.c.expires <= bindparam("now")) | (table.c.task_id == task_id),
+    ).returning(table.c.task_id)
+    found = _built[dialect] = (claiming, _HOLDER)
+    return found
 
 
 def _create_table(engine: Engine, conn: Connection | None = None) -> None:

@@ -313,6 +313,31 @@ def test_delay_on_commit_claims_in_the_transaction(
     assert sorted(row.task_id for row in keys(engine)) == sorted([first.id, again.id])
 
 
+def test_transactions_sending_on_commit_at_once_publish_one_message(
+    postgres: str, engine: Engine
+) -> None:
+    app = make_app(config(postgres, SQLALCHEMY_ENGINE_OPTIONS={"pool_size": SENDERS}))
+    with app.app_context():
+        document = Document(title="at once")
+        uniqueapp.ext.session.add(document)
+        uniqueapp.ext.session.commit()
+        key = document.id
+
+    def send() -> str:
+        with app.app_context():
+            session = uniqueapp.ext.session
+            found = session.get(Document, key)
+            assert found is not None
+            sent = uniqueapp.index.delay_on_commit(found).id
+            session.commit()
+            return sent
+
+    ids = at_once(send)
+    assert len(set(ids)) == 1
+    assert messages(app) == 1
+    assert [row.task_id for row in keys(engine)] == ids[:1]
+
+
 def test_a_second_transaction_waits_for_the_first(
     postgres: str, engine: Engine
 ) -> None:

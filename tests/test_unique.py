@@ -400,6 +400,17 @@ def test_a_chord_of_unique_members_completes(postgres: str, engine: Engine) -> N
         worker.stop()
 
 
+def test_options_from_task_annotations(url: str, engine: Engine) -> None:
+    annotations = {"uniqueapp.note": {"unique_for": 30, "unique_key": lambda n: "one"}}
+    app = make_app(config(url, CELERY_TASK_ANNOTATIONS=annotations))
+    with app.app_context():
+        first = uniqueapp.note.delay(1)
+        assert uniqueapp.note.delay(2).id == first.id
+    assert messages(app) == 1
+    make_app(config(url))  # bound to a config without them: undone
+    assert uniqueapp.note.unique_for is None
+
+
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match=r"unique_for of task .* must be a number"):
 

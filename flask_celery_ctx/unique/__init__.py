@@ -256,7 +256,8 @@ def _pop(task: ContextTask, options: dict[str, t.Any]) -> tuple[float, t.Any] | 
     seconds and the key of a unique send, or ``None`` when the send is not
     unique, or is part of a canvas or a retry."""
     seconds = options.pop("unique_for", task.unique_for)
-    unique_key = options.pop("unique_key", task.unique_key)
+    # From the class: a function set by task_annotations is no method.
+    unique_key = options.pop("unique_key", type(task).unique_key)
     check_seconds(seconds, task.name)
     if not seconds:
         if unique_key is not None and seconds is None:

@@ -455,6 +455,14 @@ def test_eager_runs_one_per_transaction_and_again_once_finished(
     assert keys(engine) == []
 
 
+def test_an_eager_task_that_sends_itself_gets_its_own_result(
+    app: Flask, engine: Engine, celery_eager: t.Any
+) -> None:
+    with app.app_context():
+        assert uniqueapp.resend.delay("self").get() is True
+    assert keys(engine) == []
+
+
 def test_recorded_sends_hold_their_keys_until_run(
     app: Flask, engine: Engine, celery_on_commit: OnCommitRecorder
 ) -> None:

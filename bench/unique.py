@@ -99,7 +99,11 @@ def report(result: dict[str, t.Any]) -> tuple[str, str]:
                 f" [{min(extra):+,.0f}, {max(extra):+,.0f}]"
             )
         rows.append((label, shown, f"{result['statements'][cell]:g}"))
-    header = ("per call", "instructions (+: over the same without a key)", "SQL statements")
+    header = (
+        "per call",
+        "instructions (+: over the same without a key)",
+        "SQL statements",
+    )
     note = (
         f"Mean over {result['layouts']} memory layouts, [min, max] across them;"
         f" each the difference between {result['n2']} and {result['n1']} calls,"

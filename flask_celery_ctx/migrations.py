@@ -4,8 +4,9 @@ the library alone.
 The SQL broker creates its tables (``kombu_queue`` and ``kombu_message``,
 or the names of the ``queue_tablename`` and ``message_tablename`` transport
 options) when a worker or a producer first connects, the outbox creates
-``flask_celery_outbox`` when it is first written to, and the tasks declared
-with ``once=True`` create ``flask_celery_once`` when the first of them runs.
+``flask_celery_outbox`` when it is first written to, the tasks declared
+with ``once=True`` create ``flask_celery_once`` when the first of them runs,
+and ``unique_for`` creates ``flask_celery_unique`` at its first send.
 Autogenerate compares the database with the app's models and proposes to
 drop every table it does not know: applied, that drops the queued tasks.
 See :ref:`alembic-autogenerate`.
@@ -21,6 +22,7 @@ from flask import has_app_context
 from .extension import FlaskCelery
 from .once.table import TABLE_NAME as ONCE_TABLE_NAME
 from .outbox.table import TABLE_NAME
+from .unique.table import TABLE_NAME as UNIQUE_TABLE_NAME
 
 #: The tables kombu's SQL transport creates, unless its transport options
 #: name others.
@@ -57,7 +59,7 @@ def include_object(
 def library_tables() -> set[str]:
     """The names of the tables that the library and its SQL broker create:
     with an app context, those the app's broker transport options name."""
-    names = {TABLE_NAME, ONCE_TABLE_NAME, *BROKER_TABLES}
+    names = {TABLE_NAME, ONCE_TABLE_NAME, UNIQUE_TABLE_NAME, *BROKER_TABLES}
     if has_app_context():
         ext = current_app.extensions.get("celery")
         if isinstance(ext, FlaskCelery):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import typing as t
+from functools import partial
 
 from celery.utils import uuid
 from flask import current_app
@@ -36,6 +37,7 @@ from flask import has_app_context
 
 from . import models
 from . import outbox
+from . import unique
 from .db import database
 from .outbox import tracecontext
 
@@ -143,6 +145,9 @@ def send_on_commit(
     if session is None:
         return _send(_Send(task, args, kwargs, options))
     task.check_sendable(args, kwargs, options, session)
+    held = unique.claim_on_commit(task, args, kwargs, options, session)
+    if held is not None:
+        return task.AsyncResult(held)
     trace = None
     if outbox.enabled(task.app):
         from .outbox.table import check_options
@@ -161,9 +166,20 @@ def send_on_commit(
 
 def _send(send: _Send) -> AsyncResult[t.Any]:
     if recorder is not None:
-        recorder(send)
-        return send.task.AsyncResult(send.options["task_id"])
+        # Recorded in the place of the publish, unique_for claimed first.
+        record = partial(_record, send.task)
+        return unique.send(
+            send.task, send.args, send.kwargs, (), dict(send.options), record
+        )
     return send.task.apply_async(send.args, send.kwargs, **send.options)
+
+
+def _record(
+    task: ContextTask, args: t.Any, kwargs: t.Any, **options: t.Any
+) -> AsyncResult[t.Any]:
+    assert recorder is not None
+    recorder(_Send(task, args, kwargs, options))
+    return task.AsyncResult(options["task_id"])
 
 
 def _install() -> None:

@@ -19,6 +19,7 @@ from . import models
 from . import once
 from . import oncommit
 from . import tracing
+from . import unique
 from .context import inline_context
 from .db import database
 from .tracing import current as _current_call
@@ -115,6 +116,18 @@ class ContextTask(_GenericTask[_P, _R_co]):
     #: ``@ext.celery.task(once=True)`` (see :doc:`/once`).
     once: bool = False
 
+    #: Seconds during which a send with equal arguments is not published
+    #: again while the first has not finished; it returns the first's
+    #: result (see :doc:`/unique`). Set it with
+    #: ``@ext.celery.task(unique_for=30)``, or per send with
+    #: ``apply_async(..., unique_for=30)``; ``None`` or ``0``: off.
+    unique_for: float | None = None
+
+    #: What makes two sends equal in the place of their arguments: a value,
+    #: or a function of the task's arguments that returns one (see
+    #: :doc:`/unique`).
+    unique_key: t.Any = None
+
     _context_tracer: t.Callable[..., t.Any] | None = None
 
     #: The ``__call__`` of a base class that follows ContextTask in the
@@ -129,6 +142,7 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
         coroutines.adapt(cls)
+        unique.check_task(cls)
         mro = cls.__mro__
         after = mro[mro.index(ContextTask) + 1 :]
         owner = next(base for base in after if "__call__" in vars(base))
@@ -231,6 +245,10 @@ class ContextTask(_GenericTask[_P, _R_co]):
             return result
         finally:
             tracing.end(call, token, self.name)
+            if headers and unique.HEADER in headers:
+                unique.finished(
+                    app, self.name, task_id, headers[unique.HEADER], call.exception
+                )
 
     def apply_async(
         self,
@@ -259,6 +277,13 @@ class ContextTask(_GenericTask[_P, _R_co]):
         ext.check_config_unchanged(self.name)
         if ext.carry_g:
             carry.attach(ext.carry_g, self.name, options)
+        if self.unique_for or "unique_for" in options or "unique_key" in options:
+            return unique.send(self, args, kwargs, arguments, options, self._publish)
+        return self._publish(args, kwargs, *arguments, **options)
+
+    def _publish(
+        self, args: t.Any, kwargs: t.Any, *arguments: t.Any, **options: t.Any
+    ) -> AsyncResult[_R_co]:
         args, kwargs = self._dump_instances(args, kwargs, options, committed=True)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)

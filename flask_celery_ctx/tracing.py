@@ -46,6 +46,7 @@ from celery.exceptions import Retry
 from celery.loaders.app import AppLoader
 
 from . import carry
+from . import unique
 from .appcontext import push as push_app_context
 from .context import logger
 from .context import TaskContext
@@ -149,6 +150,7 @@ _current: ContextVar[TracedCall | None] = ContextVar(
 
 
 _set = _current.set
+_UNIQUE = unique.HEADER
 _reset = _current.reset
 
 #: The traced call in progress, if any: the task's ``__call__`` tells with it
@@ -275,6 +277,9 @@ def trace_in_context(
             return traced
         finally:
             end(call, token, name)
+            if request is not None and _UNIQUE in request:
+                # A unique send: its key is free once the task finished.
+                unique.finished(ext.app, name, uuid, request[_UNIQUE], call.exception)
 
     return trace
 

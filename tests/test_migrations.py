@@ -28,6 +28,8 @@ from sqlalchemy.engine import Engine
 from flask_celery_ctx.migrations import include_object
 from flask_celery_ctx.outbox.table import metadata as outbox_metadata
 from flask_celery_ctx.outbox.table import table as outbox_table
+from flask_celery_ctx.unique.table import metadata as unique_metadata
+from flask_celery_ctx.unique.table import table as unique_table
 
 from conftest import FLASK
 from conftest import make_app
@@ -46,7 +48,12 @@ with Connection("sqlbroker+" + sys.argv[1], transport_options=options) as broker
     broker.SimpleQueue("queued").put({"task": "waits"})
 """
 
-LIBRARY_TABLES = {"kombu_queue", "kombu_message", "flask_celery_outbox"}
+LIBRARY_TABLES = {
+    "kombu_queue",
+    "kombu_message",
+    "flask_celery_outbox",
+    "flask_celery_unique",
+}
 
 
 @pytest.fixture
@@ -68,6 +75,7 @@ def broker_databases() -> t.Iterator[t.Callable[..., str]]:
         )
         engine = create_engine(url)
         outbox_table.create(engine)
+        unique_table.create(engine)
         engine.dispose()
         return url
 
@@ -128,6 +136,19 @@ def test_outbox_metadata_given_too_is_created_and_compared(
         outbox_table.drop(engine)
         assert differences(engine, metadata, include_object) == [
             ("add_table", "flask_celery_outbox"),
+            ("add_table", "note"),
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_unique_metadata_given_too_is_created(broker_database: str) -> None:
+    engine = create_engine(broker_database)
+    metadata = [app_metadata(), unique_metadata]
+    try:
+        unique_table.drop(engine)
+        assert differences(engine, metadata, include_object) == [
+            ("add_table", "flask_celery_unique"),
             ("add_table", "note"),
         ]
     finally:

@@ -51,9 +51,12 @@ from conftest import TESTS
 from conftest import Worker
 
 #: The longest a commit may take with the broker refusing connections, and
-#: with a broker that does not answer (the publish timeout is 0.5 s).
-REFUSED_BOUND = 0.5
-SILENT_BOUND = 2.0
+#: with a broker that does not answer (the publish timeout is 0.5 s): far
+#: under what a publish retried per send costs (0.7 s each refused, 135 s
+#: for a broker that never answers), and loose enough for a loaded machine.
+#: bench/outage.py measures the latency itself.
+REFUSED_BOUND = 2.0
+SILENT_BOUND = 4.0
 
 
 @pytest.fixture(scope="module")

@@ -311,6 +311,34 @@ def test_a_table_created_later_is_found_within_the_lookup(
         drop_database(admin, url)
 
 
+def test_a_claim_reads_the_head_of_a_long_backlog(admin: Engine) -> None:
+    """With thousands of rows waiting, a relay's claim reads the first
+    entries of the index on the rows' order: it neither scans nor sorts the
+    table, which made draining a backlog quadratic."""
+    url = new_database(admin, "backlog")
+    try:
+        app = make_app(config(url) | DOWN)
+        with app.app_context():
+            session = outboxapp.ext.session
+            session.add(Order(name="backlog"))
+            for n in range(5000):
+                outboxapp.note.delay_on_commit(n)
+            session.commit()
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(text(f"ANALYZE {outbox.TABLE_NAME}"))
+            statement = outbox.claimable(100, time.time() + 60).compile(
+                dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+            )
+            plan = "\n".join(conn.scalars(text(f"EXPLAIN {statement}")))
+        engine.dispose()
+        print(plan)
+        assert f"Index Scan using {outbox.TABLE_NAME}_order" in plan
+        assert "Sort" not in plan
+    finally:
+        drop_database(admin, url)
+
+
 def test_the_relay_creates_no_trace(admin: Engine) -> None:
     """With OpenTelemetry's SQLAlchemy instrumentation and Sentry's tracing
     on, in a process of its own, the idle relay's rounds record nothing,

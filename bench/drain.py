@@ -293,9 +293,11 @@ def summarize(samples: list[dict[str, t.Any]]) -> dict[str, t.Any]:
         "relay 2 / relay 1": [r["relay 2"] / r["relay 1"] for r in by_round.values()],
         "plain 2 / plain 1": [r["plain 2"] / r["plain 1"] for r in by_round.values()],
     }
+    cpu = {c: [s["cpu_ms_per_task"] for s in samples if s["case"] == c] for c in CASES}
     return {
         "rates": {c: spread(v) for c, v in rates.items()},
         "ratios": {k: spread(v) for k, v in ratios.items()},
+        "cpu_ms_per_task": {c: spread(v) for c, v in cpu.items()},
     }
 
 
@@ -319,29 +321,33 @@ def table_lines(results: dict[str, t.Any], rst: bool) -> list[str]:
     lines = []
     for broker in results["brokers"]:
         summary = broker["summary"]
+        cpu = summary["cpu_ms_per_task"]
         rows = [
             (
-                NAMES[c].replace("`", "``") if rst else NAMES[c],
+                NAMES[c],
                 f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}]",
+                f"{cpu[c]['median']:.3f}",
             )
             for c, r in summary["rates"].items()
         ]
         rows += [
-            (k, f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]")
+            (k, f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "")
             for k, r in summary["ratios"].items()
         ]
         head = (
             f"{broker['name']}, {results['meta']['rows']:,} tasks",
             "tasks per second",
+            "CPU ms per task",
         )
         if rst:
             lines += [".. list-table::", "   :header-rows: 1", ""]
-            for a, b in [head, *rows]:
-                lines += [f"   * - {a}", f"     - {b}"]
+            for row in [head, *rows]:
+                cells = [c.replace("`", "``") for c in row]
+                lines += [f"   * - {cells[0]}", *(f"     - {c}" for c in cells[1:])]
             lines.append("")
         else:
-            lines += [f"| {head[0]} | {head[1]} |", "|---|---:|"]
-            lines += [f"| {a} | {b} |" for a, b in rows]
+            lines += ["| " + " | ".join(head) + " |", "|---|---:|---:|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
             lines.append("")
     return lines
 
@@ -360,11 +366,14 @@ def goal(results: dict[str, t.Any]) -> str:
     return " ".join(parts)
 
 
-def footer(results: dict[str, t.Any]) -> str:
+def footer(results: dict[str, t.Any], rst: bool = False) -> str:
     meta = results["meta"]
+    quote = "``" if rst else "`"
     return (
         f"Median over {meta['rounds']} rounds [min-max]; each ratio taken within a"
-        f" round. Commit {meta['commit']}, {meta['date']}, `{meta['command']}`."
+        " round; CPU: the median of the publishing processes' CPU time per task."
+        f" Commit {meta['commit']}, {meta['date']},"
+        f" {quote}{meta['command']}{quote}."
         f" {meta['cpu']}, {meta['cores']} cores, load {meta['load_before']} before,"
         f" {meta['load_after']} after. Python {meta['python']}, "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -404,7 +413,9 @@ def plot(results: dict[str, t.Any], path: Path) -> None:
     ax.set_title(f"Draining {results['meta']['rows']:,} outbox rows (higher is better)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper right", fontsize=9)
+    highest = max(r["max"] for b in brokers for r in b["summary"]["rates"].values())
+    ax.set_ylim(0, highest * 1.45)  # room for the legend
+    ax.legend(loc="upper left", fontsize=9, ncol=2)
     meta = results["meta"]
     _save(
         fig,
@@ -423,9 +434,9 @@ def write(results: dict[str, t.Any], out: Path) -> str:
     )  # fmt: skip
     (out / "drain.md").write_text(md)
     rst = "\n".join(
-        [*table_lines(results, True), goal(results), "", footer(results), ""]
+        [*table_lines(results, True), goal(results), "", footer(results, True), ""]
     )
-    (out / "drain.rst").write_text(rst.replace("`", "``").replace("````", "``"))
+    (out / "drain.rst").write_text(rst)
     plot(results, out / "drain.png")
     return md
 
@@ -480,8 +491,17 @@ def main() -> None:
         help="a broker URL to measure (repeatable); a private redis-server if none",
     )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--report", action="store_true", help="write the results again from drain.json"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((args.out / "drain.json").read_text())
+        for broker in results["brokers"]:
+            broker["summary"] = summarize(broker["samples"])
+        print(write(results, args.out))
+        return
     if args.child:
         kind, settings = args.child
         run = {"relay": child_relay, "plain": child_plain, "fill": fill}[kind]

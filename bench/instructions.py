@@ -48,6 +48,7 @@ sys.path.insert(0, str(BENCH))
 
 from _common import TABLE  # noqa: E402
 from instructions_child import CELLS  # noqa: E402
+from instructions_child import ORDER  # noqa: E402
 from instructions_profile import profile  # noqa: E402
 from instructions_profile import write_profile  # noqa: E402
 from instructions_report import write_instructions  # noqa: E402
@@ -202,7 +203,7 @@ def run_child(
     # Dump 1 is the start-up; then, per cell, N1 calls, N2 calls, and the
     # warm-up of the next cell.
     per_call = {}
-    for i, cell in enumerate(CELLS):
+    for i, cell in enumerate(ORDER):
         first, second = counts[1 + 3 * i], counts[2 + 3 * i]
         per_call[cell] = (second - first) / (n2 - n1)
     return per_call

@@ -9,13 +9,21 @@ two marks, then ``N2`` times between two more: the runner divides the
 difference of the two counts by ``N2 - N1``, so that the start-up and the
 marks themselves cancel out.
 
-The cells, in order, each a task run in two ways:
+The cells, each a task run in two ways:
 
-- ``hot``: the tracer a worker builds for each task once
-  (``celery.app.trace.build_tracer``, as the prefork pool's
-  ``process_initializer`` does) and calls for every message, with the
-  request a worker gives it;
-- ``apply``: ``task.apply()``, which builds a tracer for each call.
+- ``apply``: ``task.apply()``, which builds a tracer for each call, in a
+  process that is not a worker (a web process, a test): measured first;
+- ``hot``: the tracer a worker builds for each task once and calls for
+  every message, with the request a worker gives it, once the process is
+  set up as a worker's pool process sets itself up (:func:`as_worker`):
+  measured second.
+
+A worker patches Celery's ``Task.__call__`` when it starts
+(``setup_worker_optimizations``), and a task class whose ``__call__``
+calls ``super().__call__`` gets the worker's protected call, which runs the
+task's ``run`` alone; without it, Celery's ``Task.__call__`` pushes a whole
+request and task stack that a worker never pushes. The patch is for the
+whole process, so the ``apply`` cells are measured before it.
 
 And the tasks: ``noop`` does nothing; ``query`` runs one ``SELECT`` through
 the variant's session, in a SQLite file.
@@ -35,9 +43,13 @@ sys.path.insert(0, str(Path(__file__).with_name("variants")))
 
 from _common import NOOP
 from _common import QUERY
+from celery import Task
 
-#: The cells, in the order they are measured.
+#: The cells, in the order they are reported.
 CELLS = ("hot-noop", "hot-query", "apply-noop", "apply-query")
+#: The cells, in the order they are measured: ``apply`` before the process
+#: is set up as a worker, ``hot`` after.
+ORDER = ("apply-noop", "apply-query", "hot-noop", "hot-query")
 
 
 def mark() -> None:
@@ -55,13 +67,27 @@ def load(variant: str) -> t.Any:
     return module.celery_app
 
 
-def build_tracers(celery_app: t.Any, hostname: str) -> None:
-    """Give every task the tracer a prefork worker process gives it."""
+def as_worker(celery_app: t.Any, hostname: str) -> None:
+    """Set the process up as a worker's pool process is, and give every task
+    the tracer such a process gives it.
+
+    The worker's main process calls ``loader.init_worker()`` and
+    ``setup_worker_optimizations()`` before it starts its pool
+    (``celery.apps.worker``), and a prefork child inherits both; then the
+    child's ``process_initializer`` (``celery.concurrency.prefork``) makes
+    the app current and default, finalizes it, sends
+    ``worker_process_init`` and builds a tracer for each task.
+    """
+    from celery import signals
     from celery.app import trace
 
+    celery_app.loader.init_worker()
+    trace.setup_worker_optimizations(celery_app, hostname)
+    celery_app.loader.init_worker_process()
     celery_app.set_current()
     celery_app.set_default()
     celery_app.finalize()
+    signals.worker_process_init.send(sender=None)
     for name, task in celery_app.tasks.items():
         task.__trace__ = trace.build_tracer(
             name, task, celery_app.loader, hostname, app=celery_app
@@ -149,26 +175,14 @@ def applied(task: t.Any) -> t.Callable[[int], None]:
     return run
 
 
-def main() -> None:
-    variant, n1, n2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    celery_app = load(variant)
-    hostname = f"bench@{socket.gethostname()}"
-    build_tracers(celery_app, hostname)
-    tasks = {"noop": celery_app.tasks[NOOP], "query": celery_app.tasks[QUERY]}
-    runs = {}
-    for name, task in tasks.items():
-        result = task.apply()
-        expected = "first" if name == "query" else None
-        if result.state != "SUCCESS" or result.result != expected:
-            raise SystemExit(f"{variant} {name}: {result.state} {result.result!r}")
-        runs[f"hot-{name}"] = hot_path(task, hostname)
-        runs[f"apply-{name}"] = applied(task)
-    for cell in CELLS:
-        runs[cell](20)  # warm up: caches, lazy imports, compiled statements
+def measure(runs: dict[str, t.Callable[[int], None]], n1: int, n2: int) -> None:
+    """Warm the cells of ``runs`` up, then count ``n1`` and ``n2`` calls of
+    each, in order, between marks."""
+    for run in runs.values():
+        run(20)  # warm up: caches, lazy imports, compiled statements
     gc.collect()
     gc.freeze()
-    for cell in CELLS:
-        run = runs[cell]
+    for run in runs.values():
         run(5)
         gc.collect()
         mark()
@@ -178,6 +192,24 @@ def main() -> None:
         run(n2)
         gc.collect()
         mark()
+
+
+def main() -> None:
+    variant, n1, n2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    celery_app = load(variant)
+    hostname = f"bench@{socket.gethostname()}"
+    tasks = {"noop": celery_app.tasks[NOOP], "query": celery_app.tasks[QUERY]}
+    expected = {"noop": None, "query": "first"}
+    for name, task in tasks.items():
+        result = task.apply()
+        if result.state != "SUCCESS" or result.result != expected[name]:
+            raise SystemExit(f"{variant} {name}: {result.state} {result.result!r}")
+    # As a web process or a test calls apply(), before any worker set-up.
+    measure({f"apply-{n}": applied(task) for n, task in tasks.items()}, n1, n2)
+    as_worker(celery_app, hostname)
+    if not getattr(Task, "_stackprotected", False):
+        raise SystemExit("Celery's worker optimizations are not in place")
+    measure({f"hot-{n}": hot_path(task, hostname) for n, task in tasks.items()}, n1, n2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from instructions_child import CELLS  # noqa: E402
+from instructions_child import ORDER  # noqa: E402
 
 _LINE = re.compile(r"^\s*([\d,]+) \([^)]*\)\s+\?\?\?:0x([0-9a-f]+) \[\?\?\?\]$")
 
@@ -97,7 +98,7 @@ def profile(
         directory.glob(f"{out.name}.*"), key=lambda p: int(p.suffix.lstrip("."))
     )
     result = {}
-    for i, cell in enumerate(CELLS):
+    for i, cell in enumerate(ORDER):
         first = inclusive(files[1 + 3 * i], names)
         second = inclusive(files[2 + 3 * i], names)
         result[cell] = {

@@ -20,6 +20,7 @@ import pytest
 import redis
 from flask import Flask
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
@@ -307,6 +308,56 @@ def test_a_table_created_later_is_found_within_the_lookup(
         messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
         assert [json.loads(m)["headers"]["id"] for m in messages] == [row.task_id]
         engine.dispose()
+    finally:
+        drop_database(admin, url)
+
+
+def test_a_claim_reads_the_head_of_a_long_backlog(admin: Engine) -> None:
+    """With thousands of rows waiting, a relay's claim reads the first
+    entries of the index on the rows' order: it neither scans nor sorts the
+    table, which made draining a backlog quadratic. A relay that publishes
+    fast claims up to 1,000 rows at once, not 100."""
+    url = new_database(admin, "backlog")
+    try:
+        app = make_app(config(url) | DOWN)
+        with app.app_context():
+            session = outboxapp.ext.session
+            session.add(Order(name="backlog"))
+            for n in range(5000):
+                outboxapp.note.delay_on_commit(n)
+            session.commit()
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(text(f"ANALYZE {outbox.TABLE_NAME}"))
+            statement = outbox.claimable(100, time.time() + 60).compile(
+                dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+            )
+            plan = "\n".join(conn.scalars(text(f"EXPLAIN {statement}")))
+            conn.execute(outbox.table.update().values(available=0))
+            conn.commit()
+        engine.dispose()
+        print(plan)
+        assert f"Index Scan using {outbox.TABLE_NAME}_order" in plan
+        assert "Sort" not in plan
+        # A relay publishing fast claims more rows at once: fewer claims.
+        app = make_app(config(url, CELERY_OUTBOX_LEASE=30))
+        (engine,) = relay_module.write_engines(outboxapp.ext)
+        claims: list[str] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def count(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+            if statement.endswith("FOR UPDATE SKIP LOCKED"):
+                claims.append(statement)
+
+        assert relay_module.relay(engine, outboxapp.ext.celery) == 5000
+        print(f"5000 rows relayed in {len(claims)} claims")
+        assert len(claims) <= 10
+        queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+        broker = redis.Redis.from_url(REDIS_URL)
+        try:
+            assert broker.llen(queue) == 5000
+        finally:
+            broker.delete(queue)
     finally:
         drop_database(admin, url)
 

@@ -387,5 +387,6 @@ def test_the_relay_creates_no_trace(admin: Engine) -> None:
         assert empty["looks"] >= 2  # one a lease of 1 s
         assert empty == {"opentelemetry": 0, "sentry": 0, "looks": empty["looks"]}
         assert found["outbox commands"] == {"opentelemetry": 0, "sentry": 0}
+        assert found["broker down"] == {"opentelemetry": 0, "sentry": 0}
     finally:
         drop_database(admin, url)

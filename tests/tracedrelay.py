@@ -11,6 +11,7 @@ The config comes as JSON in ``FCC_CONFIG``, as for ``outboxapp``.
 from __future__ import annotations
 
 import json
+import os
 import time
 import typing as t
 from contextlib import nullcontext
@@ -99,6 +100,19 @@ def main() -> None:
         done = app.test_cli_runner().invoke(args=["celery", "outbox", *args])
         assert done.exit_code == 0, done.output
     found["outbox commands"] = spans(exporter)
+    # A row waits, its broker down: the relay's looks add no failed publish
+    # to the send's trace, nor make traces of their own.
+    config = json.loads(os.environ["FCC_CONFIG"])
+    down = outboxapp.create_app(
+        {**config, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}
+    )
+    assert down.test_client().post("/orders/waiting").status_code == 200
+    spans(exporter)
+    relay = RelayThread(outboxapp.ext, 0.2)
+    relay.start()
+    time.sleep(3)  # the row's lease (1 s), then looks
+    relay.stop()
+    found["broker down"] = spans(exporter)
     print(json.dumps(found))
 
 

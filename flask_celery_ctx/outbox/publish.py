@@ -122,6 +122,28 @@ class Attempt:
                 return False
             return True
 
+    def connect(self) -> bool:
+        """Make sure that the broker answers, before the first publish: a
+        relay then traces nothing while the broker is down.
+
+        :return: Whether it answered; if not, :attr:`failure` says why, and
+            nothing is published.
+        """
+        if self.failure is not None:
+            return False
+        self._producer_or_open()
+        assert self._connection is not None
+        try:
+            self._connection.default_channel  # noqa: B018 (connects)
+        except Exception as exc:
+            if not self._is_broker_error(exc):
+                raise
+            self._discard()
+            self.failure = describe(exc, self.timeout)
+            _hold(self._key, self.failure)
+            return False
+        return True
+
     def close(self, report: bool = True) -> None:
         """Keep the connection for the thread's next commit, or close it
         after a failure; log what was left to the relay, once.

@@ -54,6 +54,12 @@ MAX_BATCH = 1000
 TABLE_LOOKUP = 600.0
 
 
+#: The (app, broker URL) that a relay of this process could not reach at
+#: its last try.
+_unreachable: set[tuple[int, str]] = set()
+_unreachable_lock = threading.Lock()
+
+
 def engines(ext: FlaskCelery) -> list[Engine]:
     """The engines of the app whose databases may hold an outbox: its
     synchronous engines, and the one its session writes the outbox to (the
@@ -122,6 +128,14 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
     attempt = Attempt(celery, _publish_timeout(celery))
     size = batch
     try:
+        # Before any claim: while the broker is down, a look claims nothing
+        # and adds no failed publish to the sends' traces.
+        with untraced():
+            reachable = attempt.connect()
+        if not reachable:
+            _broker_down(celery, f"it {attempt.failure}")
+            return 0
+        _broker_up(celery)
         while True:
             with untraced():
                 rows = outbox.claim(engine, size, seconds)
@@ -136,20 +150,14 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
                     if not _from_broker(celery, exc):
                         _failed(engine, celery, row, exc)
                         continue
-                    sent, failure = False, outbox.describe(exc)
+                    sent, failure = False, f"it failed: {outbox.describe(exc)}"
                 else:
-                    failure = f"the broker {attempt.failure}"
+                    failure = f"it {attempt.failure}"
                 if sent:
                     published.append(row.id)
                     continue
+                _broker_down(celery, failure)
                 unsent = [left.id for left in rows[index:]]
-                logger.warning(
-                    "The outbox relay could not reach the broker; %d %s wait"
-                    " in the outbox: %s",
-                    len(unsent),
-                    tasks_word(len(unsent)),
-                    failure,
-                )
                 with untraced():
                     outbox.release(engine, unsent, time.time())
                 return total + _delete(engine, published)
@@ -159,6 +167,38 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
             size = _next_size(batch, len(rows), time.monotonic() - started, seconds)
     finally:
         attempt.close(report=False)
+
+
+def _broker_down(celery: Celery[t.Any], failure: str) -> None:
+    """Say that the broker failed a relay: a warning the first time, until a
+    relay of this process reaches it again.
+
+    :param failure: What happened, as "it refused the connection".
+    """
+    url = celery.connection_for_write().as_uri()
+    with _unreachable_lock:
+        first = (id(celery), url) not in _unreachable
+        _unreachable.add((id(celery), url))
+    logger.log(
+        logging.WARNING if first else logging.DEBUG,
+        "The outbox relay cannot reach the broker at %s: %s. The tasks in the"
+        " outbox wait for it; the relay tries again at each look, and says"
+        " when it is back.",
+        url,
+        failure,
+    )
+
+
+def _broker_up(celery: Celery[t.Any]) -> None:
+    """Say that a relay reached the broker again, after :func:`_broker_down`."""
+    if not _unreachable:
+        return
+    url = celery.connection_for_write().as_uri()
+    with _unreachable_lock:
+        if (id(celery), url) not in _unreachable:
+            return
+        _unreachable.discard((id(celery), url))
+    logger.info("The outbox relay reached the broker at %s again.", url)
 
 
 def _next_size(batch: int, rows: int, elapsed: float, lease: float) -> int:

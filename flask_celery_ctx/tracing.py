@@ -150,8 +150,8 @@ _current: ContextVar[TracedCall | None] = ContextVar(
 
 
 _set = _current.set
-_UNIQUE = unique.HEADER
 _reset = _current.reset
+_UNIQUE = unique.HEADER
 
 #: The traced call in progress, if any: the task's ``__call__`` tells with it
 #: a call by the tracer (``call.task`` is the task and ``call.started`` is

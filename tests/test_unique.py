@@ -191,6 +191,8 @@ def _send_from_process(
         found.put(uniqueapp.note.apply_async((7,), unique_for=30).id)
 
 
+# Forked, for speed: eventlet, imported by other tests, warns at every fork.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_processes_sending_at_once_publish_one_message(
     postgres: str, engine: Engine
 ) -> None:

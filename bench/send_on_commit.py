@@ -17,11 +17,18 @@ request path), and apart those that other threads of the process send
 meanwhile (off the request path), by SQLAlchemy's ``before_cursor_execute``
 and ``commit`` events: a ``COMMIT`` counts as a statement.
 
-Nothing here asserts a time; the table goes to ``results/send-on-commit.md``
-and ``.json``.
+With ``--instructions``, it counts instead, with valgrind's callgrind, the
+instructions the process spends per request (every thread's, the
+deletions in the background included), which the load of a shared machine
+does not move: the process runs under ``valgrind --tool=callgrind
+--dump-before=getloadavg``, and each call of ``os.getloadavg()`` ends a
+count. Waits for the database and Redis count nothing.
 
-    python bench/send_on_commit.py [--rounds N] [--postgres-url URL]
-        [--redis-url URL] [--label NAME] [--out DIR]
+Nothing here asserts a time; the table goes to ``results/send-on-commit.md``
+and ``.json`` (``send-on-commit-LABEL.*`` with ``--label``).
+
+    python bench/send_on_commit.py [--rounds N] [--instructions]
+        [--postgres-url URL] [--redis-url URL] [--label NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing as t
@@ -55,6 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COUNTS = (1, 10, 100)
 #: Requests per sample, for each K: about a third of a second each.
 REQUESTS = {1: 100, 10: 40, 100: 8}
+#: Requests per count of instructions, for each K.
+COUNTED = {1: 20, 10: 6, 100: 2}
 VARIANTS = ("delay", "on_commit")
 RUN = uuid.uuid4().hex[:8]
 
@@ -166,11 +177,23 @@ def main() -> None:
         default=os.environ.get("FCC_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
     )
     parser.add_argument("--label", default="", help="a name for this run")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions with callgrind instead of timing",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     logging.getLogger("flask_celery_ctx").setLevel(logging.ERROR)
+    if args.instructions:
+        instructions(args)
+        return
     queue = f"fccb-{RUN}-send"
     app = create_app(args.postgres_url, args.redis_url, queue)
+    if args.child:
+        child(app, args.redis_url, queue)
+        return
     broker = redis.Redis.from_url(args.redis_url)
     statements = Statements()
     with app.app_context():
@@ -237,6 +260,86 @@ def main() -> None:
     markdown = table(result)
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def child(app: Flask, redis_url: str, queue: str) -> None:
+    """Under callgrind: for each K and variant, a count of ``COUNTED[K]``
+    requests, the deletions of their rows included, between two marks."""
+    try:
+        from flask_celery_ctx.outbox import cleanup
+    except ImportError:
+        pass  # a version that deletes the rows on the request path
+    else:
+        # Callgrind runs the process some 40 times slower: the rows of as
+        # many requests are gathered into one statement as without it.
+        cleanup.GATHER *= 40
+    client = app.test_client()
+    broker = redis.Redis.from_url(redis_url)
+    for variant in VARIANTS:  # imports, connections, the outbox table
+        for count in COUNTS:
+            client.post(f"/{variant}?k={count}")
+    time.sleep(1)
+    broker.delete(queue)
+    for count in COUNTS:
+        for variant in VARIANTS:
+            os.getloadavg()  # a dump: what came before
+            for _ in range(COUNTED[count]):
+                assert client.post(f"/{variant}?k={count}").status_code == 200
+            time.sleep(4)  # the rows deleted in the background
+            os.getloadavg()  # a dump: the requests
+            broker.delete(queue)
+
+
+def instructions(args: argparse.Namespace) -> None:
+    """Run :func:`child` under callgrind; write the instructions per request."""
+    with tempfile.TemporaryDirectory(prefix="fccb-send-") as tmp:
+        out = Path(tmp) / "cg"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "--dump-before=getloadavg",
+            sys.executable,
+            __file__,
+            "--child",
+            "--postgres-url",
+            args.postgres_url,
+            "--redis-url",
+            args.redis_url,
+        ]
+        subprocess.run(command, check=True, capture_output=True)
+        files = sorted(out.parent.glob("cg.*"), key=lambda p: int(p.suffix.lstrip(".")))
+        counts = []
+        for path in files:
+            for line in path.read_text().splitlines():
+                if line.startswith("totals:"):
+                    counts.append(int(line.split()[1]))
+                    break
+    # Dump 1 is the start-up; then, per cell, its requests and the gap
+    # before the next.
+    cells = [(count, variant) for count in COUNTS for variant in VARIANTS]
+    per_request = {
+        cell: counts[1 + 2 * i] / COUNTED[cell[0]] for i, cell in enumerate(cells)
+    }
+    lines = [
+        "Instructions per request (callgrind, every thread of the process).",
+        "",
+        "| K | delay() after the commit | delay_on_commit | ratio | extra per send |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for count in COUNTS:
+        delay, on_commit = per_request[count, "delay"], per_request[count, "on_commit"]
+        rows.append({"k": count, "delay": delay, "on_commit": on_commit})
+        lines.append(
+            f"| {count} | {delay:,.0f} | {on_commit:,.0f} | {on_commit / delay:.3f}"
+            f" | {(on_commit - delay) / count:,.0f} |"
+        )
+    name = "send-on-commit-instructions" + (f"-{args.label}" if args.label else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def statements_text(counts: dict[str, float], where: str) -> str:

@@ -27,6 +27,7 @@ import pkgutil
 import reprlib
 import sys
 import typing as t
+from weakref import WeakKeyDictionary
 
 from itsdangerous import Signer
 
@@ -111,8 +112,20 @@ def signer(app: Flask) -> Signer | None:
     """
     if not app.secret_key:
         return None
-    keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key]
-    return Signer(keys, salt=SALT, digest_method=hashlib.sha256)
+    keys = (*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key)
+    cached = _signers.get(app)
+    if cached is None or cached[0] != keys:
+        cached = _signers[app] = (
+            keys,
+            Signer(list(keys), salt=SALT, digest_method=hashlib.sha256),
+        )
+    return cached[1]
+
+
+# Per app: the keys and the signer made with them, made again when they change.
+_signers: WeakKeyDictionary[Flask, tuple[tuple[t.Any, ...], Signer]] = (
+    WeakKeyDictionary()
+)
 
 
 def _signed_text(name: t.Any, key: t.Any) -> bytes:
@@ -195,38 +208,19 @@ def shown_instances(value: t.Any) -> t.Any:
     return _replace_instances(value, _shown_instance)[0]
 
 
-def check_pending(
-    task_name: str,
-    values: t.Any,
-    session: Session,
-    sign: Signer | None,
-    embedded: bool = False,
-) -> None:
-    """Check, before a send is queued for the commit, that every instance in
-    ``values`` can be sent by then: it has a primary key, or it is pending in
-    ``session``, whose commit flushes it; and the app has a ``SECRET_KEY``.
+def instances(value: t.Any) -> list[InstanceState[t.Any]]:
+    """The states of the instances in a value, its lists, tuples, dicts and
+    signatures, in the order met.
 
-    :param task_name: The task, for the error message.
-    :param values: The positional and keyword argument values.
-    :param session: The session whose commit the send waits for.
-    :param sign: The app's :func:`signer`.
-    :param embedded: Look into signatures too, as in ``_replace_instances``.
-    :raises ValueError: An instance is not saved and would not be.
-    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
+    :param value: Arguments and options, or one of them.
     """
+    found: list[InstanceState[t.Any]] = []
 
-    def check(instance: t.Any, state: InstanceState[t.Any]) -> None:
-        if sign is None:
-            raise _no_secret_key(task_name, instance)
-        if state.key is None and not (state.pending and state.session is session):
-            raise ValueError(
-                f"Task {task_name!r} got an instance of {type(instance).__name__}"
-                f" that has no primary key and is not pending in db.session:"
-                f" {instance!r}. Add it to db.session before the commit, or"
-                " pass a saved instance."
-            )
+    def add(instance: t.Any, state: InstanceState[t.Any]) -> None:
+        found.append(state)
 
-    _replace_instances(values, check, embedded)
+    _replace_instances(value, add, embedded=True)
+    return found
 
 
 def sessions(value: t.Any) -> list[Session]:
@@ -235,15 +229,37 @@ def sessions(value: t.Any) -> list[Session]:
 
     :param value: Arguments and options, or one of them.
     """
-    found: dict[Session, None] = {}
-
-    def held(instance: t.Any, state: InstanceState[t.Any]) -> None:
-        session = state.session
-        if session is not None:
-            found[session] = None
-
-    _replace_instances(value, held, embedded=True)
+    found = {s.session: None for s in instances(value) if s.session is not None}
     return list(found)
+
+
+def check_pending(
+    task_name: str,
+    states: t.Iterable[InstanceState[t.Any]],
+    session: Session,
+    signs: bool,
+) -> None:
+    """Check, before a send is queued for the commit, that every instance
+    can be sent by then: it has a primary key, or it is pending in
+    ``session``, whose commit flushes it; and the app has a ``SECRET_KEY``.
+
+    :param task_name: The task, for the error message.
+    :param states: The states of the instances (:func:`instances`).
+    :param session: The session whose commit the send waits for.
+    :param signs: Whether the app has a ``SECRET_KEY`` to sign with.
+    :raises ValueError: An instance is not saved and would not be.
+    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
+    """
+    for state in states:
+        if not signs:
+            raise _no_secret_key(task_name, state.obj())
+        if state.key is None and not (state.pending and state.session is session):
+            raise ValueError(
+                f"Task {task_name!r} got an instance of {state.class_.__name__}"
+                f" that has no primary key and is not pending in db.session:"
+                f" {state.obj()!r}. Add it to db.session before the commit, or"
+                " pass a saved instance."
+            )
 
 
 def has_instances(signature: t.Any) -> bool:

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import taskapp
+from flask_celery_ctx.outbox import cleanup
 
 # The plugin for users' tests, flask_celery_ctx.testing, is loaded by its
 # entry point, as in users' projects.
@@ -416,3 +417,11 @@ def orm_worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
 def orm_client(orm_worker: Worker) -> Flask:
     """The in-process app that sends tasks to ``orm_worker``."""
     return orm_worker.client()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Delete the outbox rows of the test's sends before its fixtures
+    dispose of the engines: a web process deletes them in the background
+    (:mod:`flask_celery_ctx.outbox.cleanup`)."""
+    cleanup.flush()

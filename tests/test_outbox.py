@@ -37,6 +37,7 @@ from werkzeug.serving import make_server
 
 import outboxapp
 from flask_celery_ctx.db import database
+from flask_celery_ctx.outbox import cleanup
 from flask_celery_ctx.outbox import table as outbox
 from flask_celery_ctx.outbox.relay import relay_all
 from outboxapp import Order
@@ -136,6 +137,7 @@ def start_worker(config: dict[str, t.Any]) -> Worker:
 
 
 def rows(engine: Engine) -> list[t.Any]:
+    cleanup.flush()  # the rows of published sends, deleted in the background
     return outbox.pending(engine) if outbox.has_table(engine) else []
 
 

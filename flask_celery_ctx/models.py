@@ -208,19 +208,26 @@ def shown_instances(value: t.Any) -> t.Any:
     return _replace_instances(value, _shown_instance)[0]
 
 
-def instances(value: t.Any) -> list[InstanceState[t.Any]]:
-    """The states of the instances in a value, its lists, tuples, dicts and
-    signatures, in the order met.
+def instances(
+    value: t.Any, embedded: bool = True
+) -> tuple[t.Any, list[InstanceState[t.Any]]]:
+    """Find the instances in a value, its lists, tuples and dicts (and
+    signatures, ``embedded``), for a trial of the serializer before their
+    keys are known.
 
-    :param value: Arguments and options, or one of them.
+    :param value: Arguments, or one of them.
+    :param embedded: Look into signatures too, as in ``_replace_instances``.
+    :return: The value with each instance replaced by a reference with no
+        key, and the states of the instances, in the order met.
     """
     found: list[InstanceState[t.Any]] = []
+    placeholder = {MODEL: "", KEY: [], SIG: ""}
 
-    def add(instance: t.Any, state: InstanceState[t.Any]) -> None:
+    def add(instance: t.Any, state: InstanceState[t.Any]) -> dict[str, t.Any]:
         found.append(state)
+        return placeholder
 
-    _replace_instances(value, add, embedded=True)
-    return found
+    return _replace_instances(value, add, embedded)[0], found
 
 
 def sessions(value: t.Any) -> list[Session]:
@@ -229,7 +236,7 @@ def sessions(value: t.Any) -> list[Session]:
 
     :param value: Arguments and options, or one of them.
     """
-    found = {s.session: None for s in instances(value) if s.session is not None}
+    found = {s.session: None for s in instances(value)[1] if s.session is not None}
     return list(found)
 
 
@@ -269,17 +276,6 @@ def has_instances(signature: t.Any) -> bool:
     :param signature: A signature, or the dict of one.
     """
     return _replace_instances(signature, lambda *_: None, embedded=True)[1]
-
-
-def placeholders(value: t.Any, embedded: bool = False) -> t.Any:
-    """Replace the instances in a value by a reference with no key, for a trial
-    of the serializer before the keys are known.
-
-    :param value: Arguments, or one of them.
-    :param embedded: Look into signatures too, as in ``_replace_instances``.
-    """
-    placeholder = {MODEL: "", KEY: [], SIG: ""}
-    return _replace_instances(value, lambda *_: placeholder, embedded)[0]
 
 
 def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:

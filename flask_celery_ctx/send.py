@@ -355,13 +355,16 @@ def on_commit(
     if ext.carry_g:
         # Captured now: the commit may come in another context.
         carry_g(ext.carry_g, task.name, options)
+    # The arguments as the serializer will see them, and the instances.
+    trial, states = models.instances([list(args or ()), dict(kwargs or {})], False)
     signatures = [options[name] for name in _WITH_SIGNATURES if options.get(name)]
-    states = models.instances([args, kwargs, *signatures])
+    if signatures:
+        states += models.instances(signatures)[1]
     session = session_of(states)
     if session is None:
         return _send(Send(task, args, kwargs, options))
     written = outbox.enabled(task.app)
-    check(ext, task, args, kwargs, options, session, states, written)
+    check(ext, task, trial, options, session, states, written)
     trace = tracecontext.capture() if written else None
     install()
     transaction = session.get_nested_transaction() or session.get_transaction()
@@ -406,8 +409,7 @@ def session_of(states: t.Sequence[InstanceState[t.Any]]) -> Session | None:
 def check(
     ext: FlaskCelery,
     task: ContextTask,
-    args: t.Any,
-    kwargs: t.Any,
+    trial: list[t.Any],
     options: dict[str, t.Any],
     session: Session,
     states: t.Sequence[InstanceState[t.Any]],
@@ -419,8 +421,9 @@ def check(
 
     :param ext: The task's extension.
     :param task: The task.
-    :param args: Positional arguments of the task.
-    :param kwargs: Keyword arguments of the task.
+    :param trial: The positional and keyword arguments, in a list, the
+        instances replaced by references with no key
+        (:func:`~flask_celery_ctx.models.instances`).
     :param options: Options of :meth:`apply_async`.
     :param session: The session whose commit the send waits for.
     :param states: The states of the instances in the arguments and the
@@ -428,7 +431,7 @@ def check(
     :param written: Whether the send is to be written to the outbox.
     """
     ext.check_config_unchanged(task.name)
-    args, kwargs = list(args or ()), dict(kwargs or {})
+    args, kwargs = trial
     check_arguments = getattr(task, "__header__", None)
     if task.typing and check_arguments is not None:
         check_arguments(*args, **kwargs)
@@ -437,9 +440,8 @@ def check(
         check_signatures(task, options)
     if states:
         models.check_pending(task.name, states, session, bool(ext.app.secret_key))
-        args, kwargs = models.placeholders([args, kwargs])
     # The instances in signatures are stored as references.
-    stored = models.placeholders(options, embedded=True) if signatures else options
+    stored = models.instances(options)[0] if signatures else options
     serializer = _serializer(task, options)
     if written and serializer == "json":
         try:  # one encoding for both, when it succeeds

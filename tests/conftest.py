@@ -29,8 +29,9 @@ from sqlalchemy import MetaData
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-import taskapp
 from flask_celery_ctx.outbox import cleanup
+
+import taskapp
 
 # The plugin for users' tests, flask_celery_ctx.testing, is loaded by its
 # entry point, as in users' projects.

@@ -404,7 +404,11 @@ def test_a_live_web_process_leaves_the_relay_nothing_it_published(
 ) -> None:
     """The rows of the sends a web process published are deleted in the
     background, before their lease ends: a relay running all along, with a
-    lease of a second, publishes none of them again."""
+    lease of a second, publishes none of them again. (On SQLite they are
+    deleted at once, and a commit may wait for the database's lock longer
+    than the lease.)"""
+    if url.startswith("sqlite"):
+        pytest.skip("on SQLite the rows are deleted at once, in the request")
     settings = config(url)
     worker = start_worker(settings)
     server, port = serve(settings)

@@ -8,7 +8,11 @@ once, only before then. The process hands the ids of its published rows to
 :func:`delete_later`; a thread of its own deletes those gathered over
 :data:`GATHER` seconds with one statement per database (up to
 :data:`~flask_celery_ctx.outbox.table.CHUNK` rows each), out of the way of
-the requests. A process that exits deletes what is left first (``atexit``).
+the requests, and out of the traces (:mod:`.untraced`): each request's
+trace ends with its publish. A process that exits deletes what is left
+first: at
+``atexit``, and in a worker's processes, which may leave without it, at
+Celery's ``worker_process_shutdown`` and ``worker_shutdown`` signals.
 
 A row is so deleted well within its lease, and no relay publishes it again
 while the process that published it lives. A process killed between a
@@ -29,6 +33,10 @@ import os
 import threading
 import time
 import typing as t
+
+from celery import signals
+
+from .untraced import untraced
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -105,6 +113,13 @@ def _run() -> None:
         _wake.wait()
         time.sleep(GATHER)  # the commits of the next moments join in
         _wake.clear()
+        _flush_untraced()
+
+
+def _flush_untraced(**kwargs: t.Any) -> None:
+    """:func:`flush`, creating no trace of its own: the rows' traces were
+    their requests'."""
+    with untraced():
         flush()
 
 
@@ -117,4 +132,7 @@ def _forget_parents() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parents)
-atexit.register(flush)
+atexit.register(_flush_untraced)
+# A prefork pool's process leaves by os._exit(), without atexit.
+signals.worker_process_shutdown.connect(_flush_untraced, weak=False)
+signals.worker_shutdown.connect(_flush_untraced, weak=False)

@@ -143,11 +143,28 @@ def _state(value: t.Any) -> InstanceState[t.Any] | None:
     # nothing is mapped before SQLAlchemy is imported.
     if type(value) in _SCALARS or "sqlalchemy" not in sys.modules:
         return None
+    kind = _instance_state()
+    # Where SQLAlchemy's default instrumentation keeps it: no registry
+    # look-up for the common case.
+    state = getattr(value, "_sa_instance_state", None)
+    if isinstance(state, kind):
+        return state
     from sqlalchemy import inspect
-    from sqlalchemy.orm import InstanceState
 
     state = inspect(value, raiseerr=False)
-    return state if isinstance(state, InstanceState) else None
+    return state if isinstance(state, kind) else None
+
+
+_found: list[type[InstanceState[t.Any]]] = []
+
+
+def _instance_state() -> type[InstanceState[t.Any]]:
+    """SQLAlchemy's ``InstanceState``, imported once it is needed."""
+    if not _found:
+        from sqlalchemy.orm import InstanceState
+
+        _found.append(InstanceState)
+    return _found[0]
 
 
 _CONTAINERS = (list, tuple, dict)

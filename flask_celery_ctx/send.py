@@ -324,7 +324,7 @@ class Send:
 
 
 class _Pending:
-    __slots__ = ("committed", "sends", "written")
+    __slots__ = ("_outbox", "committed", "sends", "written")
 
     def __init__(self) -> None:
         self.sends: list[Send] = []
@@ -333,6 +333,15 @@ class _Pending:
         # perhaps queued in an enclosing one: a rollback of this one removes
         # the rows, and those sends need them written again.
         self.written: list[Send] = []
+        self._outbox: dict[Celery[t.Any], bool] = {}
+
+    def outbox(self, celery: Celery[t.Any]) -> bool:
+        """Whether the sends of ``celery`` go through the outbox, read once
+        per transaction."""
+        found = self._outbox.get(celery)
+        if found is None:
+            found = self._outbox[celery] = outbox.enabled(celery)
+        return found
 
 
 def on_commit(
@@ -363,15 +372,16 @@ def on_commit(
     session = session_of(states)
     if session is None:
         return _send(Send(task, args, kwargs, options))
-    written = outbox.enabled(task.app)
-    check(ext, task, trial, options, session, states, written)
-    trace = tracecontext.capture() if written else None
-    install()
     transaction = session.get_nested_transaction() or session.get_transaction()
     store: dict[SessionTransaction, _Pending] = session.info.setdefault(_KEY, {})
-    store.setdefault(transaction, _Pending()).sends.append(  # type: ignore[arg-type]
-        Send(task, args, kwargs, options, trace)
-    )
+    pending = store.get(transaction)  # type: ignore[arg-type]
+    if pending is None:
+        install()
+        pending = store[transaction] = _Pending()  # type: ignore[index]
+    written = pending.outbox(task.app)
+    check(ext, task, trial, options, session, states, written)
+    trace = tracecontext.capture() if written else None
+    pending.sends.append(Send(task, args, kwargs, options, trace))
     return task.AsyncResult(options["task_id"])
 
 

@@ -51,6 +51,8 @@ GATHER = 0.05
 MIN_LEASE = 0.5
 
 _lock = threading.Lock()
+# Held while rows are deleted.
+_deleting = threading.Lock()
 # Ids waiting to be deleted, per engine.
 _waiting: dict[Engine, list[str]] = {}
 _wake = threading.Event()
@@ -79,12 +81,14 @@ def delete_later(engine: Engine, ids: list[str], lease: float) -> None:
 
 
 def flush() -> None:
-    """Delete now, in the caller's thread, the rows waiting to be deleted."""
-    with _lock:
-        taken = dict(_waiting)
-        _waiting.clear()
-    for engine, ids in taken.items():
-        delete(engine, ids)
+    """Delete now, in the caller's thread, the rows waiting to be deleted,
+    once those being deleted are."""
+    with _deleting:
+        with _lock:
+            taken = dict(_waiting)
+            _waiting.clear()
+        for engine, ids in taken.items():
+            delete(engine, ids)
 
 
 def delete(engine: Engine, ids: list[str]) -> None:
@@ -126,8 +130,9 @@ def _flush_untraced(**kwargs: t.Any) -> None:
 def _forget_parents() -> None:
     """In a forked child: the parent's rows are the parent's to delete, and
     its thread is not here."""
-    global _lock, _wake, _thread
-    _lock, _wake, _thread = threading.Lock(), threading.Event(), None
+    global _lock, _deleting, _wake, _thread
+    _lock, _deleting = threading.Lock(), threading.Lock()
+    _wake, _thread = threading.Event(), None
     _waiting.clear()
 
 

@@ -676,14 +676,17 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 def _absolute(options: dict[str, t.Any], now: float) -> dict[str, t.Any]:
     """Options whose delays count from the commit: ``countdown`` as an
     ``eta``, and a relative ``expires`` as a time."""
-    at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     countdown = options.pop("countdown", None)
     if countdown is not None and options.get("eta") is None:
-        options["eta"] = at + datetime.timedelta(seconds=float(countdown))
+        options["eta"] = _at(now) + datetime.timedelta(seconds=float(countdown))
     expires = options.get("expires")
     if isinstance(expires, (int, float)) and not isinstance(expires, bool):
-        options["expires"] = at + datetime.timedelta(seconds=float(expires))
+        options["expires"] = _at(now) + datetime.timedelta(seconds=float(expires))
     return options
+
+
+def _at(now: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
 
 
 _T = t.TypeVar("_T")

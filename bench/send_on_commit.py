@@ -18,11 +18,13 @@ meanwhile (off the request path), by SQLAlchemy's ``before_cursor_execute``
 and ``commit`` events: a ``COMMIT`` counts as a statement.
 
 With ``--instructions``, it counts instead, with valgrind's callgrind, the
-instructions the process spends per request (every thread's, the
-deletions in the background included), which the load of a shared machine
-does not move: the process runs under ``valgrind --tool=callgrind
+instructions the process spends per request, which the load of a shared
+machine does not move: the process runs under ``valgrind --tool=callgrind
 --dump-before=getloadavg``, and each call of ``os.getloadavg()`` ends a
-count. Waits for the database and Redis count nothing.
+count. The rows of the published sends, which a thread deletes in the
+background, are deleted apart after each cell's requests, and counted
+apart (off the request path). Waits for the database and Redis count
+nothing.
 
 Nothing here asserts a time; the table goes to ``results/send-on-commit.md``
 and ``.json`` (``send-on-commit-LABEL.*`` with ``--label``).
@@ -263,31 +265,35 @@ def main() -> None:
 
 
 def child(app: Flask, redis_url: str, queue: str) -> None:
-    """Under callgrind: for each K and variant, a count of ``COUNTED[K]``
-    requests, the deletions of their rows included, between two marks."""
+    """Under callgrind: for each K and variant, ``COUNTED[K]`` requests
+    between two marks, then the deletion of their rows, off the request
+    path, between two more."""
     try:
         from flask_celery_ctx.outbox import cleanup
     except ImportError:
-        pass  # a version that deletes the rows on the request path
+        cleanup = None  # a version that deletes the rows in the request
     else:
-        # Callgrind runs the process some 40 times slower: the rows of as
-        # many requests are gathered into one statement as without it.
-        cleanup.GATHER *= 40
+        # Never during the requests: deleted apart, below, all at once.
+        cleanup.GATHER = 3600
     client = app.test_client()
     broker = redis.Redis.from_url(redis_url)
     for variant in VARIANTS:  # imports, connections, the outbox table
         for count in COUNTS:
             client.post(f"/{variant}?k={count}")
-    time.sleep(1)
+    if cleanup is not None:
+        cleanup.flush()
     broker.delete(queue)
+    os.getloadavg()  # a dump: the start-up
     for count in COUNTS:
         for variant in VARIANTS:
-            os.getloadavg()  # a dump: what came before
             for _ in range(COUNTED[count]):
                 assert client.post(f"/{variant}?k={count}").status_code == 200
-            time.sleep(4)  # the rows deleted in the background
             os.getloadavg()  # a dump: the requests
+            if cleanup is not None:
+                cleanup.flush()
+            os.getloadavg()  # a dump: their rows deleted
             broker.delete(queue)
+            os.getloadavg()  # a dump: the queue emptied
 
 
 def instructions(args: argparse.Namespace) -> None:
@@ -315,25 +321,35 @@ def instructions(args: argparse.Namespace) -> None:
                 if line.startswith("totals:"):
                     counts.append(int(line.split()[1]))
                     break
-    # Dump 1 is the start-up; then, per cell, its requests and the gap
-    # before the next.
+    # Dump 1 is the start-up; then, per cell, its requests, the deletion of
+    # their rows, and the queue emptied.
     cells = [(count, variant) for count in COUNTS for variant in VARIANTS]
     per_request = {
-        cell: counts[1 + 2 * i] / COUNTED[cell[0]] for i, cell in enumerate(cells)
+        cell: (
+            counts[1 + 3 * i] / COUNTED[cell[0]],
+            counts[2 + 3 * i] / COUNTED[cell[0]],
+        )
+        for i, cell in enumerate(cells)
     }
     lines = [
-        "Instructions per request (callgrind, every thread of the process).",
+        "Instructions per request (callgrind): on the request's path, and off"
+        " it (the rows of the published sends deleted apart, those of a cell's"
+        " requests in one go).",
         "",
-        "| K | delay() after the commit | delay_on_commit | ratio | extra per send |",
-        "|---|---|---|---|---|",
+        "| K | delay() after the commit | delay_on_commit, request path |"
+        " ratio | extra per send | delay_on_commit, off the path |",
+        "|---|---|---|---|---|---|",
     ]
     rows = []
     for count in COUNTS:
-        delay, on_commit = per_request[count, "delay"], per_request[count, "on_commit"]
-        rows.append({"k": count, "delay": delay, "on_commit": on_commit})
+        delay = per_request[count, "delay"][0]
+        on_commit, off = per_request[count, "on_commit"]
+        rows.append(
+            {"k": count, "delay": delay, "on_commit": on_commit, "off_path": off}
+        )
         lines.append(
             f"| {count} | {delay:,.0f} | {on_commit:,.0f} | {on_commit / delay:.3f}"
-            f" | {(on_commit - delay) / count:,.0f} |"
+            f" | {(on_commit - delay) / count:,.0f} | {off:,.0f} |"
         )
     name = "send-on-commit-instructions" + (f"-{args.label}" if args.label else "")
     args.out.mkdir(parents=True, exist_ok=True)

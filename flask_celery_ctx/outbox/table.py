@@ -53,6 +53,7 @@ from sqlalchemy import select
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
+from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import UnboundExecutionError
@@ -236,8 +237,18 @@ def remove(engine: Engine, ids: t.Sequence[str]) -> None:
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         for chunk in _chunks(ids):
-            conn.execute(delete(table).where(table.c.id.in_(chunk)))
+            if engine.dialect.name == "postgresql":
+                conn.execute(_DELETE_ARRAY, {"ids": list(chunk)})
+            else:
+                conn.execute(delete(table).where(table.c.id.in_(chunk)))
     _created.add(engine)
+
+
+#: On PostgreSQL, the ids as one array: far less work for the process than
+#: a parameter per id.
+_DELETE_ARRAY = text(
+    f"DELETE FROM {TABLE_NAME} WHERE id = ANY(CAST(:ids AS varchar[]))"
+)
 
 
 def has_table(engine: Engine) -> bool:
@@ -567,8 +578,8 @@ def describe(error: BaseException, length: int = 300) -> str:
         # The driver's first line: the next ones quote the statement.
         error = error.orig
         message = str(error).partition("\n")[0]
-    text = f"{type(error).__name__}: {message}".strip()
-    return text if len(text) <= length else text[: length - 3] + "..."
+    found = f"{type(error).__name__}: {message}".strip()
+    return found if len(found) <= length else found[: length - 3] + "..."
 
 
 def written_to(session: Session) -> Engine | None:

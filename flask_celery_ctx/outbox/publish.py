@@ -81,7 +81,9 @@ class Attempt:
         self.failure: str | None = _held(self._key)
         #: How many sends were left to the relay.
         self.left = 0
-        self._subscribes = _subscribes_before_send(celery)
+        # Whether the result backend subscribes before a send; asked at the
+        # first publish, which creates the backend.
+        self._subscribes: bool | None = None
 
     def publish(
         self, task: t.Any, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
@@ -105,6 +107,8 @@ class Attempt:
             # Its references made and its values carried already: its
             # apply_async publishes it as it is.
             options[PREPARED] = True
+        if self._subscribes is None:
+            self._subscribes = _subscribes_before_send(self.celery)
         if self._subscribes:
             # Skip the backend's subscription (see the module's docstring);
             # the message keeps the task's own ignore_result.

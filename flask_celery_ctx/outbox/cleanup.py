@@ -30,9 +30,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import typing as t
+from contextlib import nullcontext
 
 from celery import signals
 
@@ -122,8 +124,11 @@ def _run() -> None:
 
 def _flush_untraced(**kwargs: t.Any) -> None:
     """:func:`flush`, creating no trace of its own: the rows' traces were
-    their requests'."""
-    with untraced():
+    their requests'. Neither tracing library is imported for it."""
+    if not _waiting:
+        return
+    traced = "sentry_sdk" in sys.modules or "opentelemetry" in sys.modules
+    with untraced() if traced else nullcontext():
         flush()
 
 

@@ -365,7 +365,9 @@ def on_commit(
         # Captured now: the commit may come in another context.
         carry_g(ext.carry_g, task.name, options)
     # The arguments as the serializer will see them, and the instances.
-    trial, states = models.instances([list(args or ()), dict(kwargs or {})], False)
+    trial, states = models.instances(
+        [list(args or ()), dict(kwargs or {})], embedded=False
+    )
     signatures = [options[name] for name in _WITH_SIGNATURES if options.get(name)]
     if signatures:
         states += models.instances(signatures)[1]

@@ -100,22 +100,6 @@ def capture(names: tuple[str, ...], task_name: str) -> str | None:
         raise
 
 
-def attach(names: tuple[str, ...], task_name: str, options: dict[str, t.Any]) -> None:
-    """Put the carried values into the ``headers`` option of a send, unless
-    it has them already (a retry, a send queued for the commit).
-
-    :param names: The names of the attributes of ``g``.
-    :param task_name: The task's name, for the error message.
-    :param options: The options of ``apply_async``, changed in place.
-    """
-    headers = options.get("headers")
-    if headers and HEADER in headers:
-        return
-    value = capture(names, task_name)
-    if value is not None:
-        options["headers"] = {**(headers or {}), HEADER: value}
-
-
 def carry_other_sends(ext: FlaskCelery) -> None:
     """Carry the values in the messages of the extension's tasks that are not
     sent by :meth:`~flask_celery_ctx.ContextTask.apply_async`: tasks of

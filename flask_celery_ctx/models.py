@@ -27,6 +27,7 @@ import pkgutil
 import reprlib
 import sys
 import typing as t
+from weakref import WeakKeyDictionary
 
 from itsdangerous import Signer
 
@@ -111,8 +112,20 @@ def signer(app: Flask) -> Signer | None:
     """
     if not app.secret_key:
         return None
-    keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key]
-    return Signer(keys, salt=SALT, digest_method=hashlib.sha256)
+    keys = (*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key)
+    cached = _signers.get(app)
+    if cached is None or cached[0] != keys:
+        cached = _signers[app] = (
+            keys,
+            Signer(list(keys), salt=SALT, digest_method=hashlib.sha256),
+        )
+    return cached[1]
+
+
+# Per app: the keys and the signer made with them, made again when they change.
+_signers: WeakKeyDictionary[Flask, tuple[tuple[t.Any, ...], Signer]] = (
+    WeakKeyDictionary()
+)
 
 
 def _signed_text(name: t.Any, key: t.Any) -> bytes:
@@ -130,11 +143,28 @@ def _state(value: t.Any) -> InstanceState[t.Any] | None:
     # nothing is mapped before SQLAlchemy is imported.
     if type(value) in _SCALARS or "sqlalchemy" not in sys.modules:
         return None
+    kind = _instance_state()
+    # Where SQLAlchemy's default instrumentation keeps it: no registry
+    # look-up for the common case.
+    state = getattr(value, "_sa_instance_state", None)
+    if isinstance(state, kind):
+        return state
     from sqlalchemy import inspect
-    from sqlalchemy.orm import InstanceState
 
     state = inspect(value, raiseerr=False)
-    return state if isinstance(state, InstanceState) else None
+    return state if isinstance(state, kind) else None
+
+
+_found: list[type[InstanceState[t.Any]]] = []
+
+
+def _instance_state() -> type[InstanceState[t.Any]]:
+    """SQLAlchemy's ``InstanceState``, imported once it is needed."""
+    if not _found:
+        from sqlalchemy.orm import InstanceState
+
+        _found.append(InstanceState)
+    return _found[0]
 
 
 _CONTAINERS = (list, tuple, dict)
@@ -195,38 +225,26 @@ def shown_instances(value: t.Any) -> t.Any:
     return _replace_instances(value, _shown_instance)[0]
 
 
-def check_pending(
-    task_name: str,
-    values: t.Any,
-    session: Session,
-    sign: Signer | None,
-    embedded: bool = False,
-) -> None:
-    """Check, before a send is queued for the commit, that every instance in
-    ``values`` can be sent by then: it has a primary key, or it is pending in
-    ``session``, whose commit flushes it; and the app has a ``SECRET_KEY``.
+def instances(
+    value: t.Any, embedded: bool = True
+) -> tuple[t.Any, list[InstanceState[t.Any]]]:
+    """Find the instances in a value, its lists, tuples and dicts (and
+    signatures, ``embedded``), for a trial of the serializer before their
+    keys are known.
 
-    :param task_name: The task, for the error message.
-    :param values: The positional and keyword argument values.
-    :param session: The session whose commit the send waits for.
-    :param sign: The app's :func:`signer`.
+    :param value: Arguments, or one of them.
     :param embedded: Look into signatures too, as in ``_replace_instances``.
-    :raises ValueError: An instance is not saved and would not be.
-    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
+    :return: The value with each instance replaced by a reference with no
+        key, and the states of the instances, in the order met.
     """
+    found: list[InstanceState[t.Any]] = []
+    placeholder = {MODEL: "", KEY: [], SIG: ""}
 
-    def check(instance: t.Any, state: InstanceState[t.Any]) -> None:
-        if sign is None:
-            raise _no_secret_key(task_name, instance)
-        if state.key is None and not (state.pending and state.session is session):
-            raise ValueError(
-                f"Task {task_name!r} got an instance of {type(instance).__name__}"
-                f" that has no primary key and is not pending in db.session:"
-                f" {instance!r}. Add it to db.session before the commit, or"
-                " pass a saved instance."
-            )
+    def add(instance: t.Any, state: InstanceState[t.Any]) -> dict[str, t.Any]:
+        found.append(state)
+        return placeholder
 
-    _replace_instances(values, check, embedded)
+    return _replace_instances(value, add, embedded)[0], found
 
 
 def sessions(value: t.Any) -> list[Session]:
@@ -235,15 +253,37 @@ def sessions(value: t.Any) -> list[Session]:
 
     :param value: Arguments and options, or one of them.
     """
-    found: dict[Session, None] = {}
-
-    def held(instance: t.Any, state: InstanceState[t.Any]) -> None:
-        session = state.session
-        if session is not None:
-            found[session] = None
-
-    _replace_instances(value, held, embedded=True)
+    found = {s.session: None for s in instances(value)[1] if s.session is not None}
     return list(found)
+
+
+def check_pending(
+    task_name: str,
+    states: t.Iterable[InstanceState[t.Any]],
+    session: Session,
+    signs: bool,
+) -> None:
+    """Check, before a send is queued for the commit, that every instance
+    can be sent by then: it has a primary key, or it is pending in
+    ``session``, whose commit flushes it; and the app has a ``SECRET_KEY``.
+
+    :param task_name: The task, for the error message.
+    :param states: The states of the instances (:func:`instances`).
+    :param session: The session whose commit the send waits for.
+    :param signs: Whether the app has a ``SECRET_KEY`` to sign with.
+    :raises ValueError: An instance is not saved and would not be.
+    :raises RuntimeError: The app has no ``SECRET_KEY`` to sign with.
+    """
+    for state in states:
+        if not signs:
+            raise _no_secret_key(task_name, state.obj())
+        if state.key is None and not (state.pending and state.session is session):
+            raise ValueError(
+                f"Task {task_name!r} got an instance of {state.class_.__name__}"
+                f" that has no primary key and is not pending in db.session:"
+                f" {state.obj()!r}. Add it to db.session before the commit, or"
+                " pass a saved instance."
+            )
 
 
 def has_instances(signature: t.Any) -> bool:
@@ -253,17 +293,6 @@ def has_instances(signature: t.Any) -> bool:
     :param signature: A signature, or the dict of one.
     """
     return _replace_instances(signature, lambda *_: None, embedded=True)[1]
-
-
-def placeholders(value: t.Any, embedded: bool = False) -> t.Any:
-    """Replace the instances in a value by a reference with no key, for a trial
-    of the serializer before the keys are known.
-
-    :param value: Arguments, or one of them.
-    :param embedded: Look into signatures too, as in ``_replace_instances``.
-    """
-    placeholder = {MODEL: "", KEY: [], SIG: ""}
-    return _replace_instances(value, lambda *_: placeholder, embedded)[0]
 
 
 def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:

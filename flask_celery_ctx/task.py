@@ -7,32 +7,25 @@ import typing as t
 
 from celery import Task
 from celery.utils import uuid
-from celery.utils.functional import maybe_list
-from celery.utils.saferepr import saferepr
 from flask.globals import _cv_app
-from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from . import carry
 from . import coroutines
 from . import models
 from . import once
-from . import oncommit
+from . import send
 from . import tracing
 from . import unique
 from .context import inline_context
 from .db import database
+from .send import extension_of
 from .tracing import current as _current_call
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
     from celery.result import EagerResult
-    from flask import Flask
-    from sqlalchemy.orm import Session
     from typing_extensions import ParamSpec
     from typing_extensions import TypeVar
-
-    from .extension import FlaskCelery
 
     # Defaults, for ``ContextTask`` without type arguments: any arguments.
     _P = ParamSpec("_P", default=...)
@@ -53,29 +46,6 @@ else:
             return types.GenericAlias(Task, params)
 
     _GenericTask = _TaskOf()
-
-
-#: The options of ``apply_async`` whose signatures the worker sends when the
-#: task is done, with the task's :class:`ContextTask` loading their instances.
-_SIGNATURE_OPTIONS = ("link", "chain", "chord")
-
-
-def extension_of(task: Task[t.Any, t.Any]) -> FlaskCelery:
-    """Return the :class:`~flask_celery_ctx.FlaskCelery` whose Celery app a
-    task belongs to.
-
-    :param task: A task.
-    :raises RuntimeError: The task's Celery app was not made by
-        :class:`~flask_celery_ctx.FlaskCelery`.
-    """
-    ext: FlaskCelery | None = getattr(task.app, "flask_celery", None)
-    if ext is None:
-        raise RuntimeError(
-            f"Task {task.name!r} belongs to a Celery app that FlaskCelery did not"
-            " make. Declare tasks with '@ext.celery.task', where 'ext' is your"
-            " FlaskCelery instance."
-        )
-    return ext
 
 
 class ContextTask(_GenericTask[_P, _R_co]):
@@ -273,10 +243,6 @@ class ContextTask(_GenericTask[_P, _R_co]):
             arguments; the message names the task and what to pass instead.
             Or a value of ``g`` to carry is not JSON (see :doc:`/carry`).
         """
-        ext = extension_of(self)
-        ext.check_config_unchanged(self.name)
-        if ext.carry_g:
-            carry.attach(ext.carry_g, self.name, options)
         if self.unique_for or "unique_for" in options or "unique_key" in options:
             return unique.send(self, args, kwargs, arguments, options, self._publish)
         return self._publish(args, kwargs, *arguments, **options)
@@ -284,11 +250,11 @@ class ContextTask(_GenericTask[_P, _R_co]):
     def _publish(
         self, args: t.Any, kwargs: t.Any, *arguments: t.Any, **options: t.Any
     ) -> AsyncResult[_R_co]:
-        args, kwargs = self._dump_instances(args, kwargs, options, committed=True)
+        args, kwargs = send.prepare_now(self, args, kwargs, options)
         try:
             return super().apply_async(args, kwargs, *arguments, **options)
         except EncodeError as exc:
-            raise self._encode_error(exc, options) from exc
+            raise send.encode_error(self, exc, options) from exc
 
     def delay_on_commit(
         self, *args: _P.args, **kwargs: _P.kwargs
@@ -322,41 +288,7 @@ class ContextTask(_GenericTask[_P, _R_co]):
         :raises kombu.exceptions.EncodeError: The serializer refuses the
             arguments, or a value of ``g`` to carry is not JSON.
         """
-        names = extension_of(self).carry_g
-        if names:
-            # Captured now: the commit may come in another context.
-            carry.attach(names, self.name, options)
-        return oncommit.send_on_commit(self, args, kwargs, options)
-
-    def check_sendable(
-        self, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], session: Session
-    ) -> None:
-        """Check, when a send is queued for the commit, what would otherwise
-        fail only after it: the config, the signature, the instances, the
-        serializer.
-
-        :param args: Positional arguments of the task.
-        :param kwargs: Keyword arguments of the task.
-        :param options: Options of :meth:`apply_async`.
-        :param session: The session whose commit the send waits for.
-        :meta private:
-        """
-        ext = extension_of(self)
-        ext.check_config_unchanged(self.name)
-        args, kwargs = list(args or ()), dict(kwargs or {})
-        check_arguments = getattr(self, "__header__", None)
-        if self.typing and check_arguments is not None:
-            check_arguments(*args, **kwargs)
-        sign = models.signer(ext.app)
-        models.check_pending(self.name, [args, kwargs], session, sign)
-        self._check_signatures(options)
-        signatures = [options.get(name) for name in _SIGNATURE_OPTIONS]
-        models.check_pending(self.name, signatures, session, sign, embedded=True)
-        args, kwargs = models.placeholders([args, kwargs])
-        try:
-            serialization.dumps((args, kwargs), self._serializer(options))
-        except EncodeError as exc:
-            raise self._encode_error(exc, options) from exc
+        return send.on_commit(self, args, kwargs, options)
 
     def load_instances(self, args: t.Any, kwargs: t.Any) -> None:
         """Replace the references in the arguments of the running task by
@@ -391,103 +323,6 @@ class ContextTask(_GenericTask[_P, _R_co]):
                 f" {type(args).__name__}, which cannot be replaced in place."
             )
         models.load(self, found.session(), args, kwargs, models.signer(app))
-
-    def _dump_instances(
-        self,
-        args: t.Any,
-        kwargs: t.Any,
-        options: dict[str, t.Any],
-        committed: bool = False,
-    ) -> tuple[t.Any, t.Any]:
-        """Make references of the instances in the arguments and in the
-        signatures of the options; with ``committed``, refuse instances whose
-        rows are not committed yet (see :func:`~flask_celery_ctx.models.dump`).
-        """
-        app = extension_of(self).app
-        self._dump_signatures(options, app, committed)
-        sent_args, shown_args, in_args = models.dump(
-            self.name, list(args or ()), app, committed=committed
-        )
-        sent_kwargs, shown_kwargs, in_kwargs = models.dump(
-            self.name, dict(kwargs or {}), app, committed=committed
-        )
-        if not (in_args or in_kwargs):
-            return args, kwargs
-        amqp = self.app.amqp
-        # Celery 5.7 added the task_repr_maxlevels setting; before it,
-        # messages show 3 levels, saferepr's default.
-        maxlevels = self.app.conf.get("task_repr_maxlevels", 3)
-        if type(args) is tuple:
-            shown_args = tuple(shown_args)
-        options.setdefault(
-            "argsrepr", saferepr(shown_args, amqp.argsrepr_maxsize, maxlevels=maxlevels)
-        )
-        options.setdefault(
-            "kwargsrepr",
-            saferepr(shown_kwargs, amqp.kwargsrepr_maxsize, maxlevels=maxlevels),
-        )
-        return sent_args, sent_kwargs
-
-    def _dump_signatures(
-        self, options: dict[str, t.Any], app: Flask, committed: bool
-    ) -> None:
-        """Make references of the instances in the arguments of the signatures
-        that the worker sends when this task is done, those of ``link``,
-        ``chain`` and ``chord`` (the body of a chord this task is part of):
-        their tasks load them. Refuse those that would not be loaded.
-        """
-        self._check_signatures(options)
-        for name in _SIGNATURE_OPTIONS:
-            value = options.get(name)
-            if not value:
-                continue
-            signatures = [
-                models.dump(signature["task"], signature, app, True, committed)[0]
-                for signature in maybe_list(value)
-            ]
-            options[name] = (
-                signatures if isinstance(value, (list, tuple)) else signatures[0]
-            )
-
-    def _check_signatures(self, options: dict[str, t.Any]) -> None:
-        """Refuse the instances in the signatures of the options whose task
-        would not load them: one that is not a ContextTask, or an error
-        callback."""
-        for name in _SIGNATURE_OPTIONS:
-            value = options.get(name)
-            if not value:
-                continue
-            for signature in maybe_list(value):
-                task = self.app.tasks.get(signature["task"])
-                if not isinstance(task, ContextTask) and models.has_instances(
-                    signature
-                ):
-                    raise ValueError(
-                        f"Task {signature['task']!r}, in the {name} of task"
-                        f" {self.name!r}, got a model instance in its arguments,"
-                        " but it is not a ContextTask here, so it could not load"
-                        " it. Pass ids, or declare it with '@ext.celery.task'."
-                    )
-        for errback in maybe_list(options.get("link_error")) or ():
-            if models.has_instances(errback):
-                raise ValueError(
-                    f"The error callback {errback['task']!r} of task {self.name!r}"
-                    " got a model instance in its arguments. The worker calls"
-                    " error callbacks directly, where references are not loaded:"
-                    " pass ids in the arguments of link_error signatures."
-                )
-
-    def _serializer(self, options: dict[str, t.Any]) -> str:
-        """The serializer a send with these options uses."""
-        return str(options.get("serializer") or self.serializer or "json")
-
-    def _encode_error(self, exc: EncodeError, options: dict[str, t.Any]) -> EncodeError:
-        return EncodeError(
-            f"The arguments of task {self.name!r} cannot be serialized with"
-            f" {self._serializer(options)!r}: {exc}. Pass values the serializer accepts:"
-            " for JSON, ids, strings, numbers, lists and dicts, and instances"
-            " of mapped models."
-        )
 
 
 _with_context: dict[type[t.Any], type[ContextTask]] = {}

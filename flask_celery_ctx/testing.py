@@ -37,7 +37,7 @@ from celery.worker import state as celery_worker_state
 from flask import Flask
 
 from . import models
-from . import oncommit
+from . import send
 from .db import database
 from .worker import broker_problem
 
@@ -233,14 +233,14 @@ def celery_on_commit(app: Flask) -> t.Iterator[OnCommitRecorder]:
     """
     extension_of(app)
     recorder = OnCommitRecorder()
-    previous = oncommit.recorder
-    oncommit.recorder = lambda send: recorder.record(
-        send.task, send.args, send.kwargs, send.options
+    previous = send.recorder
+    send.recorder = lambda queued: recorder.record(
+        queued.task, queued.args, queued.kwargs, queued.options
     )
     try:
         yield recorder
     finally:
-        oncommit.recorder = previous
+        send.recorder = previous
 
 
 @pytest.fixture(scope="session")

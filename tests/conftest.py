@@ -29,6 +29,8 @@ from sqlalchemy import MetaData
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from flask_celery_ctx.outbox import cleanup
+
 import taskapp
 
 # The plugin for users' tests, flask_celery_ctx.testing, is loaded by its
@@ -416,3 +418,11 @@ def orm_worker(workers: WorkerFactory, other_postgres_url: str) -> Worker:
 def orm_client(orm_worker: Worker) -> Flask:
     """The in-process app that sends tasks to ``orm_worker``."""
     return orm_worker.client()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Delete the outbox rows of the test's sends before its fixtures
+    dispose of the engines: a web process deletes them in the background
+    (:mod:`flask_celery_ctx.outbox.cleanup`)."""
+    cleanup.flush()

@@ -7,7 +7,8 @@ a session that writes to the primary and reads from ``FCC_REPLICA_URL``).
 The task writes a :class:`Seen` row per run, so that the tests count how
 many times each order's task ran. A view asked to ``kill`` the process
 does so with SIGKILL right after its COMMIT, before the messages are
-published. The config comes as JSON in ``FCC_CONFIG``, as for ``taskapp``; with
+published; asked to ``kill_after_publish``, right after its first message
+is published, before the rows of the messages published are deleted. The config comes as JSON in ``FCC_CONFIG``, as for ``taskapp``; with
 ``FCC_QUERY_LOG`` set, the process appends the time of each of its queries
 to that file.
 """
@@ -20,8 +21,11 @@ import signal
 import time
 import typing as t
 
+from celery import signals
 from celery import Task
 from flask import Flask
+from flask import g
+from flask import has_app_context
 from flask import request
 from sqlalchemy import create_engine
 from sqlalchemy import Delete
@@ -123,6 +127,7 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
             Order(name=name if count == 1 else f"{name}-{i}") for i in range(count)
         ]
         session.add_all(orders)
+        g.kill_after_publish = bool(request.args.get("kill_after_publish"))
         results = [process.delay_on_commit(order) for order in orders]
         if request.args.get("rollback"):
             session.rollback()
@@ -171,6 +176,12 @@ def _after_commit(session: orm.Session) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if after_commit is not None:
         after_commit()
+
+
+@signals.after_task_publish.connect
+def _after_publish(**kwargs: t.Any) -> None:
+    if has_app_context() and g.get("kill_after_publish"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @ext.celery.task(bind=True)

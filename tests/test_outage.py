@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 
 import outboxapp
 from flask_celery_ctx.db import database
+from flask_celery_ctx.outbox import cleanup
 from flask_celery_ctx.outbox import publish
 from flask_celery_ctx.outbox import table as outbox
 from flask_celery_ctx.outbox.relay import relay_all
@@ -195,6 +196,7 @@ def relay(app: Flask) -> int:
 
 
 def task_ids(engine: Engine) -> list[str]:
+    cleanup.flush()  # the rows of published sends, deleted in the background
     return [row.task_id for row in outbox.pending(engine)]
 
 

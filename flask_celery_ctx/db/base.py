@@ -133,7 +133,7 @@ class Database(ABC):
         opened; open none.
 
         What was flushed is undone and the sends waiting for the commit are
-        dropped (see :mod:`flask_celery_ctx.oncommit`); the sessions stay
+        dropped (see :mod:`flask_celery_ctx.send`); the sessions stay
         usable. A session whose connection cannot roll back (a query was
         interrupted, or the database dropped it) is invalidated instead: its
         connections are closed, which ends their transactions on the server.

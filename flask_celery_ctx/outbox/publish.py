@@ -30,6 +30,8 @@ import typing as t
 
 from kombu.exceptions import OperationalError
 
+from ..send import PREPARED
+from ..task import ContextTask
 from . import publish_timeout
 
 if t.TYPE_CHECKING:
@@ -50,8 +52,8 @@ _Key = tuple[int, str, float]
 _failed: dict[_Key, tuple[float, str]] = {}
 _failed_lock = threading.Lock()
 
-# Per thread: the connections kept from one commit to the next, and the
-# process they were opened in.
+# Per thread: the connections kept from one commit to the next, with their
+# producers, and the process they were opened in.
 _kept = threading.local()
 
 
@@ -79,16 +81,19 @@ class Attempt:
         self.failure: str | None = _held(self._key)
         #: How many sends were left to the relay.
         self.left = 0
+        # Whether the result backend subscribes before a send; asked at the
+        # first publish, which creates the backend.
+        self._subscribes: bool | None = None
 
     def publish(
         self, task: t.Any, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]
     ) -> bool:
-        """Publish a send, unless the attempt has stopped.
+        """Publish a send of an outbox row, unless the attempt has stopped.
 
         :param task: The task.
-        :param args: Positional arguments.
-        :param kwargs: Keyword arguments.
-        :param options: Options of ``apply_async``.
+        :param args: Positional arguments, model instances as references.
+        :param kwargs: Keyword arguments, likewise.
+        :param options: Options of ``apply_async``, carried values included.
         :return: Whether it was published; if not, the broker failed now or
             before, and the send is left to the relay.
         :raises Exception: What the send raised when the broker is not the
@@ -98,7 +103,13 @@ class Attempt:
             self.left += 1
             return False
         options = {**options, "retry": False}
-        if _subscribes_before_send(self.celery):
+        if isinstance(task, ContextTask):
+            # Its references made and its values carried already: its
+            # apply_async publishes it as it is.
+            options[PREPARED] = True
+        if self._subscribes is None:
+            self._subscribes = _subscribes_before_send(self.celery)
+        if self._subscribes:
             # Skip the backend's subscription (see the module's docstring);
             # the message keeps the task's own ignore_result.
             headers = dict(options.get("headers") or {})
@@ -150,8 +161,8 @@ class Attempt:
 
         :param report: Log what was left; a relay says it in its own words.
         """
-        if self._connection is not None:
-            _kept_connections()[self._key] = self._connection
+        if self._connection is not None and self._producer is not None:
+            _kept_connections()[self._key] = (self._connection, self._producer)
             self._connection = self._producer = None
         if self.left and report:
             logger.warning(
@@ -166,12 +177,13 @@ class Attempt:
 
     def _producer_or_open(self) -> Producer:
         if self._producer is None:
-            connection = _kept_connections().pop(self._key, None)
-            self._reused = connection is not None
-            if connection is None:
+            kept = _kept_connections().pop(self._key, None)
+            self._reused = kept is not None
+            if kept is None:
                 connection = self._open()
-            self._connection = connection
-            self._producer = self.celery.amqp.Producer(connection, auto_declare=False)
+                producer = self.celery.amqp.Producer(connection, auto_declare=False)
+                kept = (connection, producer)
+            self._connection, self._producer = kept
         return self._producer
 
     def _open(self) -> Connection:
@@ -232,8 +244,10 @@ def forget() -> None:
         _failed.clear()
 
 
-def _kept_connections() -> dict[_Key, Connection]:
-    found: dict[_Key, Connection] | None = getattr(_kept, "connections", None)
+def _kept_connections() -> dict[_Key, tuple[Connection, Producer]]:
+    found: dict[_Key, tuple[Connection, Producer]] | None = getattr(
+        _kept, "connections", None
+    )
     if found is None or _kept.pid != os.getpid():
         # A forked process leaves its parent's connections alone.
         _kept.connections = found = {}

@@ -273,6 +273,6 @@ def _pop(task: ContextTask, options: dict[str, t.Any]) -> tuple[float, t.Any] | 
 
 
 def _app(task: ContextTask) -> Flask:
-    from ..task import extension_of
+    from ..send import extension_of
 
     return extension_of(task).app

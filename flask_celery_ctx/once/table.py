@@ -16,7 +16,6 @@ and is created there on first use, or by a migration (see :doc:`/once`).
 from __future__ import annotations
 
 import typing as t
-from weakref import WeakSet
 
 from sqlalchemy import bindparam
 from sqlalchemy import Column
@@ -29,16 +28,14 @@ from sqlalchemy import select
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
-from sqlalchemy.schema import CreateIndex
-from sqlalchemy.schema import CreateTable
 
 from ..outbox.table import written_to
+from ..owntables import OwnTable
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
-    from sqlalchemy.sql import Executable
 
 #: The name of the table.
 TABLE_NAME = "flask_celery_once"
@@ -67,8 +64,7 @@ _FIND = select(table.c.created, table.c.result).where(
 )
 _RECORD = insert(table)
 
-# Engines known to hold the table, in this process.
-_created: WeakSet[Engine] = WeakSet()
+_own = OwnTable(table, _by_creation)
 
 
 def engine_of(session: Session, task_name: str) -> Engine:
@@ -127,35 +123,13 @@ def record(
 
 
 def create(conn: Connection, engine: Engine) -> None:
-    """Create the table when this process has not seen it yet: on SQLite in
-    the task's transaction (another connection would wait for its lock),
-    elsewhere in a transaction of its own, so that two first tasks creating
-    it at once do not fail.
+    """Create the table when this process has not seen it yet (see
+    :class:`~flask_celery_ctx.owntables.OwnTable`).
 
     :param conn: The connection of the task's transaction.
     :param engine: Its engine.
     """
-    if engine in _created:
-        return
-    statements: list[Executable] = [
-        CreateTable(table, if_not_exists=True),
-        CreateIndex(_by_creation, if_not_exists=True),
-    ]
-    if engine.dialect.name == "sqlite":
-        for statement in statements:
-            conn.execute(statement)
-        return  # known once the task's commit has shown it: see created
-    if has_table(engine):
-        return
-    try:
-        with engine.begin() as own:
-            for statement in statements:
-                own.execute(statement)
-    except Exception:
-        # Another process created it at the same moment, or this one may not.
-        if not has_table(engine):
-            raise
-    _created.add(engine)
+    _own.create(engine, conn)
 
 
 def created(engine: Engine) -> None:
@@ -164,7 +138,7 @@ def created(engine: Engine) -> None:
 
     :param engine: The engine.
     """
-    _created.add(engine)
+    _own.seen(engine)
 
 
 def has_table(engine: Engine) -> bool:
@@ -172,15 +146,7 @@ def has_table(engine: Engine) -> bool:
 
     :param engine: An engine.
     """
-    if engine in _created:
-        return True
-    from sqlalchemy import inspect
-
-    with engine.connect() as conn:
-        found = inspect(conn).has_table(TABLE_NAME)
-    if found:
-        _created.add(engine)
-    return found
+    return _own.exists(engine)
 
 
 def prune(engine: Engine, before: float) -> int:

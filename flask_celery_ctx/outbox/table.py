@@ -57,20 +57,17 @@ from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import UnboundExecutionError
-from sqlalchemy.schema import CreateIndex
-from sqlalchemy.schema import CreateTable
 
+from ..owntables import OwnTable
 from . import max_attempts
 from . import retry_delay
 from .tracecontext import continued
 
 if t.TYPE_CHECKING:
     from celery import Celery
-    from sqlalchemy.engine import Connection
     from sqlalchemy.engine import Engine
     from sqlalchemy.engine import Row
     from sqlalchemy.orm import Session
-    from sqlalchemy.sql import Executable
     from sqlalchemy.sql import Select
 
     from .publish import Attempt
@@ -107,8 +104,7 @@ _by_availability = Index(f"{TABLE_NAME}_available", table.c.available)
 #: the index, not every row of the table, sorted.
 _by_order = Index(f"{TABLE_NAME}_order", table.c.created, table.c.position)
 
-# Engines known to hold the table, in this process.
-_created: WeakSet[Engine] = WeakSet()
+_own = OwnTable(table, _by_availability, _by_order)
 # Engines whose table is known to have every column, in this process.
 _complete: WeakSet[Engine] = WeakSet()
 
@@ -202,7 +198,10 @@ def write(
     """
     engine = _engine_of(session)
     conn = session.connection(bind_arguments={"bind": engine})
-    _create_table(conn, engine)
+    try:
+        _own.create(engine, conn)
+    except Exception as exc:
+        raise OutboxTableError(engine, exc) from exc
     available = now + seconds
     # Unique ids: one random prefix per commit, and the position.
     prefix = uuid.uuid4().hex[:24]
@@ -245,7 +244,7 @@ def remove(engine: Engine, ids: t.Sequence[str]) -> None:
                 conn.execute(_DELETE_ARRAY, {"ids": list(chunk)})
             else:
                 conn.execute(delete(table).where(table.c.id.in_(chunk)))
-    _created.add(engine)
+    _own.seen(engine)
 
 
 #: On PostgreSQL, the ids as one array: far less work for the process than
@@ -260,15 +259,7 @@ def has_table(engine: Engine) -> bool:
 
     :param engine: An engine.
     """
-    if engine in _created:
-        return True
-    from sqlalchemy import inspect
-
-    with engine.connect() as conn:
-        found = inspect(conn).has_table(TABLE_NAME)
-    if found:
-        _created.add(engine)
-    return found
+    return _own.exists(engine)
 
 
 def check_columns(engine: Engine) -> None:
@@ -641,37 +632,6 @@ def _engine_of(session: Session) -> Engine:
             " bind, or set CELERY_OUTBOX = False in the app's config."
         )
     return t.cast("Engine", getattr(connections[0], "engine", connections[0]))
-
-
-def _create_table(conn: Connection, engine: Engine) -> None:
-    """Create the table when this process has not seen it yet.
-
-    On SQLite, in the transaction itself: another connection would wait for
-    the lock this transaction holds. Elsewhere, in a transaction of its own,
-    so that two first transactions creating it at once do not fail a commit.
-    """
-    if engine in _created:
-        return
-    statements: list[Executable] = [
-        CreateTable(table, if_not_exists=True),
-        CreateIndex(_by_availability, if_not_exists=True),
-        CreateIndex(_by_order, if_not_exists=True),
-    ]
-    if engine.dialect.name == "sqlite":
-        for statement in statements:
-            conn.execute(statement)
-        return  # known once a commit has shown it exists: see has_table
-    if has_table(engine):
-        return
-    try:
-        with engine.begin() as own:
-            for statement in statements:
-                own.execute(statement)
-    except Exception as exc:
-        # Another process created it at the same moment, or this one may not.
-        if not has_table(engine):
-            raise OutboxTableError(engine, exc) from exc
-    _created.add(engine)
 
 
 class OutboxTableError(RuntimeError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 import typing as t
 from weakref import WeakKeyDictionary
-from weakref import WeakSet
 
 from sqlalchemy import bindparam
 from sqlalchemy import Column
@@ -27,9 +26,9 @@ from sqlalchemy import MetaData
 from sqlalchemy import select
 from sqlalchemy import String
 from sqlalchemy import Table
-from sqlalchemy.schema import CreateTable
 
 from ..db import database
+from ..owntables import OwnTable
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -54,8 +53,7 @@ table = Table(
     Column("expires", Float, nullable=False),
 )
 
-# Engines known to hold the table, in this process.
-_created: WeakSet[Engine] = WeakSet()
+_own = OwnTable(table)
 # The engine each app claims on, outside a transaction of the caller.
 _engines: WeakKeyDictionary[Flask, Engine] = WeakKeyDictionary()
 
@@ -73,7 +71,7 @@ def claim_alone(
     :return: The id of the task that holds the key.
     """
     # Before a connection is taken: creating the table takes others.
-    _create_table(engine)
+    _own.create(engine)
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         return claim(conn, engine, name, key, task_id, seconds)
@@ -103,7 +101,7 @@ def claim(
         again).
     :raises RuntimeError: The database is not PostgreSQL or SQLite.
     """
-    _create_table(engine, conn)
+    _own.create(engine, conn)
     claiming, holding = _statements(engine.dialect.name)
     now = time.time() if now is None else now
     values = {
@@ -205,37 +203,3 @@ def _statements(dialect: str) -> tuple[Executable, Executable]:
     ).returning(table.c.task_id)
     found = _built[dialect] = (claiming, _HOLDER)
     return found
-
-
-def _create_table(engine: Engine, conn: Connection | None = None) -> None:
-    """Create the table when this process has not seen it yet: on SQLite on
-    ``conn``, which may hold the database's lock; elsewhere in a transaction
-    of its own, which a concurrent creation cannot fail."""
-    if engine in _created:
-        return
-    statement = CreateTable(table, if_not_exists=True)
-    if engine.dialect.name == "sqlite":
-        if conn is None:
-            return
-        if _has_table(conn):
-            _created.add(engine)
-        else:  # known once a commit has made it
-            conn.execute(statement)
-        return
-    with engine.connect() as own:
-        present = _has_table(own)
-    if not present:
-        try:
-            with engine.begin() as own:
-                own.execute(statement)
-        except Exception:
-            with engine.connect() as own:
-                if not _has_table(own):
-                    raise
-    _created.add(engine)
-
-
-def _has_table(conn: Connection) -> bool:
-    from sqlalchemy import inspect as inspect_db
-
-    return inspect_db(conn).has_table(TABLE_NAME)

@@ -414,14 +414,18 @@ def test_options_from_task_annotations(url: str, engine: Engine) -> None:
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match=r"unique_for of task .* must be a number"):
+    # Not shared: a shared task is made again in every app finalized later.
+    # A finalized app makes a task at once: else at its finalization.
+    uniqueapp.ext.celery.finalize()
+    # The task's name, not its function's, names it.
+    with pytest.raises(ValueError, match=r"of task 'probe\.seconds' must be a numb"):
 
-        @uniqueapp.ext.celery.task(unique_for="30")
+        @uniqueapp.ext.celery.task(name="probe.seconds", unique_for="30", shared=False)
         def wrong_seconds() -> None: ...
 
-    with pytest.raises(ValueError, match="unique_key but no unique_for"):
+    with pytest.raises(ValueError, match=r"'probe\.key' has unique_key but no uniq"):
 
-        @uniqueapp.ext.celery.task(unique_key="k")
+        @uniqueapp.ext.celery.task(name="probe.key", unique_key="k", shared=False)
         def no_seconds() -> None: ...
 
 
@@ -429,6 +433,8 @@ def test_a_key_that_is_not_json(url: str, engine: Engine) -> None:
     app = make_app(config(url))
     with app.app_context(), pytest.raises(TypeError, match="cannot be made into JSON"):
         uniqueapp.note.apply_async((1,), unique_for=5, unique_key=object())
+    with app.app_context(), pytest.raises(TypeError, match="cannot take the task's"):
+        uniqueapp.note.apply_async((1,), unique_for=5, unique_key=lambda a, b: a)
     with app.app_context(), pytest.raises(ValueError, match="but no unique_for"):
         uniqueapp.note.apply_async((1,), unique_key="k")
     assert messages(app) == 0

@@ -65,13 +65,15 @@ def check_task(cls: type[ContextTask]) -> None:
     :raises ValueError: ``unique_for`` is not a number of seconds, or
         ``unique_key`` is given without it.
     """
-    check_seconds(cls.unique_for, cls.__qualname__)
+    # The name the decorator gives; a class written by hand has its own.
+    name = vars(cls).get("name") or cls.__qualname__
+    check_seconds(cls.unique_for, name)
     key = vars(cls).get("unique_key")
     if inspect.isfunction(key) or inspect.isbuiltin(key):
         cls.unique_key = staticmethod(key)
     if cls.unique_key is not None and not cls.unique_for:
         raise ValueError(
-            f"Task {cls.__qualname__!r} has unique_key but no unique_for: give"
+            f"Task {name!r} has unique_key but no unique_for: give"
             " unique_for=SECONDS too, how long a send stays unique."
         )
 
@@ -237,7 +239,14 @@ def key_of(
     if unique_key is None:
         value = models.dump(task.name, [args, kwargs], app)[0]
     elif callable(unique_key):
-        value = unique_key(*args, **kwargs)
+        try:
+            value = unique_key(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"The unique_key of task {task.name!r} cannot take the task's"
+                f" arguments: {exc}. Give it a function with the task's"
+                " signature, or a value."
+            ) from exc
     else:
         value = unique_key
     try:

@@ -33,6 +33,7 @@ from conftest import CI
 from conftest import RABBITMQ_URL
 from conftest import REDIS_URL
 from conftest import require
+from conftest import RUN
 from conftest import TESTS
 
 ROOT = TESTS.parent
@@ -443,7 +444,12 @@ def test_example_on_postgres_stops_its_worker_on_sigterm(
         {
             "EXAMPLE_DATABASE_URL": postgres_url,
             "EXAMPLE_BROKER_URL": url,
-            "EXAMPLE_WORKER_OPTIONS": f"--pool {pool} --concurrency 2",
+            # A queue and a node name of this run's: other test runs may
+            # share the broker (RabbitMQ refuses a second pidbox queue of a
+            # node name that another worker holds).
+            "FLASK_CELERY_TASK_DEFAULT_QUEUE": f"fcc-{RUN}-example",
+            "EXAMPLE_WORKER_OPTIONS": f"--pool {pool} --concurrency 2"
+            f" --hostname fcc-{RUN}@%h",
         },
         # The development environment's: it has gevent.
         [sys.executable, "-m", "example_app"],

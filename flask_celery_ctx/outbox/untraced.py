@@ -6,12 +6,13 @@ question would become a trace of its own, stored and billed. Inside
 :func:`untraced`, OpenTelemetry instrumentations are suppressed, and Sentry
 (3.x, or 2.x streaming spans: queries outside any span start traces of
 their own) sees an unsampled span as the current one, under which it
-records nothing. Neither library is required: each is left alone when it
-is not installed.
+records nothing. Neither library is required: each is left alone when the
+app has not imported it.
 """
 
 from __future__ import annotations
 
+import sys
 import typing as t
 from contextlib import contextmanager
 from contextlib import ExitStack
@@ -28,11 +29,11 @@ def untraced() -> t.Iterator[None]:
 
 @contextmanager
 def _without_opentelemetry() -> t.Iterator[None]:
-    try:
-        from opentelemetry import context
-    except ImportError:
-        yield
+    if "opentelemetry.context" not in sys.modules:
+        yield  # nothing instruments the app
         return
+    from opentelemetry import context
+
     key = getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
     if key is None:
         yield
@@ -46,6 +47,9 @@ def _without_opentelemetry() -> t.Iterator[None]:
 
 @contextmanager
 def _without_sentry() -> t.Iterator[None]:
+    if "sentry_sdk" not in sys.modules:
+        yield  # the app does not use it
+        return
     try:
         import sentry_sdk
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import typing as t
@@ -275,7 +276,10 @@ class FlaskCelery:
             backend = getattr(celery._local, "backend", None)
             consumer = getattr(backend, "result_consumer", None)
             if consumer is not None:
-                consumer.stop()  # it holds a connection of its own
+                # It holds a connection of its own; an RPC consumer never
+                # started has none, and fails to stop.
+                with contextlib.suppress(AttributeError):
+                    consumer.stop()
                 # The old backend's results unsubscribe when they are
                 # collected; on a stopped pubsub, redis-py opens a new
                 # connection for that, which nothing closes (the Redis

@@ -104,15 +104,24 @@ def on_commit(app: Flask, rounds: int, calls: int) -> dict[str, t.Any]:
 
         def run() -> None:
             conf.outbox = False
+            reread()
             try:
                 fn()
             finally:
                 conf.outbox = True
+                reread()
 
         return run
 
     conf = ctx.celery_app.conf
     has_outbox = _has_outbox()
+
+    def reread() -> None:
+        # The outbox settings are read once; a version without that has no
+        # forget().
+        from flask_celery_ctx import outbox
+
+        getattr(outbox, "forget", lambda celery: None)(ctx.celery_app)
 
     def case(fn: Callable[[], None]) -> Callable[[], float]:
         def run() -> float:

@@ -32,6 +32,7 @@ from .once import check_settings as check_once_settings
 from .once import SETTINGS as ONCE_SETTINGS
 from .once.prune import install as install_pruning
 from .outbox import check_settings as check_outbox_settings
+from .outbox import forget as forget_outbox_settings
 from .outbox import SETTINGS as OUTBOX_SETTINGS
 from .outbox.relay import install as install_relay
 from .registry import Registry
@@ -265,6 +266,7 @@ class FlaskCelery:
         reconfigure = celery.configured
         celery.main = main
         celery.config_from_object(settings, force=True)
+        forget_outbox_settings(celery)
         if reconfigure:
             # Drop what was built from the previous app's settings: broker
             # connections, the producer pool, queues, the result backend.

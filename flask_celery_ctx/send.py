@@ -518,9 +518,12 @@ def write_rows(session: Session) -> None:
     store: dict[SessionTransaction, _Pending] | None = session.info.get(_KEY)
     if not store or recorder is not None:
         return
-    sends = [send for pending in store.values() for send in pending.sends]
-    enabled = {app: outbox.enabled(app) for app in {send.task.app for send in sends}}
-    unwritten = [s for s in sends if s.row is None and enabled[s.task.app]]
+    unwritten = [
+        send
+        for pending in store.values()
+        for send in pending.sends
+        if send.row is None and pending.outbox(send.task.app)
+    ]
     if not unwritten:
         return
     from .outbox import table
@@ -539,7 +542,7 @@ def write_rows(session: Session) -> None:
         text = table.message(args, kwargs, options, send.trace, now)
         messages.append(table.Message(send.task.name, options["task_id"], text))
         written.append(send)
-    lease = outbox.lease(unwritten[0].task.app)
+    lease = outbox.settings(unwritten[0].task.app).lease
     engine, ids = table.write(session, messages, lease, now)
     for send, row in zip(written, ids, strict=True):
         send.row = (engine, row, lease)

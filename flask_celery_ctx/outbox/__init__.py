@@ -19,6 +19,7 @@ reads them, with a database or without.
 from __future__ import annotations
 
 import typing as t
+import weakref
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -108,6 +109,74 @@ def _is_seconds(value: object) -> bool:
     )
 
 
+class Settings(t.NamedTuple):
+    """The outbox settings of a Celery app, as :func:`settings` read them."""
+
+    #: Setting ``outbox``: whether on-commit sends go through the outbox.
+    on: bool
+    #: Setting ``outbox_lease``, in seconds.
+    lease: float
+    #: Setting ``outbox_relay_interval``, in seconds; ``0`` when the workers
+    #: do not relay.
+    relay_interval: float
+    #: Setting ``outbox_max_attempts``.
+    max_attempts: int
+    #: Setting ``outbox_retry_backoff``, in seconds.
+    retry_backoff: float
+    #: Setting ``outbox_publish_timeout``, in seconds.
+    publish_timeout: float
+    #: Setting ``outbox_alert_age``, in seconds: :data:`ALERT_LEASES` leases
+    #: when it is not set.
+    alert_age: float
+    #: The URL of the broker that sends are published to.
+    broker: str
+
+
+# The settings read, per Celery app.
+_read: weakref.WeakKeyDictionary[Celery[t.Any], Settings] = weakref.WeakKeyDictionary()
+
+
+def settings(celery: Celery[t.Any]) -> Settings:
+    """The outbox settings of ``celery``, read once: at the first call after
+    :meth:`~flask_celery_ctx.FlaskCelery.init_app`, which reads the config
+    (:func:`forget`). Each commit that sends on commit needs them, and a
+    lookup in Celery's settings costs microseconds.
+
+    :param celery: The Celery app.
+    """
+    found = _read.get(celery)
+    if found is None:
+        found = _read[celery] = _from(celery.conf)
+    return found
+
+
+def forget(celery: Celery[t.Any]) -> None:
+    """Read the settings of ``celery`` again at the next :func:`settings`.
+
+    :param celery: The Celery app, just configured.
+    """
+    _read.pop(celery, None)
+
+
+def _from(conf: t.Any) -> Settings:
+    def seconds(name: str, default: float) -> float:
+        value = conf.get(name)
+        return default if value is None else float(value)
+
+    lease = seconds("outbox_lease", DEFAULT_LEASE)
+    attempts = conf.get("outbox_max_attempts")
+    return Settings(
+        on=bool(conf.get("outbox", True)),
+        lease=lease,
+        relay_interval=seconds("outbox_relay_interval", DEFAULT_RELAY_INTERVAL),
+        max_attempts=DEFAULT_MAX_ATTEMPTS if attempts is None else int(attempts),
+        retry_backoff=seconds("outbox_retry_backoff", DEFAULT_RETRY_BACKOFF),
+        publish_timeout=seconds("outbox_publish_timeout", DEFAULT_PUBLISH_TIMEOUT),
+        alert_age=seconds("outbox_alert_age", ALERT_LEASES * lease),
+        broker=str(conf.broker_write_url or conf.broker_url),
+    )
+
+
 def enabled(celery: Celery[t.Any]) -> bool:
     """Whether on-commit sends of ``celery``'s tasks go through the outbox:
     setting ``outbox`` (default true), and never in eager mode, where no
@@ -115,36 +184,7 @@ def enabled(celery: Celery[t.Any]) -> bool:
 
     :param celery: The Celery app.
     """
-    conf = celery.conf
-    return bool(conf.get("outbox", True)) and not conf.task_always_eager
-
-
-def lease(celery: Celery[t.Any]) -> float:
-    """The setting ``outbox_lease``, in seconds.
-
-    :param celery: The Celery app.
-    """
-    value = celery.conf.get("outbox_lease")
-    return DEFAULT_LEASE if value is None else float(value)
-
-
-def relay_interval(celery: Celery[t.Any]) -> float:
-    """The setting ``outbox_relay_interval``, in seconds; ``0`` when the
-    workers do not relay.
-
-    :param celery: The Celery app.
-    """
-    value = celery.conf.get("outbox_relay_interval")
-    return DEFAULT_RELAY_INTERVAL if value is None else float(value)
-
-
-def max_attempts(celery: Celery[t.Any]) -> int:
-    """The setting ``outbox_max_attempts``.
-
-    :param celery: The Celery app.
-    """
-    value = celery.conf.get("outbox_max_attempts")
-    return DEFAULT_MAX_ATTEMPTS if value is None else int(value)
+    return settings(celery).on and not celery.conf.task_always_eager
 
 
 def retry_delay(celery: Celery[t.Any], attempts: int) -> float:
@@ -155,25 +195,5 @@ def retry_delay(celery: Celery[t.Any], attempts: int) -> float:
     :param celery: The Celery app.
     :param attempts: The failed attempts so far, 1 or more.
     """
-    value = celery.conf.get("outbox_retry_backoff")
-    backoff = DEFAULT_RETRY_BACKOFF if value is None else float(value)
+    backoff = settings(celery).retry_backoff
     return float(min(backoff * 2 ** min(attempts - 1, 32), MAX_BACKOFF))
-
-
-def publish_timeout(celery: Celery[t.Any]) -> float:
-    """The setting ``outbox_publish_timeout``, in seconds.
-
-    :param celery: The Celery app.
-    """
-    value = celery.conf.get("outbox_publish_timeout")
-    return DEFAULT_PUBLISH_TIMEOUT if value is None else float(value)
-
-
-def alert_age(celery: Celery[t.Any]) -> float:
-    """The setting ``outbox_alert_age``, in seconds: :data:`ALERT_LEASES`
-    leases when it is not set.
-
-    :param celery: The Celery app.
-    """
-    value = celery.conf.get("outbox_alert_age")
-    return ALERT_LEASES * lease(celery) if value is None else float(value)

@@ -163,12 +163,12 @@ def relay_command(ctx: click.Context, loop: bool) -> None:
     """Send the tasks available in the outbox, then exit (or go on with
     --loop). Workers relay on their own; this is for when none runs."""
     from . import DEFAULT_RELAY_INTERVAL
-    from . import relay_interval
+    from . import settings
     from .relay import relay_all
     from .relay import tasks_word
 
     ext = _extension(ctx)
-    interval = relay_interval(ext.celery) or DEFAULT_RELAY_INTERVAL
+    interval = settings(ext.celery).relay_interval or DEFAULT_RELAY_INTERVAL
     _engines(ctx)  # a table of an older version is refused clearly
     while True:
         sent = relay_all(ext)

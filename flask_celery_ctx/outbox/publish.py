@@ -32,7 +32,7 @@ from kombu.exceptions import OperationalError
 
 from ..send import PREPARED
 from ..task import ContextTask
-from . import publish_timeout
+from . import settings
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -70,9 +70,9 @@ class Attempt:
 
     def __init__(self, celery: Celery[t.Any], timeout: float | None = None) -> None:
         self.celery = celery
-        self.timeout = publish_timeout(celery) if timeout is None else timeout
-        url = celery.conf.broker_write_url or celery.conf.broker_url
-        self._key = (id(celery), str(url), self.timeout)
+        read = settings(celery)
+        self.timeout = read.publish_timeout if timeout is None else timeout
+        self._key = (id(celery), read.broker, self.timeout)
         self._connection: Connection | None = None
         self._producer: Producer | None = None
         self._reused = False

@@ -25,12 +25,8 @@ from celery import bootsteps
 from kombu.exceptions import OperationalError
 
 from ..db import database
-from . import alert_age
 from . import enabled
-from . import lease
-from . import max_attempts
-from . import publish_timeout
-from . import relay_interval
+from . import settings
 from .publish import Attempt
 from .untraced import untraced
 
@@ -123,7 +119,7 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         if not outbox.has_table(engine):
             return 0
         outbox.check_columns(engine)
-    seconds = lease(celery)
+    seconds = settings(celery).lease
     total = 0
     attempt = Attempt(celery, _publish_timeout(celery))
     size = batch
@@ -216,7 +212,7 @@ def _publish_timeout(celery: Celery[t.Any]) -> float:
     A relay is on no request's path, and a broker that never answers must
     not hold it for ever."""
     configured = celery.conf.get("broker_connection_timeout")
-    return max(publish_timeout(celery), float(configured or 4.0))
+    return max(settings(celery).publish_timeout, float(configured or 4.0))
 
 
 def _from_broker(celery: Celery[t.Any], error: Exception) -> bool:
@@ -255,7 +251,7 @@ def _failed(
             row.name,
             row.task_id,
             row.attempts + 1,
-            max_attempts(celery),
+            settings(celery).max_attempts,
             outbox.describe(error),
             exc_info=error,
         )
@@ -362,7 +358,7 @@ class RelayThread(threading.Thread):
             if not outbox.has_table(engine):
                 return now + TABLE_LOOKUP
             available = outbox.next_available(engine)
-        latest = now + lease(self.ext.celery)
+        latest = now + settings(self.ext.celery).lease
         if available is None or available > now:
             self._watch(engine, available is not None)
             return latest if available is None else min(available, latest)
@@ -385,7 +381,7 @@ class RelayThread(threading.Thread):
         if rows:
             with untraced():
                 oldest = outbox.health(engine, time.time()).oldest_waiting
-        limit = alert_age(self.ext.celery)
+        limit = settings(self.ext.celery).alert_age
         age = None if oldest is None else time.time() - oldest
         late = age is not None and age > limit
         if late and engine not in self._alerting:
@@ -446,7 +442,7 @@ class RelayStep(bootsteps.StartStopStep):
         with untraced():
             for error in problems(ext):
                 logger.error("%s", error)
-        interval = relay_interval(ext.celery)
+        interval = settings(ext.celery).relay_interval
         return RelayThread(ext, interval) if interval else None
 
 

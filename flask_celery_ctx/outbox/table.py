@@ -59,8 +59,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import UnboundExecutionError
 
 from ..owntables import OwnTable
-from . import max_attempts
 from . import retry_delay
+from . import settings
 from .tracecontext import continued
 
 if t.TYPE_CHECKING:
@@ -220,13 +220,20 @@ def write(
     ]
     if rows:
         try:
-            for chunk in _chunks(rows):
-                conn.execute(insert(table), chunk)
+            if len(rows) == 1:
+                # One row: a plain execute, without executemany's batching.
+                conn.execute(_INSERT, rows[0])
+            else:
+                for chunk in _chunks(rows):
+                    conn.execute(_INSERT, chunk)
         except DBAPIError as exc:
             if sqlstate(exc) == _INSUFFICIENT_PRIVILEGE:
                 raise OutboxTableError(engine, exc) from exc
             raise
     return engine, [str(row["id"]) for row in rows]
+
+
+_INSERT = insert(table)
 
 
 def remove(engine: Engine, ids: t.Sequence[str]) -> None:
@@ -497,7 +504,7 @@ def fail(
     """
     now = time.time()
     attempts = row.attempts + 1
-    dead: bool = attempts >= max_attempts(celery)
+    dead: bool = attempts >= settings(celery).max_attempts
     values: dict[str, t.Any] = {
         "attempts": attempts,
         "last_error": describe(error, ERROR_LENGTH),

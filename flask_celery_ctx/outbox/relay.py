@@ -20,6 +20,8 @@ import logging
 import threading
 import time
 import typing as t
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import bootsteps
 from kombu.exceptions import OperationalError
@@ -119,10 +121,7 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
         if not outbox.has_table(engine):
             return 0
         outbox.check_columns(engine)
-    seconds = settings(celery).lease
-    total = 0
     attempt = Attempt(celery, _publish_timeout(celery))
-    size = batch
     try:
         # Before any claim: while the broker is down, a look claims nothing
         # and adds no failed publish to the sends' traces.
@@ -132,37 +131,99 @@ def relay(engine: Engine, celery: Celery[t.Any], batch: int = BATCH) -> int:
             _broker_down(celery, f"it {attempt.failure}")
             return 0
         _broker_up(celery)
-        while True:
-            with untraced():
-                rows = outbox.claim(engine, size, seconds)
-            if not rows:
-                return total
-            started = time.monotonic()
-            published: list[str] = []
-            for index, row in enumerate(rows):
-                try:
-                    sent = outbox.publish(celery, row, attempt)
-                except Exception as exc:
-                    if not _from_broker(celery, exc):
-                        _failed(engine, celery, row, exc)
-                        continue
-                    sent, failure = False, f"it failed: {outbox.describe(exc)}"
-                else:
-                    failure = f"it {attempt.failure}"
-                if sent:
-                    published.append(row.id)
-                    continue
-                _broker_down(celery, failure)
-                unsent = [left.id for left in rows[index:]]
-                with untraced():
-                    outbox.release(engine, unsent, time.time())
-                return total + _delete(engine, published)
-            total += _delete(engine, published)
-            if len(rows) < size:
-                return total
-            size = _next_size(batch, len(rows), time.monotonic() - started, seconds)
+        return _drain(engine, celery, attempt, batch)
     finally:
         attempt.close(report=False)
+
+
+def _drain(engine: Engine, celery: Celery[t.Any], attempt: Attempt, batch: int) -> int:
+    """Claim and publish batches of rows until none is left or the broker
+    fails. The database's part runs beside the publishes, in a thread of its
+    own, in the order it is asked: the next claim while a batch is
+    published, then the deletion of the rows it published. A relay so
+    publishes at the broker's pace, not waiting for the database between
+    two batches.
+
+    :return: How many tasks were published.
+    """
+    from . import table as outbox
+
+    seconds = settings(celery).lease
+    total = 0
+    size = batch
+    database = ThreadPoolExecutor(1, thread_name_prefix="flask-celery-outbox-relay")
+
+    def later(call: t.Callable[..., t.Any], *args: t.Any) -> Future[t.Any]:
+        return database.submit(_untraced, call, *args)
+
+    done: list[Future[t.Any]] = []
+    try:
+        asked = size
+        claimed: Future[t.Any] | None = later(outbox.claim, engine, asked, seconds)
+        while claimed is not None:
+            rows = claimed.result()
+            if not rows:
+                break
+            # A claim that is not full was the last.
+            full, asked = len(rows) == asked, size
+            claimed = later(outbox.claim, engine, asked, seconds) if full else None
+            started = time.monotonic()
+            published, unsent = _publish_rows(engine, celery, attempt, rows)
+            total += len(published)
+            if published:
+                done.append(later(outbox.remove, engine, published))
+            if unsent:
+                done.append(later(outbox.release, engine, unsent, time.time()))
+                if claimed is not None:
+                    done.append(later(_release_claim, engine, claimed))
+                break
+            size = _next_size(batch, len(rows), time.monotonic() - started, seconds)
+    finally:
+        database.shutdown(wait=True)
+    for future in done:
+        future.result()  # a failed statement fails the relay, as before
+    return total
+
+
+def _publish_rows(
+    engine: Engine, celery: Celery[t.Any], attempt: Attempt, rows: t.Sequence[t.Any]
+) -> tuple[list[str], list[str]]:
+    """Publish the rows of a batch, in order, until the broker fails.
+
+    :return: The ids of the rows published, and of those left unsent when
+        the broker failed.
+    """
+    from . import table as outbox
+
+    published: list[str] = []
+    for index, row in enumerate(rows):
+        try:
+            sent = outbox.publish(celery, row, attempt)
+        except Exception as exc:
+            if not _from_broker(celery, exc):
+                _failed(engine, celery, row, exc)
+                continue
+            sent, failure = False, f"it failed: {outbox.describe(exc)}"
+        else:
+            failure = f"it {attempt.failure}"
+        if sent:
+            published.append(row.id)
+            continue
+        _broker_down(celery, failure)
+        return published, [left.id for left in rows[index:]]
+    return published, []
+
+
+def _release_claim(engine: Engine, claimed: Future[t.Any]) -> None:
+    """Make the rows of a claim made ahead available again at once."""
+    from . import table as outbox
+
+    outbox.release(engine, [row.id for row in claimed.result()], time.time())
+
+
+def _untraced(call: t.Callable[..., t.Any], *args: t.Any) -> t.Any:
+    with untraced():
+        return call(*args)
 
 
 def _broker_down(celery: Celery[t.Any], failure: str) -> None:
@@ -272,15 +333,6 @@ def relay_all(ext: FlaskCelery) -> int:
             if not _refuses_writes(exc):
                 raise
     return total
-
-
-def _delete(engine: Engine, ids: t.Sequence[str]) -> int:
-    from . import table as outbox
-
-    if ids:
-        with untraced():
-            outbox.remove(engine, ids)
-    return len(ids)
 
 
 class RelayThread(threading.Thread):

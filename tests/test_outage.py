@@ -250,6 +250,41 @@ def test_a_commit_returns_at_once_and_the_relay_sends_later(
     assert sorted(sent) == sorted(answer["task_ids"])  # each once
 
 
+def test_a_redis_stopped_as_broker_and_result_backend(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One private Redis is the broker and the result backend; the process
+    published through it and subscribed to a result, then Redis is stopped.
+    The next commit of 12 sends returns within the bound and says once that
+    they wait; nothing advises restarting the app; once Redis is back on its
+    port, a relay sends each once."""
+    port = free_port()
+    first = start_redis(port, "secret")
+    stop = _cleanups[-1]
+    app = make_app(url, CELERY_BROKER_URL=first, CELERY_RESULT_BACKEND=first)
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    _, served = commit(app, 3)
+    assert queued(first, queue) == served["task_ids"]
+    with app.app_context(), contextlib.suppress(Exception):
+        # The result consumer subscribes, and keeps its connection.
+        outboxapp.ext.celery.AsyncResult(served["task_ids"][0]).get(timeout=0.2)
+    stop()
+    _cleanups.remove(stop)
+    with caplog.at_level(logging.WARNING):
+        took, answer = commit(app, 12)
+    print(f"Redis stopped, 12 sends: the commit took {took:.3f} s")
+    assert took < REFUSED_BOUND
+    assert sorted(task_ids(engine)) == sorted(answer["task_ids"])
+    [line] = [r.getMessage() for r in caplog.records if "outbox" in r.getMessage()]
+    assert line.startswith("12 tasks wait in the outbox: the broker at redis://:**@")
+    assert "must be restarted" not in caplog.text
+
+    healthy = start_redis(port, "secret")
+    assert relay(app) == 12
+    assert task_ids(engine) == []
+    assert sorted(queued(healthy, queue)) == sorted(answer["task_ids"])
+
+
 def test_a_relay_does_not_wait_for_ever_on_a_silent_broker(
     url: str, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:

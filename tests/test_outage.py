@@ -4,8 +4,9 @@ down, refusing connections or silent, a view that commits K sends with
 the outbox and a relay publishes each once when the broker is back.
 
 Brokers here are private servers on free ports: a ``redis-server`` this
-module starts and stops, a port nobody listens on, or a listener that
-accepts connections and never answers. The database is PostgreSQL.
+module starts and stops, a port nobody listens on, a listener that
+accepts connections and never answers, or one whose full queue makes the
+kernel drop the packets of a connect, as a broker host that does not answer. The database is PostgreSQL.
 """
 
 from __future__ import annotations
@@ -128,6 +129,25 @@ def silent_listener(port: int) -> t.Callable[[], None]:
     return close
 
 
+def dropping_listener(port: int) -> t.Callable[[], None]:
+    """Drop the packets of new connections to ``port``, as a broker host
+    that does not answer: a listener whose queue of connections not yet
+    accepted is full, so that the kernel drops their SYNs and a connect
+    waits for its timeout. The function returned ends it."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(0)
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def close() -> None:
+        filler.close()
+        server.close()
+
+    _cleanups.append(close)
+    return close
+
+
 def start_redis(port: int, password: str | None = None) -> str:
     """Start a private Redis on ``port``; its URL."""
     if not shutil.which("redis-server"):
@@ -209,15 +229,17 @@ def queued(broker: str, queue: str) -> list[str]:
 
 
 def down(fault: str, port: int) -> tuple[str, t.Callable[[], None]]:
-    """A Redis URL on ``port``, where nothing listens or a listener never
-    answers; and what ends the fault."""
-    end = silent_listener(port) if fault == "silent" else lambda: None
+    """A Redis URL on ``port``, where nothing listens, a listener never
+    answers, or the packets of a connect are dropped; and what ends the
+    fault."""
+    faults = {"silent": silent_listener, "dropped": dropping_listener}
+    end = faults[fault](port) if fault in faults else lambda: None
     return f"redis://:secret@127.0.0.1:{port}/0", end
 
 
 @pytest.mark.parametrize("count", [1, 12, 100])
 @pytest.mark.parametrize("role", ["broker", "broker and result backend"])
-@pytest.mark.parametrize("fault", ["refused", "silent"])
+@pytest.mark.parametrize("fault", ["refused", "silent", "dropped"])
 def test_a_commit_returns_at_once_and_the_relay_sends_later(
     url: str,
     engine: Engine,

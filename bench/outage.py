@@ -1,7 +1,9 @@
 """What an outage costs a view: the latency of a request that commits K
 sends with ``delay_on_commit``, the broker healthy, refusing connections,
-or silent (a listener that accepts and never answers), and the Redis result
-backend refusing while the broker is healthy; K = 1, 12 and 100, in one run.
+silent (a listener that accepts and never answers), or a host that drops the
+packets of a connect (a listener whose full queue makes the kernel drop its
+SYNs), and the Redis result backend refusing while the broker is healthy;
+K = 1, 12 and 100, in one run.
 
 Each request goes through Flask's test client to ``tests/outboxapp.py``'s
 view, which commits K orders and sends a task for each, on a SQLite file.
@@ -64,6 +66,16 @@ def silent(port: int) -> socket.socket:
     return server
 
 
+def dropping(port: int) -> list[socket.socket]:
+    """A listener on ``port`` whose queue of connections not yet accepted
+    is full: the kernel drops the packets of a new connect, which waits for
+    its timeout. Close the sockets returned to end it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", port))
+    server.listen(0)
+    return [server, socket.create_connection(("127.0.0.1", port), timeout=5)]
+
+
 def redis_server(port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
@@ -123,13 +135,18 @@ def main() -> None:
     logging.getLogger("flask_celery_ctx").setLevel(logging.ERROR)
     queue = {"CELERY_TASK_DEFAULT_QUEUE": "fcc-bench-outage"}
     healthy_port, refused_port, silent_port = free_port(), free_port(), free_port()
+    dropping_port = free_port()
     server = redis_server(healthy_port)
     listener = silent(silent_port)
+    dropped = dropping(dropping_port)
     healthy = f"redis://127.0.0.1:{healthy_port}/0"
     cases = {
         "healthy": {"CELERY_BROKER_URL": healthy},
         "refused": {"CELERY_BROKER_URL": f"redis://127.0.0.1:{refused_port}/0"},
         "silent": {"CELERY_BROKER_URL": f"redis://127.0.0.1:{silent_port}/0"},
+        "packets dropped": {
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{dropping_port}/0"
+        },
         "result backend refused": {
             "CELERY_BROKER_URL": healthy,
             "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:{refused_port}/1",
@@ -144,6 +161,8 @@ def main() -> None:
                 rows += measure(Path(tmp), name, settings | queue, args.repeat)
     finally:
         listener.close()
+        for sock in dropped:
+            sock.close()
         server.terminate()
         server.wait(20)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ down, refusing connections or silent, a view that commits K sends with
 the outbox and a relay publishes each once when the broker is back.
 
 Brokers here are private servers on free ports: a ``redis-server`` this
-module starts and stops, a port nobody listens on, or a listener that
-accepts connections and never answers. The database is PostgreSQL.
+module starts and stops, a port nobody listens on, a listener that
+accepts connections and never answers, or one whose full queue makes the
+kernel drop the packets of a connect, as a broker host that does not answer. The database is PostgreSQL.
 """
 
 from __future__ import annotations
@@ -128,6 +129,25 @@ def silent_listener(port: int) -> t.Callable[[], None]:
     return close
 
 
+def dropping_listener(port: int) -> t.Callable[[], None]:
+    """Drop the packets of new connections to ``port``, as a broker host
+    that does not answer: a listener whose queue of connections not yet
+    accepted is full, so that the kernel drops their SYNs and a connect
+    waits for its timeout. The function returned ends it."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(0)
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def close() -> None:
+        filler.close()
+        server.close()
+
+    _cleanups.append(close)
+    return close
+
+
 def start_redis(port: int, password: str | None = None) -> str:
     """Start a private Redis on ``port``; its URL."""
     if not shutil.which("redis-server"):
@@ -209,15 +229,17 @@ def queued(broker: str, queue: str) -> list[str]:
 
 
 def down(fault: str, port: int) -> tuple[str, t.Callable[[], None]]:
-    """A Redis URL on ``port``, where nothing listens or a listener never
-    answers; and what ends the fault."""
-    end = silent_listener(port) if fault == "silent" else lambda: None
+    """A Redis URL on ``port``, where nothing listens, a listener never
+    answers, or the packets of a connect are dropped; and what ends the
+    fault."""
+    faults = {"silent": silent_listener, "dropped": dropping_listener}
+    end = faults[fault](port) if fault in faults else lambda: None
     return f"redis://:secret@127.0.0.1:{port}/0", end
 
 
 @pytest.mark.parametrize("count", [1, 12, 100])
 @pytest.mark.parametrize("role", ["broker", "broker and result backend"])
-@pytest.mark.parametrize("fault", ["refused", "silent"])
+@pytest.mark.parametrize("fault", ["refused", "silent", "dropped"])
 def test_a_commit_returns_at_once_and_the_relay_sends_later(
     url: str,
     engine: Engine,
@@ -248,6 +270,41 @@ def test_a_commit_returns_at_once_and_the_relay_sends_later(
     assert task_ids(engine) == []
     sent = queued(healthy, queue)
     assert sorted(sent) == sorted(answer["task_ids"])  # each once
+
+
+def test_a_redis_stopped_as_broker_and_result_backend(
+    url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One private Redis is the broker and the result backend; the process
+    published through it and subscribed to a result, then Redis is stopped.
+    The next commit of 12 sends returns within the bound and says once that
+    they wait; nothing advises restarting the app; once Redis is back on its
+    port, a relay sends each once."""
+    port = free_port()
+    first = start_redis(port, "secret")
+    stop = _cleanups[-1]
+    app = make_app(url, CELERY_BROKER_URL=first, CELERY_RESULT_BACKEND=first)
+    queue = app.config["CELERY_TASK_DEFAULT_QUEUE"]
+    _, served = commit(app, 3)
+    assert queued(first, queue) == served["task_ids"]
+    with app.app_context(), contextlib.suppress(Exception):
+        # The result consumer subscribes, and keeps its connection.
+        outboxapp.ext.celery.AsyncResult(served["task_ids"][0]).get(timeout=0.2)
+    stop()
+    _cleanups.remove(stop)
+    with caplog.at_level(logging.WARNING):
+        took, answer = commit(app, 12)
+    print(f"Redis stopped, 12 sends: the commit took {took:.3f} s")
+    assert took < REFUSED_BOUND
+    assert sorted(task_ids(engine)) == sorted(answer["task_ids"])
+    [line] = [r.getMessage() for r in caplog.records if "outbox" in r.getMessage()]
+    assert line.startswith("12 tasks wait in the outbox: the broker at redis://:**@")
+    assert "must be restarted" not in caplog.text
+
+    healthy = start_redis(port, "secret")
+    assert relay(app) == 12
+    assert task_ids(engine) == []
+    assert sorted(queued(healthy, queue)) == sorted(answer["task_ids"])
 
 
 def test_a_relay_does_not_wait_for_ever_on_a_silent_broker(

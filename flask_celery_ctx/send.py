@@ -227,7 +227,7 @@ def _dump_signatures(
         if not value:
             continue
         signatures = [
-            models.dump(signature["task"], signature, app, True, committed)[0]
+            models.dump(signature["task"], signature, app, committed)[0]
             for signature in maybe_list(value)
         ]
         options[name] = (
@@ -367,9 +367,7 @@ def on_commit(
         # Captured now: the commit may come in another context.
         carry_g(ext.carry_g, task.name, options)
     # The arguments as the serializer will see them, and the instances.
-    trial, states = models.instances(
-        [list(args or ()), dict(kwargs or {})], embedded=False
-    )
+    trial, states = models.instances([list(args or ()), dict(kwargs or {})])
     signatures = [options[name] for name in _WITH_SIGNATURES if options.get(name)]
     if signatures:
         states += models.instances(signatures)[1]

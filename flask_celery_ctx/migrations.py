@@ -7,7 +7,10 @@ options) when a worker or a producer first connects, the outbox creates
 ``flask_celery_outbox`` when it is first written to, the tasks declared
 with ``once=True`` create ``flask_celery_once`` when the first of them runs,
 and ``unique_for`` creates ``flask_celery_unique`` at its first send.
-Autogenerate compares the database with the app's models and proposes to
+Celery's database result backend (``db+`` URLs) creates
+``celery_taskmeta`` and ``celery_tasksetmeta``, or the names of its
+``database_table_names`` setting, as the example app does on the app's own
+database. Autogenerate compares the database with the app's models and proposes to
 drop every table it does not know: applied, that drops the queued tasks.
 See :ref:`alembic-autogenerate`.
 """
@@ -27,6 +30,10 @@ from .unique.table import TABLE_NAME as UNIQUE_TABLE_NAME
 #: The tables kombu's SQL transport creates, unless its transport options
 #: name others.
 BROKER_TABLES = ("kombu_queue", "kombu_message")
+
+#: The tables of Celery's database result backend, unless its
+#: ``database_table_names`` setting names others.
+RESULT_TABLES = ("celery_taskmeta", "celery_tasksetmeta")
 
 #: The transport options that name the broker's tables.
 _TABLE_OPTIONS = ("queue_tablename", "message_tablename")
@@ -57,12 +64,20 @@ def include_object(
 
 
 def library_tables() -> set[str]:
-    """The names of the tables that the library and its SQL broker create:
-    with an app context, those the app's broker transport options name."""
-    names = {TABLE_NAME, ONCE_TABLE_NAME, UNIQUE_TABLE_NAME, *BROKER_TABLES}
+    """The names of the tables that the library, its SQL broker and Celery's
+    database result backend create: with an app context, those the app's
+    broker transport options and ``database_table_names`` name too."""
+    names = {
+        TABLE_NAME, ONCE_TABLE_NAME, UNIQUE_TABLE_NAME, *BROKER_TABLES,
+        *RESULT_TABLES,
+    }  # fmt: skip
     if has_app_context():
         ext = current_app.extensions.get("celery")
         if isinstance(ext, FlaskCelery):
-            options = ext.celery.conf.broker_transport_options or {}
+            conf = ext.celery.conf
+            options = conf.broker_transport_options or {}
             names.update(str(options[k]) for k in _TABLE_OPTIONS if k in options)
+            names.update(
+                str(name) for name in (conf.database_table_names or {}).values()
+            )
     return names

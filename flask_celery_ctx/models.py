@@ -13,7 +13,8 @@ from elsewhere (the JSON of a request) cannot become an instance.
 
 References are made only when a message is serialized (sent to a broker, or
 run eagerly through ``delay``), inside lists, tuples and dicts of the
-arguments too, and in the arguments of the signatures a message embeds
+arguments too (their subclasses as well, such as a relationship's
+collection, which become lists and dicts), and in the arguments of the signatures a message embeds
 for the worker to send (``link``, ``chain``, a chord's body). They are loaded when Celery's tracer
 starts the task, in the task's context, with one query per model for up to
 :data:`KEYS_PER_QUERY` keys (see :mod:`flask_celery_ctx.tracing`).
@@ -177,33 +178,32 @@ def _is_container(value: t.Any) -> bool:
 def _replace_instances(
     value: t.Any,
     replace: t.Callable[[t.Any, InstanceState[t.Any]], t.Any],
-    embedded: bool = False,
 ) -> tuple[t.Any, bool]:
     """Replace the mapped instances in a value, its lists, tuples and dicts.
 
     :param value: Arguments, or one of them.
     :param replace: Called with each instance and its state; returns what
         replaces it.
-    :param embedded: Look into any list, tuple or dict, subclasses too, as
-        Celery's signatures are; a dict subclass becomes a dict.
     :return: The value with the instances replaced, and whether there was
-        any. Containers without instances are returned as they are.
+        any. Containers without instances are returned as they are; a
+        subclass of list, tuple or dict that holds instances becomes a list
+        or a dict.
     """
-    if embedded:
-        is_dict, is_container = isinstance(value, dict), isinstance(value, _CONTAINERS)
-    else:
-        is_dict, is_container = type(value) is dict, _is_container(value)
+    kind = type(value)
+    is_dict, is_container = kind is dict, kind in _CONTAINERS
+    if not is_container and kind not in _SCALARS and isinstance(value, _CONTAINERS):
+        # A relationship's collection (InstrumentedList), a namedtuple, a
+        # signature: what the serializer sends as a list or a dict.
+        is_dict, is_container = isinstance(value, dict), True
     if not is_container:
         state = _state(value)
         return (value, False) if state is None else (replace(value, state), True)
     if is_dict:
-        pairs = [
-            (k, _replace_instances(v, replace, embedded)) for k, v in value.items()
-        ]
+        pairs = [(k, _replace_instances(v, replace)) for k, v in value.items()]
         if not any(found for _, (_, found) in pairs):
             return value, False
         return {k: new for k, (new, _) in pairs}, True
-    items = [_replace_instances(v, replace, embedded) for v in value]
+    items = [_replace_instances(v, replace) for v in value]
     if not any(found for _, found in items):
         return value, False
     kind = type(value) if _is_container(value) else list
@@ -225,15 +225,11 @@ def shown_instances(value: t.Any) -> t.Any:
     return _replace_instances(value, _shown_instance)[0]
 
 
-def instances(
-    value: t.Any, embedded: bool = True
-) -> tuple[t.Any, list[InstanceState[t.Any]]]:
-    """Find the instances in a value, its lists, tuples and dicts (and
-    signatures, ``embedded``), for a trial of the serializer before their
-    keys are known.
+def instances(value: t.Any) -> tuple[t.Any, list[InstanceState[t.Any]]]:
+    """Find the instances in a value, its lists, tuples, dicts and
+    signatures, for a trial of the serializer before their keys are known.
 
     :param value: Arguments, or one of them.
-    :param embedded: Look into signatures too, as in ``_replace_instances``.
     :return: The value with each instance replaced by a reference with no
         key, and the states of the instances, in the order met.
     """
@@ -244,7 +240,7 @@ def instances(
         found.append(state)
         return placeholder
 
-    return _replace_instances(value, add, embedded)[0], found
+    return _replace_instances(value, add)[0], found
 
 
 def sessions(value: t.Any) -> list[Session]:
@@ -292,7 +288,7 @@ def has_instances(signature: t.Any) -> bool:
 
     :param signature: A signature, or the dict of one.
     """
-    return _replace_instances(signature, lambda *_: None, embedded=True)[1]
+    return _replace_instances(signature, lambda *_: None)[1]
 
 
 def _no_secret_key(task_name: str, instance: t.Any) -> RuntimeError:
@@ -308,7 +304,6 @@ def dump(
     task_name: str,
     value: t.Any,
     app: Flask,
-    embedded: bool = False,
     committed: bool = False,
 ) -> tuple[t.Any, t.Any, bool]:
     """Replace the mapped instances in a value by signed references.
@@ -317,7 +312,6 @@ def dump(
     :param value: Arguments, or one of them.
     :param app: The app whose :func:`signer` signs them, made only when the
         value holds an instance: most sends hold none.
-    :param embedded: Look into signatures too, as in ``_replace_instances``.
     :param committed: Refuse an instance whose row its session inserted in
         the transaction still in progress: a message sent now would reach a
         worker that cannot see the row.
@@ -357,10 +351,10 @@ def dump(
         sig = sign.get_signature(_signed_text(name, key)).decode()
         return {MODEL: name, KEY: key, SIG: sig}
 
-    sent, found = _replace_instances(value, reference, embedded)
+    sent, found = _replace_instances(value, reference)
     if not found:
         return value, value, False
-    return sent, _replace_instances(value, _shown_instance, embedded)[0], True
+    return sent, _replace_instances(value, _shown_instance)[0], True
 
 
 def _inserted_uncommitted(state: InstanceState[t.Any]) -> bool:

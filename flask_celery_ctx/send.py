@@ -21,15 +21,16 @@ A send on commit, ``delay_on_commit()`` (:func:`on_commit`):
    the signature, the instances, the serializer, the options an outbox row
    cannot hold (:func:`check`);
 3. queued in the session's ``info`` under the transaction it waits for,
-   the innermost savepoint or the outermost transaction, which three
+   the innermost savepoint or the outermost transaction, which four
    session events move on (:func:`install`);
 4. ``before_commit``: the session flushed, so that pending instances have
    their keys; each send's references made, once (:func:`prepare`), and its
    row written in the outbox table, in the transaction: one ``INSERT``
    (:func:`write_rows`);
-5. ``after_commit`` marks the transaction committed; ``after_transaction_end``
-   hands the sends of a released savepoint to the enclosing transaction,
-   drops those of a rollback, and after the outermost commit publishes each
+5. ``after_commit`` marks the transaction committed, ``after_rollback`` rolled
+   back; ``after_transaction_end`` hands the sends of a released savepoint to
+   the enclosing transaction, drops those of a rollback (and, with a warning,
+   those of a session closed without a commit), and after the outermost commit publishes each
    with the message made in step 4, in one bounded attempt
    (:func:`publish_all`, :mod:`~flask_celery_ctx.outbox.publish`): a broker
    down leaves them to the relay;
@@ -227,7 +228,7 @@ def _dump_signatures(
         if not value:
             continue
         signatures = [
-            models.dump(signature["task"], signature, app, True, committed)[0]
+            models.dump(signature["task"], signature, app, committed)[0]
             for signature in maybe_list(value)
         ]
         options[name] = (
@@ -326,11 +327,13 @@ class Send:
 
 
 class _Pending:
-    __slots__ = ("_outbox", "committed", "sends", "written")
+    __slots__ = ("_outbox", "committed", "rolled_back", "sends", "written")
 
     def __init__(self) -> None:
         self.sends: list[Send] = []
         self.committed = False
+        # Ended by a rollback, not by the session's close.
+        self.rolled_back = False
         # Sends whose outbox rows were inserted in this transaction, some
         # perhaps queued in an enclosing one: a rollback of this one removes
         # the rows, and those sends need them written again.
@@ -367,9 +370,7 @@ def on_commit(
         # Captured now: the commit may come in another context.
         carry_g(ext.carry_g, task.name, options)
     # The arguments as the serializer will see them, and the instances.
-    trial, states = models.instances(
-        [list(args or ()), dict(kwargs or {})], embedded=False
-    )
+    trial, states = models.instances([list(args or ()), dict(kwargs or {})])
     signatures = [options[name] for name in _WITH_SIGNATURES if options.get(name)]
     if signatures:
         states += models.instances(signatures)[1]
@@ -501,6 +502,7 @@ def install() -> None:
         if not _installed:
             event.listen(Session, "before_commit", write_rows)
             event.listen(Session, "after_commit", _after_commit)
+            event.listen(Session, "after_rollback", _after_rollback)
             event.listen(Session, "after_transaction_end", _after_transaction_end)
             _installed = True
 
@@ -573,6 +575,17 @@ def _after_commit(session: Session) -> None:
         pending.committed = True
 
 
+def _after_rollback(session: Session) -> None:
+    store = session.info.get(_KEY)
+    if not store:
+        return
+    # The transaction rolled back: a savepoint, or the outermost one.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    pending = store.get(transaction)
+    if pending is not None:
+        pending.rolled_back = True
+
+
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     store = session.info.get(_KEY)
     if not store:
@@ -586,12 +599,29 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         for send in pending.written:
             # Rolled back with the transaction; the keys may change too.
             send.row = send.message = None
+        # A rollback drops the sends, as asked. A close without a commit
+        # drops them too, unasked: at the end of a request or a task, in a
+        # transaction begun after the last commit by a read, for one.
+        closed = transaction.parent is None and not pending.rolled_back
         for send in pending.sends:
-            logger.debug(
-                "Task %s[%s] dropped: its transaction ended without a commit.",
-                send.task.name,
-                send.options["task_id"],
-            )
+            if closed:
+                logger.warning(
+                    "Task %s[%s] dropped: it was sent with delay_on_commit in a"
+                    " transaction that ended without a commit when its session"
+                    " was closed (at the end of a request or a task, for one)."
+                    " A transaction needs a commit even if it only read: reading"
+                    " an attribute that a commit expired begins a new one."
+                    " Commit after delay_on_commit, or send with delay() once"
+                    " the data is committed.",
+                    send.task.name,
+                    send.options["task_id"],
+                )
+            else:
+                logger.debug(
+                    "Task %s[%s] dropped: its transaction was rolled back.",
+                    send.task.name,
+                    send.options["task_id"],
+                )
         return
     parent = transaction.parent
     if parent is not None:

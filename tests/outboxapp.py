@@ -89,7 +89,10 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
     options = app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})
     kind = app.config.get("FCC_DATABASE", "flask-sqlalchemy")
     if kind == "sessionmaker":
-        ext.init_app(app, session=orm.sessionmaker(create_engine(url, **options)))
+        # As the blog posts name it: the factory the views use themselves.
+        global SessionLocal
+        SessionLocal = orm.sessionmaker(create_engine(url, **options))
+        ext.init_app(app, session=SessionLocal)
     elif kind == "binds":
         # Per-model binds, no default one.
         engine = create_engine(url, **options)
@@ -157,7 +160,56 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
             session.commit()
             return {"task_id": result.id, "order_id": order.id}
 
+    @app.post("/session-local/orders/<name>")
+    def create_order_in_session_local(name: str) -> dict[str, t.Any]:
+        """A view as the blog posts write it, with ``FCC_DATABASE``
+        ``"sessionmaker"``: a session of the factory given to
+        ``FlaskCelery(session=...)``, not ``ext.session``, and a task of
+        their ``DatabaseTask``; it waits ``pause`` seconds between the send
+        and the commit."""
+        session = SessionLocal()
+        try:
+            order = Order(name=name)
+            session.add(order)
+            session.flush()
+            result = process_order.delay_on_commit(order)  # type: ignore[attr-defined]
+            time.sleep(float(request.args.get("pause", 0)))
+            session.commit()
+            return {"task_id": result.id, "order_id": order.id}
+        finally:
+            session.close()
+
     return app
+
+
+#: The session factory of the ``"sessionmaker"`` integration.
+SessionLocal: orm.sessionmaker[orm.Session]
+
+
+class DatabaseTask(Task):  # type: ignore[type-arg]
+    """The blog posts' base class: a plain ``celery.Task`` with a session of
+    its own, closed after each task."""
+
+    _session: orm.Session | None = None
+
+    @property
+    def session(self) -> orm.Session:
+        if self._session is None:
+            self._session = SessionLocal()
+        return self._session
+
+    def after_return(self, *args: t.Any, **kwargs: t.Any) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+@ext.celery.task(base=DatabaseTask, bind=True)
+def process_order(self: DatabaseTask, order: Order) -> str:
+    """Record a run for the order, in the base class's session."""
+    self.session.add(Seen(task_id=self.request.id, order_id=order.id, name=order.name))
+    self.session.commit()
+    return order.name
 
 
 def _log_query(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:

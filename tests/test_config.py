@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import typing as t
 
 import pytest
+from celery.app import utils as celery_utils
 from celery.app.defaults import _TO_NEW_KEY  # type: ignore[attr-defined]
 from celery.app.defaults import SETTING_KEYS
 from flask import Flask
 
 from flask_celery_ctx import FlaskCelery
+from flask_celery_ctx.config import ENVIRONMENT_OVERRIDES
 
 
 def configured(config: dict[str, t.Any], **options: t.Any) -> t.Any:
@@ -135,6 +139,14 @@ def test_extra_settings_of_plugins() -> None:
     assert conf.ONCE == {"backend": "y"}
     with pytest.raises(ValueError, match="not a Celery setting"):
         configured({"CELERY_ONCE": {}})
+
+
+def test_every_variable_celery_reads_before_its_config_is_checked() -> None:
+    """The variables that Celery's settings read before the config, in the
+    installed Celery: a new one in a later Celery fails here first."""
+    source = inspect.getsource(celery_utils.Settings)
+    read = set(re.findall(r"os\.environ\.get\(\s*['\"](\w+)['\"]", source))
+    assert read == set(ENVIRONMENT_OVERRIDES.values())
 
 
 @pytest.mark.parametrize(

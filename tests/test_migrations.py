@@ -31,6 +31,7 @@ from flask_celery_ctx.outbox.table import table as outbox_table
 from flask_celery_ctx.unique.table import metadata as unique_metadata
 from flask_celery_ctx.unique.table import table as unique_table
 
+from conftest import create_result_tables
 from conftest import FLASK
 from conftest import make_app
 from conftest import POSTGRES_URL
@@ -211,5 +212,34 @@ def test_flask_db_migrate_and_upgrade_keep_the_queued_tasks(
         assert LIBRARY_TABLES | {"note"} <= set(inspect(engine).get_table_names())
         with engine.connect() as conn:
             assert conn.scalar(text("SELECT count(*) FROM kombu_message")) == 1
+    finally:
+        engine.dispose()
+
+
+def test_result_backend_tables_are_left_alone(broker_database: str) -> None:
+    """Celery's database result backend on the app's database, as the
+    example app has it: its tables are left alone, with their default names
+    and with those ``database_table_names`` gives."""
+    create_result_tables(broker_database)
+    engine = create_engine(broker_database)
+    names = {"task": "jobs_results", "group": "jobs_groups"}
+    try:
+        with engine.begin() as conn:
+            for name in names.values():
+                conn.execute(text(f"CREATE TABLE {name} (id integer primary key)"))
+        found = differences(engine, app_metadata(), None)
+        assert {"celery_taskmeta", "celery_tasksetmeta", *names.values()} <= {
+            name for op, name in found if op == "remove_table"
+        }
+        app = make_app(
+            {
+                "SQLALCHEMY_DATABASE_URI": broker_database,
+                "CELERY_RESULT_BACKEND": "db+" + broker_database,
+                "CELERY_DATABASE_TABLE_NAMES": names,
+            }
+        )
+        with app.app_context():
+            found = differences(engine, app_metadata(), include_object)
+        assert found == [("add_table", "note")]
     finally:
         engine.dispose()

@@ -509,3 +509,41 @@ def test_eager_loaded_collections_inheritance_and_keys(orm_client: Flask) -> Non
         report, dog = graph[2:]
         sent = ormtasks.describe.delay(report, dog).get(timeout=20)
     assert sent["argsrepr"] == f"(Report({report.id!r}), Dog({dog.id}))"
+
+
+def test_a_relationships_collection_is_an_argument(orm_client: Flask) -> None:
+    """A collection of a relationship (SQLAlchemy's ``InstrumentedList``, a
+    subclass of ``list``) travels as a list of references, sent at once or on
+    commit; so do the instances in a ``namedtuple``."""
+    with orm_client.app_context():
+        forum, order, _, dog = eager_graph()
+        moderators = forum.moderators
+        assert type(moderators) is not list
+        described = ormtasks.describe.delay(moderators, lines=order.lines).get(
+            timeout=20
+        )
+        assert described["args"] == {
+            "list": [{"list": [moderator("m1"), moderator("m2")]}]
+        }
+        assert described["kwargs"] == {"lines": {"list": [line("l1"), line("l2")]}}
+        assert described["argsrepr"].startswith("([Moderator(")
+
+        dog.name = unique("renamed")
+        result = ormtasks.related.delay_on_commit(*dog.toys, Named(dog, 1))
+        db.session.commit()
+        toys, named = result.get(timeout=20)
+        assert toys["name"] == "ball"
+        assert named["list"][0]["name"] == dog.name
+
+
+class Named(t.NamedTuple):
+    animal: t.Any
+    rank: int
+
+
+def moderator(name: str) -> dict[str, t.Any]:
+    return {"model": "Moderator", "name": name, "attached": True}
+
+
+def line(name: str) -> dict[str, t.Any]:
+    return {"model": "OrderLine", "name": name, "attached": True}

@@ -503,3 +503,30 @@ def test_a_base_class_that_calls_run_itself(
             conn.execute(delete(Item).where(Item.id == gone.id))
         with pytest.raises(MissingInstanceError, match="do not exist"):
             ormtasks.called.delay(gone).get(timeout=20)
+
+
+def test_a_send_dropped_by_a_close_is_logged(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A send queued in a transaction that the session's close ends, with no
+    commit (a view that committed through a service, then read an expired
+    attribute, which began a new transaction), is dropped with a warning; a
+    rollback drops it quietly, as asked."""
+    name = unique("closed")
+    with caplog.at_level(logging.DEBUG, "flask_celery_ctx"):
+        with app.app_context():
+            item = Item(name=name)
+            db.session.add(item)
+            db.session.commit()
+            assert item.name == name  # a new transaction, to read it again
+            closed = ormtasks.describe.delay_on_commit(item)
+        with app.app_context():
+            db.session.add(Item(name=unique("rolled-back")))
+            rolled_back = ormtasks.add_item.delay_on_commit(name)
+            db.session.rollback()
+    [warned] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"[{closed.id}] dropped" in warned.getMessage()
+    assert "ended without a commit when its session was closed" in warned.getMessage()
+    assert f"[{rolled_back.id}] dropped" in caplog.text
+    with app.app_context():
+        assert names(name) == [name]

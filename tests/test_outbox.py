@@ -216,6 +216,20 @@ def test_a_view_with_a_session_of_its_own(url: str, engine: Engine, kind: str) -
     wait_until(lambda: rows(engine) == [], "the outbox is empty", timeout=20)
 
 
+def test_a_view_with_the_apps_session_local(url: str, engine: Engine) -> None:
+    """The blog posts' pattern: ``FlaskCelery(session=SessionLocal)``, a view
+    with a ``SessionLocal()`` of its own, a task of their ``DatabaseTask``:
+    the send waits for the commit of the view's session, and the worker
+    finds the order."""
+    settings = config(url, FCC_DATABASE="sessionmaker")
+    start_worker(settings)
+    app = make_app(settings)
+    sent = app.test_client().post("/session-local/orders/local?pause=1.5").get_json()
+    wait_until(lambda: sent["order_id"] in runs(engine), "the task ran", timeout=20)
+    assert runs(engine)[sent["order_id"]] == 1
+    wait_until(lambda: rows(engine) == [], "the outbox is empty", timeout=20)
+
+
 def test_savepoints(url: str, engine: Engine) -> None:
     app = make_app(config(url, **DOWN))
     with app.app_context():

@@ -189,7 +189,8 @@ class FlaskCelery:
             (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
             would not read, or a setting given twice, or a setting of the
-            outbox or of ``once`` a wrong value; or the environment gives
+            outbox, of ``once`` or of a ``sqlbroker+`` broker's transport
+            options a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
             ``CELERY_BROKER_READ_URL``, ``CELERY_BROKER_WRITE_URL``,
             ``CELERY_RESULT_BACKEND``).
@@ -210,6 +211,7 @@ class FlaskCelery:
         try:
             check_outbox_settings(settings)
             check_once_settings(settings)
+            check_sqlbroker_settings(settings)
         except ValueError as exc:
             raise ConfigValueError(str(exc)) from None
         add_command_to(app)
@@ -322,3 +324,21 @@ class FlaskCelery:
         ctx = pushed[-1][1]
         if ctx is not None:
             ctx.pop(retval if isinstance(retval, BaseException) else None)
+
+
+def check_sqlbroker_settings(settings: t.Mapping[str, t.Any]) -> None:
+    """Check the transport options of a ``sqlbroker+`` broker, where
+    SQLAlchemy is installed: where it is not, the worker says at its start
+    what to install.
+
+    :param settings: The Celery settings read from the Flask config.
+    :raises ValueError: A transport option has a wrong value.
+    """
+    url = settings.get("broker_url")
+    if not (isinstance(url, str) and url.startswith("sqlbroker+")):
+        return
+    try:
+        from .sqlbroker import check_settings
+    except ImportError:
+        return
+    check_settings(settings)

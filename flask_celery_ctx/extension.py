@@ -27,6 +27,7 @@ from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
 from .errors import ConfigRuntimeError
+from .errors import ConfigTypeError
 from .errors import ConfigValueError
 from .once import check_settings as check_once_settings
 from .once import SETTINGS as ONCE_SETTINGS
@@ -94,7 +95,8 @@ class FlaskCelery:
         them. Any other unknown ``CELERY_`` key is an error.
     :param carry_g: Names of attributes of ``g`` that a task sent from an
         application context carries into its own ``g`` (see :doc:`/carry`).
-    :raises TypeError: ``carry_g`` is a string, not a list of names.
+    :raises TypeError: ``carry_g`` or ``extra_settings`` is a string, not a
+        list of names.
     """
 
     def __init__(
@@ -116,6 +118,12 @@ class FlaskCelery:
             tasks=Registry(self._cover_other_tasks),  # type: ignore[arg-type]
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
+        if isinstance(extra_settings, (str, bytes)):
+            raise ConfigTypeError(
+                "FlaskCelery(extra_settings=...) takes a list of names of"
+                f" settings, not the string {extra_settings!r}: write"
+                f" extra_settings=[{extra_settings!r}]."
+            )
         self._extra_settings = tuple(extra_settings)
         #: The names of the attributes of ``g`` that tasks carry from where
         #: they are sent (see :doc:`/carry`).

@@ -100,19 +100,19 @@ def test_redis_without_celerys_redis_extra(tmp_path: Path) -> None:
     no_packaging = subprocess.run([venv / "bin" / "python", "-c", "import packaging"])
     assert no_packaging.returncode != 0, "packaging is installed"
     (tmp_path / "shop.py").write_text(REDIS_APP)
-    result = subprocess.run(
-        [venv / "bin" / "flask", "--app", "shop:create_app", "celery", "worker",
-         "--pool", "solo"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    assert (
-        "The broker URL redis://127.0.0.1:6379/0 needs the client library of the"
-        " 'redis' transport, which is not installed or fails to import"
-        " (ModuleNotFoundError: No module named 'packaging')."
-        ' Install it: pip install "celery[redis]".'
-    ) in result.stderr
+    for command in (["worker", "--pool", "solo"], ["beat"], ["purge", "-f"]):
+        result = subprocess.run(
+            [venv / "bin" / "flask", "--app", "shop:create_app", "celery", *command],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1, (command, result.stdout)
+        assert "Traceback" not in result.stderr, (command, result.stderr)
+        assert (
+            "The broker URL redis://127.0.0.1:6379/0 needs the client library of"
+            " the 'redis' transport, which is not installed or fails to import"
+            " (ModuleNotFoundError: No module named 'packaging')."
+            ' Install it: pip install "celery[redis]".'
+        ) in result.stderr, (command, result.stderr)
 
 
 def test_pickled_message_is_refused(workers: WorkerFactory) -> None:

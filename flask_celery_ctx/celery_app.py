@@ -103,7 +103,8 @@ class ContextCelery(_Celery):
         :raises TypeError: The ``once`` option is not a bool.
         """
         if "once" in options:
-            check_once(name or fun.__qualname__, options["once"])
+            task_name = name or self.gen_task_name(fun.__name__, fun.__module__)
+            check_once(task_name, options["once"])
         if base is not None:
             base = with_context(base)
         return super()._task_from_fun(fun, name, base, bind, **options)

@@ -50,6 +50,7 @@ def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
     app = ctx.ensure_object(ScriptInfo).load_app()
     ext: FlaskCelery = app.extensions["celery"]
     _check_overrides(celery_main, args, ext.celery)
+    _check_transport(celery_main, args, ext.celery)
     if _needs_gevent_patches(args, ext.celery):
         _exec_with_gevent_patches(args)
     celery_main.add_command(outbox_command)
@@ -133,6 +134,27 @@ def _check_overrides(
         problem = override_problem(celery.conf, name, value, source, undo)
         if problem is not None:
             raise click.ClickException(problem)
+
+
+#: Celery's commands, other than the worker (which checks when it starts),
+#: that load the broker's transport.
+_BROKER_COMMANDS = {"beat", "call", "control", "events", "inspect", "purge", "status"}
+
+
+def _check_transport(
+    celery_main: click.Group, args: t.Sequence[str], celery: Celery[t.Any]
+) -> None:
+    """Refuse a command that uses the broker when its transport cannot be
+    loaded (``redis`` installed without ``celery[redis]``): Celery would
+    fail on it with a traceback."""
+    command = next((arg for arg in args if arg in celery_main.commands), None)
+    if command not in _BROKER_COMMANDS or "--help" in args:
+        return
+    from .worker import transport_problem
+
+    problem = transport_problem(celery)
+    if problem is not None:
+        raise click.ClickException(f"{problem}.")
 
 
 def _needs_gevent_patches(args: t.Sequence[str], celery: Celery[t.Any]) -> bool:

@@ -27,6 +27,7 @@ from .db import database
 from .db import use as use_database
 from .db.sessionmaker import SessionFactory
 from .errors import ConfigRuntimeError
+from .errors import ConfigTypeError
 from .errors import ConfigValueError
 from .once import check_settings as check_once_settings
 from .once import SETTINGS as ONCE_SETTINGS
@@ -95,7 +96,8 @@ class FlaskCelery:
         them. Any other unknown ``CELERY_`` key is an error.
     :param carry_g: Names of attributes of ``g`` that a task sent from an
         application context carries into its own ``g`` (see :doc:`/carry`).
-    :raises TypeError: ``carry_g`` is a string, not a list of names.
+    :raises TypeError: ``carry_g`` or ``extra_settings`` is a string, not a
+        list of names.
     """
 
     def __init__(
@@ -117,6 +119,12 @@ class FlaskCelery:
             tasks=Registry(self._cover_other_tasks),  # type: ignore[arg-type]
         )
         self.celery.flask_celery = self  # type: ignore[attr-defined]
+        if isinstance(extra_settings, (str, bytes)):
+            raise ConfigTypeError(
+                "FlaskCelery(extra_settings=...) takes a list of names of"
+                f" settings, not the string {extra_settings!r}: write"
+                f" extra_settings=[{extra_settings!r}]."
+            )
         self._extra_settings = tuple(extra_settings)
         #: The names of the attributes of ``g`` that tasks carry from where
         #: they are sent (see :doc:`/carry`).
@@ -190,7 +198,8 @@ class FlaskCelery:
             (see :attr:`session`).
         :raises ValueError: The config has a key meant for Celery that Celery
             would not read, or a setting given twice, or a setting of the
-            outbox or of ``once`` a wrong value; or the environment gives
+            outbox, of ``once`` or of a ``sqlbroker+`` broker's transport
+            options a wrong value; or the environment gives
             Celery another broker or result backend (``CELERY_BROKER_URL``,
             ``CELERY_BROKER_READ_URL``, ``CELERY_BROKER_WRITE_URL``,
             ``CELERY_RESULT_BACKEND``).
@@ -211,6 +220,7 @@ class FlaskCelery:
         try:
             check_outbox_settings(settings)
             check_once_settings(settings)
+            check_sqlbroker_settings(settings)
         except ValueError as exc:
             raise ConfigValueError(str(exc)) from None
         add_command_to(app)
@@ -324,3 +334,21 @@ class FlaskCelery:
         ctx = pushed[-1][1]
         if ctx is not None:
             ctx.pop(retval if isinstance(retval, BaseException) else None)
+
+
+def check_sqlbroker_settings(settings: t.Mapping[str, t.Any]) -> None:
+    """Check the transport options of a ``sqlbroker+`` broker, where
+    SQLAlchemy is installed: where it is not, the worker says at its start
+    what to install.
+
+    :param settings: The Celery settings read from the Flask config.
+    :raises ValueError: A transport option has a wrong value.
+    """
+    url = settings.get("broker_url")
+    if not (isinstance(url, str) and url.startswith("sqlbroker+")):
+        return
+    try:
+        from .sqlbroker import check_settings
+    except ImportError:
+        return
+    check_settings(settings)

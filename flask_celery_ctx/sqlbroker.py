@@ -403,6 +403,25 @@ def _create_tables(engine: sa.Engine) -> None:
                 raise
 
 
+def check_settings(settings: t.Mapping[str, t.Any]) -> None:
+    """Refuse, when the app is set up, a visibility timeout that would stop
+    the worker only once it connects.
+
+    :param settings: The Celery settings read from the Flask config.
+    :raises ValueError: ``broker_url`` is a ``sqlbroker+`` URL, and the
+        transport options' ``visibility_timeout`` is not seconds above 0.
+    """
+    url = settings.get("broker_url")
+    options = settings.get("broker_transport_options") or {}
+    if (
+        isinstance(url, str)
+        and url.startswith("sqlbroker+")
+        and isinstance(options, t.Mapping)
+        and "visibility_timeout" in options
+    ):
+        _seconds(options["visibility_timeout"])
+
+
 def _seconds(value: t.Any) -> float:
     """The visibility timeout, checked."""
     try:

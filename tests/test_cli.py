@@ -348,6 +348,19 @@ def create_app(kind):
         FlaskCelery(app)
     elif kind == "carry":
         FlaskCelery(app, carry_g="user")
+    elif kind == "extra":
+        FlaskCelery(app, extra_settings="redbeat_redis_url")
+    elif kind == "visibility":
+        app.config["CELERY_BROKER_URL"] = "sqlbroker+sqlite:///broker.sqlite"
+        app.config["CELERY_BROKER_TRANSPORT_OPTIONS"] = {"visibility_timeout": 0}
+        FlaskCelery(app)
+    elif kind in ("unique_for", "once"):
+        ext = FlaskCelery(app)
+        options = {"unique_for": "ten"} if kind == "unique_for" else {"once": "yes"}
+
+        @ext.celery.task(**options)
+        def deliver():
+            pass
     else:
         FlaskCelery(app)
         app.config["MISSING_KEY"]
@@ -359,7 +372,11 @@ def create_app(kind):
     ("kind", "message"),
     [("session", "FlaskCelery(session=...) takes a sqlalchemy.orm.sessionmaker"),
      ("twice", "A 'FlaskCelery' instance has already been registered"),
-     ("carry", "FlaskCelery(carry_g=...) takes a list of names")],
+     ("carry", "FlaskCelery(carry_g=...) takes a list of names"),
+     ("extra", "FlaskCelery(extra_settings=...) takes a list of names of settings"),
+     ("visibility", "visibility_timeout in CELERY_BROKER_TRANSPORT_OPTIONS must be"),
+     ("unique_for", "unique_for of task 'shop.deliver' must be a number of seconds"),
+     ("once", "The option once='yes' of task 'shop.deliver' must be True or False")],
 )  # fmt: skip
 def test_errors_of_the_setup_are_one_error_block(
     tmp_path: Path, kind: str, message: str

@@ -31,6 +31,7 @@ from flask_celery_ctx.outbox.table import table as outbox_table
 from flask_celery_ctx.unique.table import metadata as unique_metadata
 from flask_celery_ctx.unique.table import table as unique_table
 
+import snippets
 from conftest import create_result_tables
 from conftest import FLASK
 from conftest import make_app
@@ -243,3 +244,42 @@ def test_result_backend_tables_are_left_alone(broker_database: str) -> None:
         assert found == [("add_table", "note")]
     finally:
         engine.dispose()
+
+
+def test_the_outbox_tables_migration_as_the_docs_show_it(tmp_path: Path) -> None:
+    """An app on Flask-Migrate whose tables are made by migrations alone:
+    ``flask db revision -m outbox``, the functions of the recipe in
+    on-commit.rst pasted in, then ``flask db upgrade`` and ``downgrade``."""
+    [recipe] = [
+        block.code
+        for block in snippets.read(snippets.DOCS / "on-commit.rst")
+        if "table.create(op.get_bind()" in block.code
+    ]
+    database = tmp_path / "app.sqlite"
+    env = {**os.environ, "MIGRATE_DATABASE_URL": f"sqlite:///{database}"}
+    directory = str(tmp_path / "migrations")
+
+    def flask_db(*args: str) -> None:
+        done = subprocess.run(
+            [FLASK, "--app", "migrateapp:create_app", "db", *args,
+             "--directory", directory],
+            cwd=TESTS, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def tables() -> set[str]:
+        engine = create_engine(f"sqlite:///{database}")
+        try:
+            return set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    flask_db("init")
+    flask_db("revision", "-m", "outbox")
+    [script] = (tmp_path / "migrations" / "versions").glob("*.py")
+    header = script.read_text().split("\ndef upgrade")[0]
+    script.write_text(f"{header}\n{recipe}\n")
+    flask_db("upgrade")
+    assert "flask_celery_outbox" in tables()
+    flask_db("downgrade")
+    assert "flask_celery_outbox" not in tables()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import typing as t
 
+from ..errors import ConfigTypeError
+
 if t.TYPE_CHECKING:
     from celery import Celery
 
@@ -66,7 +68,7 @@ def check_option(task_name: str, value: object) -> None:
     :raises TypeError: It is not ``True`` or ``False``.
     """
     if not isinstance(value, bool):
-        raise TypeError(
+        raise ConfigTypeError(
             f"The option once={value!r} of task {task_name!r} must be True or"
             " False: True commits the task's work with a record of its id, and"
             " skips any later delivery of the same id."

@@ -37,6 +37,7 @@ from celery.utils import uuid
 from kombu.utils.json import dumps
 
 from .. import models
+from ..errors import ConfigValueError
 
 if t.TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -72,7 +73,7 @@ def check_task(cls: type[ContextTask]) -> None:
     if inspect.isfunction(key) or inspect.isbuiltin(key):
         cls.unique_key = staticmethod(key)
     if cls.unique_key is not None and not cls.unique_for:
-        raise ValueError(
+        raise ConfigValueError(
             f"Task {name!r} has unique_key but no unique_for: give"
             " unique_for=SECONDS too, how long a send stays unique."
         )
@@ -88,7 +89,7 @@ def check_seconds(value: object, task_name: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(
+        raise ConfigValueError(
             f"unique_for of task {task_name!r} must be a number of seconds, 0 or"
             f" more, not {value!r}: how long a send with equal arguments is not"
             " sent again while the first has not finished (0 turns it off)."

@@ -117,11 +117,11 @@ class Attempt:
             options.update(ignore_result=True, headers=headers)
         while True:
             started = time.monotonic()
-            producer = self._producer_or_open()
             try:
+                producer = self._producer_or_open()
                 task.apply_async(args, kwargs, producer=producer, **options)
             except Exception as exc:
-                if not self._is_broker_error(exc):
+                if not self.is_broker_error(exc):
                     raise
                 stale = self._reused and time.monotonic() - started < self.timeout / 2
                 self._discard()
@@ -142,12 +142,12 @@ class Attempt:
         """
         if self.failure is not None:
             return False
-        self._producer_or_open()
-        assert self._connection is not None
         try:
+            self._producer_or_open()
+            assert self._connection is not None
             self._connection.default_channel  # noqa: B018 (connects)
         except Exception as exc:
-            if not self._is_broker_error(exc):
+            if not self.is_broker_error(exc):
                 raise
             self._discard()
             self.failure = describe(exc, self.timeout)
@@ -209,12 +209,23 @@ class Attempt:
         self._connection = self._producer = None
         self._reused = False
 
-    def _is_broker_error(self, exc: Exception) -> bool:
-        connection = self._connection
-        errors: tuple[type[BaseException], ...] = (OperationalError, OSError)
-        if connection is not None:
-            errors += connection.connection_errors + connection.channel_errors
-        return isinstance(exc, errors)
+    def is_broker_error(self, exc: Exception) -> bool:
+        """Whether ``exc`` tells of the broker, not of a send: kombu's
+        ``OperationalError``, the network's, and the connection and channel
+        errors of the broker's client library, but ``KeyError``, which
+        kombu's Redis transport counts as a connection error too.
+
+        :param exc: An error of a publish.
+        """
+        if isinstance(exc, (OperationalError, OSError)):
+            return True
+        if self._connection is not None:
+            connection = self._connection
+            found = (*connection.connection_errors, *connection.channel_errors)
+        else:
+            with self.celery.connection_for_write() as connection:
+                found = (*connection.connection_errors, *connection.channel_errors)
+        return isinstance(exc, tuple(e for e in found if not issubclass(e, KeyError)))
 
 
 def describe(exc: BaseException, timeout: float) -> str:

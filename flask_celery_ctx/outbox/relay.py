@@ -24,7 +24,6 @@ from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import bootsteps
-from kombu.exceptions import OperationalError
 
 from ..db import database
 from . import enabled
@@ -200,7 +199,7 @@ def _publish_rows(
         try:
             sent = outbox.publish(celery, row, attempt)
         except Exception as exc:
-            if not _from_broker(celery, exc):
+            if not attempt.is_broker_error(exc):
                 _failed(engine, celery, row, exc)
                 continue
             sent, failure = False, f"it failed: {outbox.describe(exc)}"
@@ -274,18 +273,6 @@ def _publish_timeout(celery: Celery[t.Any]) -> float:
     not hold it for ever."""
     configured = celery.conf.get("broker_connection_timeout")
     return max(settings(celery).publish_timeout, float(configured or 4.0))
-
-
-def _from_broker(celery: Celery[t.Any], error: Exception) -> bool:
-    """Whether ``error`` tells of the broker, not of a row: kombu's
-    ``OperationalError``, the network's, and the connection and channel
-    errors of the broker's client library (but ``KeyError``, which kombu's
-    Redis transport counts as a connection error too)."""
-    if isinstance(error, (OperationalError, OSError)):
-        return True
-    with celery.connection_for_write() as conn:
-        found = (*conn.connection_errors, *conn.channel_errors)
-    return isinstance(error, tuple(e for e in found if not issubclass(e, KeyError)))
 
 
 def _failed(

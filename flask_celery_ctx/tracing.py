@@ -59,6 +59,9 @@ if t.TYPE_CHECKING:
     from .extension import FlaskCelery
     from .task import ContextTask
 
+#: The header of a unique send's key, looked up in each traced request.
+_UNIQUE = unique.HEADER
+
 
 class TracedCall(TaskContext):
     """A call of a task that Celery's tracer runs, and the context pushed for
@@ -151,7 +154,6 @@ _current: ContextVar[TracedCall | None] = ContextVar(
 
 _set = _current.set
 _reset = _current.reset
-_UNIQUE = unique.HEADER
 
 #: The traced call in progress, if any: the task's ``__call__`` tells with it
 #: a call by the tracer (``call.task`` is the task and ``call.started`` is

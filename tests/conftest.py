@@ -26,6 +26,7 @@ from flask import Flask
 from kombu import pools
 from sqlalchemy import create_engine
 from sqlalchemy import MetaData
+from sqlalchemy import Table
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -135,6 +136,44 @@ def new_postgres_database(suffix: str, *metadatas: MetaData) -> t.Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@contextlib.contextmanager
+def new_database(
+    kind: str, suffix: str, metadata: MetaData, tmp_path_factory: pytest.TempPathFactory
+) -> t.Iterator[str]:
+    """A database of this run's own with the tables of ``metadata``: its URL.
+
+    :param kind: ``"postgres"`` (:func:`new_postgres_database`) or
+        ``"sqlite"``, a file in a temporary directory.
+    :param suffix: What the database is for, in its name.
+    """
+    if kind == "postgres":
+        with new_postgres_database(suffix, metadata) as found:
+            yield found
+        return
+    url = f"sqlite:///{tmp_path_factory.mktemp(suffix) / 'app.sqlite'}"
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    yield url
+
+
+@contextlib.contextmanager
+def emptied(url: str, *tables: Table | type[t.Any]) -> t.Iterator[Engine]:
+    """An engine of ``url``, for looking at the database, once the rows of
+    ``tables`` (tables or mapped classes) that exist in it are deleted;
+    disposed at the end."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for found in tables:
+            table = found if isinstance(found, Table) else found.__table__
+            if engine.dialect.has_table(conn, table.name):
+                conn.execute(table.delete())
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")

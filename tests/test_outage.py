@@ -30,8 +30,6 @@ from kombu import Connection
 from kombu import Consumer
 from kombu import Queue
 from kombu.message import Message
-from sqlalchemy import create_engine
-from sqlalchemy import delete
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -44,6 +42,7 @@ from flask_celery_ctx.outbox.relay import relay_all
 from outboxapp import Order
 from outboxapp import Seen
 
+from conftest import emptied
 from conftest import FLASK
 from conftest import new_postgres_database
 from conftest import RABBITMQ_URL
@@ -70,14 +69,8 @@ def url() -> t.Iterator[str]:
 
 @pytest.fixture
 def engine(url: str) -> t.Iterator[Engine]:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(delete(Seen))
-        conn.execute(delete(Order))
-        if outbox.has_table(engine):
-            conn.execute(delete(outbox.table))
-    yield engine
-    engine.dispose()
+    with emptied(url, Seen, Order, outbox.table) as found:
+        yield found
 
 
 _cleanups: list[t.Callable[[], None]] = []

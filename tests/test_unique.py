@@ -19,8 +19,6 @@ import redis
 from celery import chord
 from celery import group
 from flask import Flask
-from sqlalchemy import create_engine
-from sqlalchemy import delete
 from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -33,8 +31,9 @@ from uniqueapp import Document
 from uniqueapp import Gate
 from uniqueapp import Run
 
+from conftest import emptied
 from conftest import FLASK
-from conftest import new_postgres_database
+from conftest import new_database
 from conftest import REDIS_URL
 from conftest import require
 from conftest import RUN
@@ -50,15 +49,9 @@ def url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> t.Iterator[str]:
     """A database with ``uniqueapp``'s tables, without the table of keys."""
-    if request.param == "postgres":
-        with new_postgres_database("unique", uniqueapp.Base.metadata) as found:
-            yield found
-        return
-    path = tmp_path_factory.mktemp("unique") / "app.sqlite"
-    engine = create_engine(f"sqlite:///{path}")
-    uniqueapp.Base.metadata.create_all(engine)
-    engine.dispose()
-    yield f"sqlite:///{path}"
+    metadata = uniqueapp.Base.metadata
+    with new_database(request.param, "unique", metadata, tmp_path_factory) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +65,8 @@ def postgres(url: str) -> str:
 @pytest.fixture
 def engine(url: str) -> t.Iterator[Engine]:
     """An engine for looking at the database, emptied first."""
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        for model in (Run, Gate, Document):
-            conn.execute(delete(model))
-        if engine.dialect.has_table(conn, unique_table.TABLE_NAME):
-            conn.execute(delete(unique_table.table))
-    yield engine
-    engine.dispose()
+    with emptied(url, Run, Gate, Document, unique_table.table) as found:
+        yield found
 
 
 _apps: list[Flask] = []

@@ -565,25 +565,25 @@ def prepare(send: Send) -> tuple[t.Any, t.Any, dict[str, t.Any]]:
 
 
 def _after_commit(session: Session) -> None:
-    store = session.info.get(_KEY)
-    if not store:
-        return
-    # The transaction that committed: a savepoint, or the outermost one.
-    transaction = session.get_nested_transaction() or session.get_transaction()
-    pending = store.get(transaction)
+    pending = _ending(session)
     if pending is not None:
         pending.committed = True
 
 
 def _after_rollback(session: Session) -> None:
-    store = session.info.get(_KEY)
-    if not store:
-        return
-    # The transaction rolled back: a savepoint, or the outermost one.
-    transaction = session.get_nested_transaction() or session.get_transaction()
-    pending = store.get(transaction)
+    pending = _ending(session)
     if pending is not None:
         pending.rolled_back = True
+
+
+def _ending(session: Session) -> _Pending | None:
+    """The sends of the transaction that commits or rolls back: a
+    savepoint, or the outermost one."""
+    store: dict[SessionTransaction, _Pending] | None = session.info.get(_KEY)
+    if not store:
+        return None
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    return None if transaction is None else store.get(transaction)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:

@@ -403,7 +403,7 @@ def test_more_instances_than_a_statement_takes_parameters(
         items = db.session.scalars(select(Item).where(Item.name == name)).all()
         assert len(items) == 70_000
         many = ormtasks.count_loaded.delay(items).get(timeout=120)
-        hundred = ormtasks.count_loaded.delay(items[:100]).get(timeout=20)
+        hundred = ormtasks.count_loaded.delay(items[:100]).get(timeout=120)
     assert many == {"ids": 70_000, "names": [name], "attached": True, "queries": 140}
     assert hundred == {"ids": 100, "names": [name], "attached": True, "queries": 1}
 

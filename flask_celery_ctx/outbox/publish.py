@@ -125,17 +125,20 @@ class Attempt:
             headers = dict(options.get("headers") or {})
             headers["ignore_result"] = options.get("ignore_result", task.ignore_result)
             options.update(ignore_result=True, headers=headers)
+        fresh = False
         while True:
             started = time.monotonic()
             try:
-                producer = self._producer_or_open()
+                producer = self._producer_or_open(fresh)
                 task.apply_async(args, kwargs, producer=producer, **options)
             except Exception as exc:
                 if not self.is_broker_error(exc):
                     raise
                 stale = self._reused and time.monotonic() - started < self.timeout / 2
                 self._discard()
-                if stale:
+                if stale and not fresh:
+                    # On a new connection, not on another kept one.
+                    fresh = True
                     continue
                 self.failure = describe(exc, self.timeout)
                 self.left += 1
@@ -186,9 +189,11 @@ class Attempt:
                 "it is" if self.left == 1 else "they are",
             )
 
-    def _producer_or_open(self) -> Producer:
+    def _producer_or_open(self, fresh: bool = False) -> Producer:
+        """The attempt's producer: on a kept connection, or on a new one if
+        none is kept or ``fresh``."""
         if self._producer is None:
-            kept = _take(self._key)
+            kept = None if fresh else _take(self._key)
             self._reused = kept is not None
             if kept is None:
                 connection = self._open()

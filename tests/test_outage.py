@@ -540,6 +540,27 @@ def test_a_broker_restarted_between_two_commits(
     assert received == first["task_ids"] + second["task_ids"]
 
 
+def test_commits_of_new_threads_share_a_connection(url: str, engine: Engine) -> None:
+    """A server that runs each request in a thread of its own, as ``flask
+    run`` does, publishes the commits of its requests over one connection
+    kept by the process, not over a new one at each request."""
+    require("RabbitMQ", RABBITMQ_URL, 5672)
+    proxy = Proxy(("127.0.0.1", 5672))
+    broker = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+    app = make_app(url, CELERY_BROKER_URL=broker)
+    sent: list[str] = []
+    for _ in range(3):
+        request = threading.Thread(
+            target=lambda: sent.extend(commit(app, 2)[1]["task_ids"])
+        )
+        request.start()
+        request.join()
+    assert len(sent) == 6
+    assert task_ids(engine) == []
+    assert len(proxy.open) == 2  # one connection: the client's socket and RabbitMQ's
+    assert consume(app.config["CELERY_TASK_DEFAULT_QUEUE"], 6) == sent
+
+
 def consume(queue: str, count: int) -> list[str]:
     """The task ids of ``count`` messages taken from a RabbitMQ queue, which
     is deleted then."""

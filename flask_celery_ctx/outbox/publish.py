@@ -3,8 +3,8 @@ connection of its own.
 
 The sends of a commit that have a row in the outbox go to the broker over
 one connection whose connect and socket timeouts are the setting
-``outbox_publish_timeout``, without retries; the thread keeps it for its
-next commit. The first failure stops the
+``outbox_publish_timeout``, without retries; the process keeps it for
+its next commit, whichever thread makes it. The first failure stops the
 attempt: the sends not published yet stay in the outbox, and a relay sends
 them once the broker is back. A view's commit so returns within about that
 timeout, whatever the number of its sends and whatever the broker does.
@@ -52,16 +52,26 @@ _Key = tuple[int, str, float]
 _failed: dict[_Key, tuple[float, str]] = {}
 _failed_lock = threading.Lock()
 
-# Per thread: the connections kept from one commit to the next, with their
-# producers, and the process they were opened in.
-_kept = threading.local()
+#: The most connections the process keeps idle per broker, from one commit
+#: to the next; more are closed after their commit.
+KEPT = 10
+
+# The connections kept idle from one commit to the next, with their
+# producers, and the process they were opened in. Any thread takes one for
+# its commit and gives it back after: a server that runs each request in a
+# thread or greenlet of its own does not connect to the broker at each
+# commit.
+_kept: dict[_Key, list[tuple[Connection, Producer]]] = {}
+_kept_lock = threading.Lock()
+_kept_pid = os.getpid()
 
 
 class Attempt:
     """One bounded attempt to publish the sends of a commit with a Celery
     app; close it when done.
 
-    Each thread keeps its connection from one commit to the next. A kept
+    The process keeps the connection from one commit to the next, for any
+    of its threads (at most :data:`KEPT` idle per broker). A kept
     connection that fails at once (the broker restarted since) is replaced
     by a new one, once, for the same send.
 
@@ -115,17 +125,20 @@ class Attempt:
             headers = dict(options.get("headers") or {})
             headers["ignore_result"] = options.get("ignore_result", task.ignore_result)
             options.update(ignore_result=True, headers=headers)
+        fresh = False
         while True:
             started = time.monotonic()
             try:
-                producer = self._producer_or_open()
+                producer = self._producer_or_open(fresh)
                 task.apply_async(args, kwargs, producer=producer, **options)
             except Exception as exc:
                 if not self.is_broker_error(exc):
                     raise
                 stale = self._reused and time.monotonic() - started < self.timeout / 2
                 self._discard()
-                if stale:
+                if stale and not fresh:
+                    # On a new connection, not on another kept one.
+                    fresh = True
                     continue
                 self.failure = describe(exc, self.timeout)
                 self.left += 1
@@ -156,13 +169,14 @@ class Attempt:
         return True
 
     def close(self, report: bool = True) -> None:
-        """Keep the connection for the thread's next commit, or close it
+        """Keep the connection for the process's next commit, or close it
         after a failure; log what was left to the relay, once.
 
         :param report: Log what was left; a relay says it in its own words.
         """
         if self._connection is not None and self._producer is not None:
-            _kept_connections()[self._key] = (self._connection, self._producer)
+            if not _give_back(self._key, (self._connection, self._producer)):
+                self._discard()
             self._connection = self._producer = None
         if self.left and report:
             logger.warning(
@@ -175,9 +189,11 @@ class Attempt:
                 "it is" if self.left == 1 else "they are",
             )
 
-    def _producer_or_open(self) -> Producer:
+    def _producer_or_open(self, fresh: bool = False) -> Producer:
+        """The attempt's producer: on a kept connection, or on a new one if
+        none is kept or ``fresh``."""
         if self._producer is None:
-            kept = _kept_connections().pop(self._key, None)
+            kept = None if fresh else _take(self._key)
             self._reused = kept is not None
             if kept is None:
                 connection = self._open()
@@ -255,15 +271,35 @@ def forget() -> None:
         _failed.clear()
 
 
-def _kept_connections() -> dict[_Key, tuple[Connection, Producer]]:
-    found: dict[_Key, tuple[Connection, Producer]] | None = getattr(
-        _kept, "connections", None
-    )
-    if found is None or _kept.pid != os.getpid():
-        # A forked process leaves its parent's connections alone.
-        _kept.connections = found = {}
-        _kept.pid = os.getpid()
-    return found
+def _take(key: _Key) -> tuple[Connection, Producer] | None:
+    """An idle connection kept for ``key``, and its producer, taken from the
+    pool; none if the pool has none."""
+    with _kept_lock:
+        idle = _kept_here().get(key)
+        return idle.pop() if idle else None
+
+
+def _give_back(key: _Key, kept: tuple[Connection, Producer]) -> bool:
+    """Keep a connection for the next commit of any thread.
+
+    :return: Whether it was kept; not if :data:`KEPT` are idle already.
+    """
+    with _kept_lock:
+        idle = _kept_here().setdefault(key, [])
+        if len(idle) >= KEPT:
+            return False
+        idle.append(kept)
+        return True
+
+
+def _kept_here() -> dict[_Key, list[tuple[Connection, Producer]]]:
+    """The idle connections of this process: a forked process leaves its
+    parent's alone. Called with the lock held."""
+    global _kept_pid
+    if _kept_pid != os.getpid():
+        _kept.clear()
+        _kept_pid = os.getpid()
+    return _kept
 
 
 def _held(broker: _Key) -> str | None:

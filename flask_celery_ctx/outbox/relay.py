@@ -8,9 +8,9 @@ app's databases every ``outbox_relay_interval`` seconds, claims the rows
 available, publishes them in order, and deletes them. Nothing else is to be
 deployed.
 
-A relay that dies mid-batch leaves its rows claimed; they are available
-again when the claim ends (``outbox_lease``), and another relay publishes
-them. So a task is delivered at least once: a row published but not yet
+A relay that dies mid-batch leaves its rows claimed, and those of the
+claim it made ahead; they are available again when the claim ends
+(``outbox_lease``), and another relay publishes them. So a task is delivered at least once: a row published but not yet
 deleted when its relay died is published again, with the same task id.
 """
 

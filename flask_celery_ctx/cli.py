@@ -136,9 +136,18 @@ def _check_overrides(
             raise click.ClickException(problem)
 
 
-#: Celery's commands, other than the worker (which checks when it starts),
-#: that load the broker's transport.
-_BROKER_COMMANDS = {"beat", "call", "control", "events", "inspect", "purge", "status"}
+#: Celery's commands that load the broker's transport. A worker started
+#: otherwise (``celery -A ... worker``) checks it when it starts too.
+_BROKER_COMMANDS = {
+    "beat",
+    "call",
+    "control",
+    "events",
+    "inspect",
+    "purge",
+    "status",
+    "worker",
+}
 
 
 def _check_transport(

@@ -108,7 +108,7 @@ def test_redis_without_celerys_redis_extra(tmp_path: Path) -> None:
         assert result.returncode == 1, (command, result.stdout)
         assert "Traceback" not in result.stderr, (command, result.stderr)
         assert (
-            "The broker URL redis://127.0.0.1:6379/0 needs the client library of"
+            "Error: The broker URL redis://127.0.0.1:6379/0 needs the client library of"
             " the 'redis' transport, which is not installed or fails to import"
             " (ModuleNotFoundError: No module named 'packaging')."
             ' Install it: pip install "celery[redis]".'

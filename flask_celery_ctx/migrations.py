@@ -10,8 +10,9 @@ and ``unique_for`` creates ``flask_celery_unique`` at its first send.
 Celery's database result backend (``db+`` URLs) creates
 ``celery_taskmeta`` and ``celery_tasksetmeta``, or the names of its
 ``database_table_names`` setting, as the example app does on the app's own
-database. Autogenerate compares the database with the app's models and proposes to
-drop every table it does not know: applied, that drops the queued tasks.
+database. Autogenerate compares the database with the app's models and
+proposes to drop every table it does not know: applied, that drops the
+queued tasks.
 See :ref:`alembic-autogenerate`.
 """
 

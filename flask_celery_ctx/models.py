@@ -14,9 +14,10 @@ from elsewhere (the JSON of a request) cannot become an instance.
 References are made only when a message is serialized (sent to a broker, or
 run eagerly through ``delay``), inside lists, tuples and dicts of the
 arguments too (their subclasses as well, such as a relationship's
-collection, which become lists and dicts), and in the arguments of the signatures a message embeds
-for the worker to send (``link``, ``chain``, a chord's body). They are loaded when Celery's tracer
-starts the task, in the task's context, with one query per model for up to
+collection, which become lists and dicts), and in the arguments of the
+signatures a message embeds for the worker to send (``link``, ``chain``, a
+chord's body). They are loaded when Celery's tracer starts the task, in
+the task's context, with one query per model for up to
 :data:`KEYS_PER_QUERY` keys (see :mod:`flask_celery_ctx.tracing`).
 """
 

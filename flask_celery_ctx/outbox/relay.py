@@ -10,8 +10,9 @@ deployed.
 
 A relay that dies mid-batch leaves its rows claimed, and those of the
 claim it made ahead; they are available again when the claim ends
-(``outbox_lease``), and another relay publishes them. So a task is delivered at least once: a row published but not yet
-deleted when its relay died is published again, with the same task id.
+(``outbox_lease``), and another relay publishes them. So a task is
+delivered at least once: a row published but not yet deleted when its
+relay died is published again, with the same task id.
 """
 
 from __future__ import annotations

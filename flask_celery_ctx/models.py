@@ -207,8 +207,9 @@ def _replace_instances(
     items = [_replace_instances(v, replace) for v in value]
     if not any(found for _, found in items):
         return value, False
-    kind = type(value) if _is_container(value) else list
-    return kind(new for new, _ in items), True
+    # A subclass (a relationship's collection) becomes a list.
+    made = kind if kind in _CONTAINERS else list
+    return made(new for new, _ in items), True
 
 
 def _shown_instance(instance: t.Any, state: InstanceState[t.Any]) -> t.Any:

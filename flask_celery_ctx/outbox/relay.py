@@ -150,7 +150,7 @@ def _drain(engine: Engine, celery: Celery[t.Any], attempt: Attempt, batch: int) 
 
     seconds = settings(celery).lease
     total = 0
-    size = batch
+    size = asked = batch
     database = ThreadPoolExecutor(1, thread_name_prefix="flask-celery-outbox-relay")
 
     def later(call: t.Callable[..., t.Any], *args: t.Any) -> Future[t.Any]:
@@ -158,7 +158,6 @@ def _drain(engine: Engine, celery: Celery[t.Any], attempt: Attempt, batch: int) 
 
     done: list[Future[t.Any]] = []
     try:
-        asked = size
         claimed: Future[t.Any] | None = later(outbox.claim, engine, asked, seconds)
         while claimed is not None:
             rows = claimed.result()
